@@ -1,0 +1,46 @@
+//! The `tidings` command line: `serve` runs the broker; `tail` and `publish` are small
+//! clients for trying it out and scripting.
+
+mod publish;
+mod tail;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::ServeArgs;
+
+pub use publish::{publish, PublishArgs};
+pub use tail::{tail, TailArgs};
+
+/// Tidings: a realtime broker for collection events, speaking the Directus realtime protocol.
+#[derive(Debug, Parser)]
+#[command(name = "tidings", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker.
+    Serve(Box<ServeArgs>),
+    /// Subscribe to a collection and print one JSON line per event.
+    Tail(TailArgs),
+    /// Publish one event over HTTP.
+    Publish(PublishArgs),
+}
+
+/// Errors of the client subcommands.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A flag or argument is invalid.
+    #[error("{0}")]
+    Usage(String),
+    /// The connection failed.
+    #[error("{0}")]
+    Connect(String),
+    /// The server refused the request.
+    #[error("{0}")]
+    Refused(String),
+}

@@ -1,0 +1,491 @@
+//! Every setting of `tidings serve`: flags (each also a `TIDINGS_*` environment variable),
+//! limits and timeouts, and their validation into a [`Config`].
+//!
+//! Parsing is split in two: [`ServeArgs`] is what clap reads, [`Config`] is what the broker
+//! runs with. [`ServeArgs::into_config`] is the only way from one to the other, so every
+//! value the broker sees has been validated, and every error names the flag to fix.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::auth::{Permissions, Principal, TokenStore};
+use crate::filter::FilterLimits;
+
+/// How WebSocket clients authenticate (Directus `WEBSOCKETS_REST_AUTH`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// Anyone may connect and gets the public permissions; `auth` upgrades the connection.
+    Public,
+    /// The first message must be `auth` within the auth timeout (or a token in the URL).
+    Handshake,
+    /// A valid `?access_token=` is required at upgrade.
+    Strict,
+}
+
+/// Which backplane orders and distributes events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Engine {
+    /// In-process: one node, nothing else to run.
+    Memory,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of `tidings serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (HTTP API, WebSocket, health and metrics). Port 0 picks a free port.
+    #[arg(long, env = "TIDINGS_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Path of the WebSocket endpoint.
+    #[arg(long, env = "TIDINGS_WS_PATH", default_value = "/websocket")]
+    pub ws_path: String,
+    /// WebSocket authentication mode.
+    #[arg(long, env = "TIDINGS_AUTH_MODE", value_enum, default_value = "public")]
+    pub auth_mode: AuthMode,
+    /// JSON file of static access tokens: {"<token>": {"sub": "...", "collections": {<permissions>}}}.
+    #[arg(long, env = "TIDINGS_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// A static access token, `TOKEN` (every collection) or `TOKEN=coll1,coll2`. Repeatable.
+    #[arg(long = "token", env = "TIDINGS_TOKEN", value_delimiter = ';')]
+    pub tokens: Vec<String>,
+    /// Permissions of unauthenticated connections in public mode, as JSON (default: everything).
+    #[arg(
+        long,
+        env = "TIDINGS_PUBLIC_PERMISSIONS",
+        default_value = r#"{"*":{}}"#
+    )]
+    pub public_permissions: String,
+    /// An API key publishers must send as `Authorization: Bearer <key>`. Repeatable.
+    /// Without any, publishing is open (fine on loopback; a warning is logged otherwise).
+    #[arg(
+        long = "publish-key",
+        env = "TIDINGS_PUBLISH_KEY",
+        value_delimiter = ';'
+    )]
+    pub publish_keys: Vec<String>,
+    /// Backplane engine.
+    #[arg(long, env = "TIDINGS_ENGINE", value_enum, default_value = "memory")]
+    pub engine: Engine,
+    /// Key field of a collection, `COLLECTION=FIELD` (default field: `id`). Repeatable.
+    #[arg(long = "key-field", env = "TIDINGS_KEY_FIELD", value_delimiter = ';')]
+    pub key_fields: Vec<String>,
+    /// Server heartbeat period in seconds (0 = off; also disables pong replies, as Directus).
+    #[arg(long, env = "TIDINGS_HEARTBEAT_PERIOD", default_value = "30", value_parser = parse_secs)]
+    pub heartbeat_period: Duration,
+    /// Seconds a handshake-mode client has to authenticate (and to re-authenticate after expiry).
+    #[arg(long, env = "TIDINGS_AUTH_TIMEOUT", default_value = "10", value_parser = parse_secs)]
+    pub auth_timeout: Duration,
+    /// Seconds to wait for sessions to close on shutdown before exiting anyway.
+    #[arg(long, env = "TIDINGS_SHUTDOWN_TIMEOUT", default_value = "10", value_parser = parse_secs)]
+    pub shutdown_timeout: Duration,
+    /// Seconds a write to a client may take before it is closed as a slow consumer.
+    #[arg(long, env = "TIDINGS_WRITE_TIMEOUT", default_value = "10", value_parser = parse_secs)]
+    pub write_timeout: Duration,
+    /// Largest inbound WebSocket message, in bytes.
+    #[arg(long, env = "TIDINGS_MAX_FRAME_BYTES", default_value = "65536")]
+    pub max_frame_bytes: usize,
+    /// Largest publish request body, in bytes.
+    #[arg(long, env = "TIDINGS_MAX_PUBLISH_BYTES", default_value = "1048576")]
+    pub max_publish_bytes: usize,
+    /// Most events in one publish request.
+    #[arg(long, env = "TIDINGS_MAX_PUBLISH_EVENTS", default_value = "1000")]
+    pub max_publish_events: usize,
+    /// Most subscriptions one connection may hold.
+    #[arg(long, env = "TIDINGS_MAX_SUBSCRIPTIONS", default_value = "100")]
+    pub max_subscriptions: usize,
+    /// Most concurrent WebSocket connections.
+    #[arg(long, env = "TIDINGS_MAX_CONNECTIONS", default_value = "10000")]
+    pub max_connections: usize,
+    /// Most frames waiting in one connection's outbox before it is closed as a slow consumer.
+    #[arg(long, env = "TIDINGS_OUTBOX_MESSAGES", default_value = "1024")]
+    pub outbox_messages: usize,
+    /// Most bytes waiting in one connection's outbox before it is closed as a slow consumer.
+    #[arg(long, env = "TIDINGS_OUTBOX_BYTES", default_value = "1048576")]
+    pub outbox_bytes: usize,
+    /// Deepest nesting a subscription filter may have.
+    #[arg(long, env = "TIDINGS_MAX_FILTER_DEPTH", default_value = "16")]
+    pub max_filter_depth: usize,
+    /// Most operators a subscription filter may have.
+    #[arg(long, env = "TIDINGS_MAX_FILTER_NODES", default_value = "256")]
+    pub max_filter_nodes: usize,
+    /// Longest `_in`/`_nin` list in a filter.
+    #[arg(long, env = "TIDINGS_MAX_FILTER_LIST", default_value = "1000")]
+    pub max_filter_list: usize,
+    /// Largest compiled `_regex`, in bytes.
+    #[arg(long, env = "TIDINGS_MAX_REGEX_BYTES", default_value = "65536")]
+    pub max_regex_bytes: usize,
+    /// Most distinct `collection` label values in metrics; the rest are reported as `_other`.
+    #[arg(long, env = "TIDINGS_METRICS_MAX_COLLECTIONS", default_value = "100")]
+    pub metrics_max_collections: usize,
+    /// Log format.
+    #[arg(long, env = "TIDINGS_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// A configuration error: which flag, and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("--{flag}: {message}")]
+pub struct ConfigError {
+    /// The flag's long name, without dashes.
+    pub flag: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn err(flag: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        message: message.into(),
+    }
+}
+
+/// Parses a non-negative number of seconds, fractions allowed (`0.5`).
+pub fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !secs.is_finite() || !(0.0..=365.0 * 86400.0).contains(&secs) {
+        return Err(format!(
+            "`{s}` is not a number of seconds between 0 and one year"
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// The validated configuration the broker runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// WebSocket endpoint path.
+    pub ws_path: String,
+    /// WebSocket authentication mode.
+    pub auth_mode: AuthMode,
+    /// Static access tokens.
+    pub tokens: TokenStore,
+    /// What an unauthenticated connection may read (public mode only).
+    pub public_permissions: Permissions,
+    /// Publisher API keys; empty means publishing is open.
+    pub publish_keys: Vec<String>,
+    /// Backplane engine.
+    pub engine: Engine,
+    /// Key field per collection; absent collections use `id`.
+    pub key_fields: HashMap<String, String>,
+    /// Heartbeat period; `None` disables the heartbeat (and pong replies).
+    pub heartbeat_period: Option<Duration>,
+    /// Handshake / re-auth window.
+    pub auth_timeout: Duration,
+    /// Bound on the shutdown drain.
+    pub shutdown_timeout: Duration,
+    /// Bound on one write to a client.
+    pub write_timeout: Duration,
+    /// Largest inbound WebSocket message.
+    pub max_frame_bytes: usize,
+    /// Largest publish body.
+    pub max_publish_bytes: usize,
+    /// Most events per publish request.
+    pub max_publish_events: usize,
+    /// Most subscriptions per connection.
+    pub max_subscriptions: usize,
+    /// Most concurrent connections.
+    pub max_connections: usize,
+    /// Outbox bound in frames.
+    pub outbox_messages: usize,
+    /// Outbox bound in bytes.
+    pub outbox_bytes: usize,
+    /// Limits on subscription filters.
+    pub filter_limits: FilterLimits,
+    /// Cap on distinct `collection` label values.
+    pub metrics_max_collections: usize,
+}
+
+impl Default for Config {
+    /// The embedded defaults: public mode, memory engine, the same values as the CLI defaults.
+    fn default() -> Self {
+        Config {
+            ws_path: "/websocket".into(),
+            auth_mode: AuthMode::Public,
+            tokens: TokenStore::default(),
+            public_permissions: Permissions::all(),
+            publish_keys: Vec::new(),
+            engine: Engine::Memory,
+            key_fields: HashMap::new(),
+            heartbeat_period: Some(Duration::from_secs(30)),
+            auth_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            max_frame_bytes: 64 * 1024,
+            max_publish_bytes: 1024 * 1024,
+            max_publish_events: 1000,
+            max_subscriptions: 100,
+            max_connections: 10_000,
+            outbox_messages: 1024,
+            outbox_bytes: 1024 * 1024,
+            filter_limits: FilterLimits::default(),
+            metrics_max_collections: 100,
+        }
+    }
+}
+
+impl Config {
+    /// The key field of `collection`.
+    pub fn key_field(&self, collection: &str) -> &str {
+        self.key_fields
+            .get(collection)
+            .map(String::as_str)
+            .unwrap_or("id")
+    }
+
+    /// Checks invariants that hold however the config was built (CLI or code).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.ws_path.starts_with('/') || self.ws_path.len() < 2 {
+            return Err(err(
+                "ws-path",
+                "must start with `/` and name a path, e.g. /websocket",
+            ));
+        }
+        for reserved in ["/v1", "/healthz", "/readyz", "/metrics"] {
+            if self.ws_path == reserved || self.ws_path.starts_with(&format!("{reserved}/")) {
+                return Err(err(
+                    "ws-path",
+                    format!("`{}` collides with {reserved}", self.ws_path),
+                ));
+            }
+        }
+        let positive = [
+            ("max-frame-bytes", self.max_frame_bytes),
+            ("max-publish-bytes", self.max_publish_bytes),
+            ("max-publish-events", self.max_publish_events),
+            ("max-subscriptions", self.max_subscriptions),
+            ("max-connections", self.max_connections),
+            ("outbox-messages", self.outbox_messages),
+            ("outbox-bytes", self.outbox_bytes),
+            ("max-filter-depth", self.filter_limits.max_depth),
+            ("max-filter-nodes", self.filter_limits.max_nodes),
+            ("max-filter-list", self.filter_limits.max_list),
+            ("max-regex-bytes", self.filter_limits.max_regex_bytes),
+        ];
+        for (flag, value) in positive {
+            if value == 0 {
+                return Err(err(flag, "must be greater than 0"));
+            }
+        }
+        if self.write_timeout.is_zero() {
+            return Err(err("write-timeout", "must be greater than 0"));
+        }
+        if self.auth_timeout.is_zero() {
+            return Err(err("auth-timeout", "must be greater than 0"));
+        }
+        if self.auth_mode == AuthMode::Strict && self.tokens.is_empty() {
+            return Err(err(
+                "auth-mode",
+                "strict mode needs at least one token (--token or --tokens-file)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ServeArgs {
+    /// Validates the flags into a [`Config`], reading the tokens file if one is given.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let mut tokens = TokenStore::default();
+        if let Some(path) = &self.tokens_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                err(
+                    "tokens-file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            tokens = TokenStore::from_json(&text)
+                .map_err(|e| err("tokens-file", format!("{}: {e}", path.display())))?;
+        }
+        for spec in &self.tokens {
+            let (token, principal) = parse_token_flag(spec).map_err(|m| err("token", m))?;
+            tokens.insert(token, principal);
+        }
+        let public_permissions = Permissions::from_json_str(&self.public_permissions)
+            .map_err(|e| err("public-permissions", e.to_string()))?;
+        let mut key_fields = HashMap::new();
+        for spec in &self.key_fields {
+            let (collection, field) = spec
+                .split_once('=')
+                .filter(|(c, f)| !c.trim().is_empty() && !f.trim().is_empty())
+                .ok_or_else(|| err("key-field", format!("`{spec}` is not COLLECTION=FIELD")))?;
+            key_fields.insert(collection.trim().to_string(), field.trim().to_string());
+        }
+        if self.publish_keys.iter().any(|k| k.trim().is_empty()) {
+            return Err(err("publish-key", "a publish key must not be empty"));
+        }
+        let config = Config {
+            ws_path: self.ws_path,
+            auth_mode: self.auth_mode,
+            tokens,
+            public_permissions,
+            publish_keys: self.publish_keys,
+            engine: self.engine,
+            key_fields,
+            heartbeat_period: Some(self.heartbeat_period).filter(|d| !d.is_zero()),
+            auth_timeout: self.auth_timeout,
+            shutdown_timeout: self.shutdown_timeout,
+            write_timeout: self.write_timeout,
+            max_frame_bytes: self.max_frame_bytes,
+            max_publish_bytes: self.max_publish_bytes,
+            max_publish_events: self.max_publish_events,
+            max_subscriptions: self.max_subscriptions,
+            max_connections: self.max_connections,
+            outbox_messages: self.outbox_messages,
+            outbox_bytes: self.outbox_bytes,
+            filter_limits: FilterLimits {
+                max_depth: self.max_filter_depth,
+                max_nodes: self.max_filter_nodes,
+                max_list: self.max_filter_list,
+                max_regex_bytes: self.max_regex_bytes,
+            },
+            metrics_max_collections: self.metrics_max_collections,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// `TOKEN` grants every collection; `TOKEN=a,b` grants collections `a` and `b`.
+fn parse_token_flag(spec: &str) -> Result<(String, Principal), String> {
+    let (token, collections) = match spec.split_once('=') {
+        Some((t, c)) => (t.trim(), Some(c)),
+        None => (spec.trim(), None),
+    };
+    if token.is_empty() {
+        return Err(format!("`{spec}` has an empty token"));
+    }
+    let permissions = match collections {
+        None => Permissions::all(),
+        Some(list) => {
+            let names: Vec<&str> = list
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect();
+            if names.is_empty() {
+                return Err(format!("`{spec}` names no collection after `=`"));
+            }
+            Permissions::collections(names)
+        }
+    };
+    Ok((
+        token.to_string(),
+        Principal {
+            sub: None,
+            permissions,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["tidings"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv)
+            .expect("clap parse")
+            .serve
+            .into_config()
+    }
+
+    #[test]
+    fn defaults_are_valid_and_match_config_default() {
+        let c = parse(&[]).unwrap();
+        let d = Config::default();
+        assert_eq!(c.ws_path, d.ws_path);
+        assert_eq!(c.heartbeat_period, d.heartbeat_period);
+        assert_eq!(c.outbox_bytes, d.outbox_bytes);
+        assert_eq!(c.max_frame_bytes, d.max_frame_bytes);
+        assert_eq!(c.auth_mode, AuthMode::Public);
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        assert_eq!(parse(&["--ws-path", "ws"]).unwrap_err().flag, "ws-path");
+        assert_eq!(
+            parse(&["--ws-path", "/metrics"]).unwrap_err().flag,
+            "ws-path"
+        );
+        assert_eq!(
+            parse(&["--key-field", "orders"]).unwrap_err().flag,
+            "key-field"
+        );
+        assert_eq!(parse(&["--token", "=a"]).unwrap_err().flag, "token");
+        assert_eq!(
+            parse(&["--outbox-bytes", "0"]).unwrap_err().flag,
+            "outbox-bytes"
+        );
+        assert_eq!(
+            parse(&["--auth-mode", "strict"]).unwrap_err().flag,
+            "auth-mode"
+        );
+        assert_eq!(
+            parse(&["--public-permissions", "[1]"]).unwrap_err().flag,
+            "public-permissions"
+        );
+        assert_eq!(
+            parse(&["--tokens-file", "/nonexistent/x.json"])
+                .unwrap_err()
+                .flag,
+            "tokens-file"
+        );
+    }
+
+    #[test]
+    fn heartbeat_zero_is_off_and_fractions_parse() {
+        let c = parse(&["--heartbeat-period", "0", "--auth-timeout", "0.25"]).unwrap();
+        assert_eq!(c.heartbeat_period, None);
+        assert_eq!(c.auth_timeout, Duration::from_millis(250));
+        assert!(parse_secs("-1").is_err());
+        assert!(parse_secs("NaN").is_err());
+    }
+
+    #[test]
+    fn token_flags_and_key_fields() {
+        let c = parse(&[
+            "--token",
+            "t1",
+            "--token",
+            "t2=a, b",
+            "--key-field",
+            "orders=order_id",
+        ])
+        .unwrap();
+        assert!(c
+            .tokens
+            .get("t1")
+            .unwrap()
+            .permissions
+            .for_collection("zzz")
+            .is_some());
+        let t2 = c.tokens.get("t2").unwrap();
+        assert!(t2.permissions.for_collection("b").is_some());
+        assert!(t2.permissions.for_collection("c").is_none());
+        assert_eq!(c.key_field("orders"), "order_id");
+        assert_eq!(c.key_field("other"), "id");
+    }
+}

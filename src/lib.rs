@@ -1,0 +1,51 @@
+//! Tidings: a standalone realtime broker for collection events.
+//!
+//! Applications publish `create`/`update`/`delete` events for a collection with one HTTP POST;
+//! frontends hold a WebSocket speaking the Directus realtime protocol and receive only the
+//! events that match their subscription's filter, carrying only the fields they asked for.
+//!
+//! # Layout
+//!
+//! Data flows in one direction (see `docs/ARCHITECTURE.md`):
+//!
+//! ```text
+//! http (publish) → event (normalize) → backplane (sequence) → hub → registry → outbox → ws session
+//! ```
+//!
+//! - [`config`]: every flag, limit and timeout, and their validation.
+//! - [`event`]: events, event kinds, item keys; normalization of publish payloads.
+//! - [`protocol`]: wire types of the WebSocket protocol (client and server messages).
+//! - [`filter`], [`projection`]: compile a subscriber's filter and field list once; evaluate them.
+//! - [`auth`]: static tokens and the permissions they grant.
+//! - [`registry`]: live subscriptions, grouped by identical (filter, projection, permission).
+//! - [`hub`]: one event → matching groups → one encoding per group → outboxes.
+//! - [`outbox`]: the bounded per-connection queue between the hub and a session.
+//! - [`backplane`]: ordering and distribution of events (in-memory engine by default).
+//! - [`ws`]: the WebSocket upgrade and the per-connection session loop.
+//! - [`http`]: publish API, health endpoints, metrics endpoint.
+//! - [`metrics`]: Prometheus metrics over an owned registry.
+//! - [`app`]: the composition root, [`app::run`].
+//! - [`shutdown`]: signal handling.
+//! - [`cli`]: the `tidings` command line (serve, tail, publish).
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod app;
+pub mod auth;
+pub mod backplane;
+pub mod cli;
+pub mod config;
+pub mod event;
+pub mod filter;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod outbox;
+pub mod projection;
+pub mod protocol;
+pub mod registry;
+pub mod shutdown;
+pub mod ws;
+
+pub use app::{run, App};
+pub use config::Config;

@@ -1,0 +1,74 @@
+//! The `tidings` binary: parse the command line, set up logging, run.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tidings::cli::{Cli, Command};
+use tidings::config::LogFormat;
+use tracing_subscriber::EnvFilter;
+
+/// Exit code for invalid configuration (as clap uses for usage errors).
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tidings: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Serve(args) => {
+            init_tracing(args.log_format);
+            let config = match args.clone().into_config() {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("tidings: invalid configuration: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            runtime.block_on(serve(args.listen, config))
+        }
+        Command::Tail(args) => runtime
+            .block_on(tidings::cli::tail(args))
+            .map_err(anyhow::Error::from),
+        Command::Publish(args) => runtime
+            .block_on(tidings::cli::publish(args))
+            .map_err(anyhow::Error::from),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tidings: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(listen: std::net::SocketAddr, config: tidings::Config) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let local = listener.local_addr()?;
+    // Scripts and tests read the bound address (port 0 picks one) from this line.
+    println!(
+        "tidings listening on http://{local} (WebSocket ws://{local}{})",
+        config.ws_path
+    );
+    tidings::run(listener, config, tidings::shutdown::signal()).await?;
+    Ok(())
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

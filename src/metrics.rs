@@ -1,0 +1,323 @@
+//! Prometheus metrics over an owned registry, created once in [`crate::app`] and passed to
+//! every component; never a global. Label sets are bounded: `collection` labels are capped
+//! (see [`CollectionLabels`]), other labels take values from fixed lists.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::protocol::ErrorCode;
+
+/// Why a connection closed (the `reason` label of `tidings_connections_closed_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed or the socket dropped.
+    Client,
+    /// No message during a heartbeat period after a ping.
+    HeartbeatTimeout,
+    /// Authentication failed or did not happen in time.
+    AuthFailed,
+    /// The token expired and was not renewed in time.
+    AuthTimeout,
+    /// The outbox overflowed.
+    SlowConsumer,
+    /// The server is shutting down.
+    Shutdown,
+    /// An inbound frame was over the size limit.
+    FrameTooBig,
+    /// A socket error.
+    Error,
+}
+
+impl CloseReason {
+    /// Every reason, for label initialization.
+    pub const ALL: [CloseReason; 8] = [
+        CloseReason::Client,
+        CloseReason::HeartbeatTimeout,
+        CloseReason::AuthFailed,
+        CloseReason::AuthTimeout,
+        CloseReason::SlowConsumer,
+        CloseReason::Shutdown,
+        CloseReason::FrameTooBig,
+        CloseReason::Error,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Client => "client",
+            CloseReason::HeartbeatTimeout => "heartbeat_timeout",
+            CloseReason::AuthFailed => "auth_failed",
+            CloseReason::AuthTimeout => "auth_timeout",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::FrameTooBig => "frame_too_big",
+            CloseReason::Error => "error",
+        }
+    }
+}
+
+/// Maps collection names to label values, giving the first `max` distinct collections their
+/// own label and reporting the rest as `_other`, so a client cannot grow the series set.
+/// A collection's label never changes once assigned.
+#[derive(Debug)]
+pub struct CollectionLabels {
+    max: usize,
+    seen: Mutex<HashSet<Arc<str>>>,
+}
+
+impl CollectionLabels {
+    /// Label value for collections past the cap.
+    pub const OTHER: &'static str = "_other";
+
+    fn new(max: usize) -> Self {
+        CollectionLabels {
+            max,
+            seen: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The label for `collection`.
+    pub fn label(&self, collection: &Arc<str>) -> Arc<str> {
+        let mut seen = self.seen.lock();
+        if let Some(existing) = seen.get(collection) {
+            return existing.clone();
+        }
+        if seen.len() < self.max {
+            seen.insert(collection.clone());
+            return collection.clone();
+        }
+        Arc::from(Self::OTHER)
+    }
+}
+
+/// Every metric Tidings exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Collection label capping.
+    pub collections: CollectionLabels,
+    /// Open WebSocket connections.
+    pub connections: IntGauge,
+    /// Connections accepted.
+    pub connections_opened: IntCounter,
+    /// Connections closed, by reason.
+    pub connections_closed: IntCounterVec,
+    /// Upgrades refused, by reason (`limit`, `unauthorized`).
+    pub connections_refused: IntCounterVec,
+    /// Live subscriptions, by collection.
+    pub subscriptions: IntGaugeVec,
+    /// Published events, by collection and event.
+    pub published_events: IntCounterVec,
+    /// Published items (keys for key-only deletes), by collection and event.
+    pub published_items: IntCounterVec,
+    /// Publish requests, by HTTP status.
+    pub publish_requests: IntCounterVec,
+    /// Frames written to sockets.
+    pub deliveries: IntCounter,
+    /// Bytes of frames written to sockets.
+    pub delivered_bytes: IntCounter,
+    /// Frames dropped because an outbox was full or closing.
+    pub outbox_dropped: IntCounter,
+    /// Connections closed because their outbox overflowed.
+    pub slow_consumer_closes: IntCounter,
+    /// Protocol errors sent, by code.
+    pub protocol_errors: IntCounterVec,
+    /// Frames queued per event.
+    pub fanout_size: Histogram,
+    /// Time to match, encode and queue one event.
+    pub match_duration: Histogram,
+    /// From publish accepted to the frames being queued.
+    pub ingest_to_outbox: Histogram,
+    /// From publish accepted to the frame being written to the socket.
+    pub delivery_latency: Histogram,
+}
+
+fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+        1.0, 2.5,
+    ]
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new(max_collection_labels: usize) -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let counter_vec =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let histogram =
+            |name: &str, help: &str, buckets: Vec<f64>| -> Result<Histogram, prometheus::Error> {
+                let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+                registry.register(Box::new(h.clone()))?;
+                Ok(h)
+            };
+        let connections = IntGauge::new("tidings_connections", "Open WebSocket connections.")?;
+        registry.register(Box::new(connections.clone()))?;
+        let subscriptions = IntGaugeVec::new(
+            Opts::new(
+                "tidings_subscriptions",
+                "Live subscriptions, by collection (capped; the rest as _other).",
+            ),
+            &["collection"],
+        )?;
+        registry.register(Box::new(subscriptions.clone()))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+
+        let metrics = Metrics {
+            collections: CollectionLabels::new(max_collection_labels),
+            connections,
+            connections_opened: counter("tidings_connections_opened_total", "WebSocket connections accepted.")?,
+            connections_closed: counter_vec(
+                "tidings_connections_closed_total",
+                "WebSocket connections closed, by reason.",
+                &["reason"],
+            )?,
+            connections_refused: counter_vec(
+                "tidings_connections_refused_total",
+                "WebSocket upgrades refused, by reason.",
+                &["reason"],
+            )?,
+            subscriptions,
+            published_events: counter_vec(
+                "tidings_published_events_total",
+                "Events accepted for publishing, by collection and event.",
+                &["collection", "event"],
+            )?,
+            published_items: counter_vec(
+                "tidings_published_items_total",
+                "Items (or keys of key-only deletes) accepted for publishing, by collection and event.",
+                &["collection", "event"],
+            )?,
+            publish_requests: counter_vec(
+                "tidings_publish_requests_total",
+                "Publish HTTP requests, by response status.",
+                &["status"],
+            )?,
+            deliveries: counter("tidings_deliveries_total", "Frames written to WebSocket connections.")?,
+            delivered_bytes: counter("tidings_delivered_bytes_total", "Bytes of frames written to WebSocket connections.")?,
+            outbox_dropped: counter(
+                "tidings_outbox_dropped_total",
+                "Frames dropped because a connection's outbox was full or closing.",
+            )?,
+            slow_consumer_closes: counter(
+                "tidings_slow_consumer_closes_total",
+                "Connections closed because their outbox overflowed.",
+            )?,
+            protocol_errors: counter_vec(
+                "tidings_protocol_errors_total",
+                "Protocol error frames sent to clients, by code.",
+                &["code"],
+            )?,
+            fanout_size: histogram(
+                "tidings_fanout_frames",
+                "Frames queued for one published event.",
+                prometheus::exponential_buckets(1.0, 4.0, 10)?,
+            )?,
+            match_duration: histogram(
+                "tidings_match_duration_seconds",
+                "Time to match, encode and queue one event.",
+                latency_buckets(),
+            )?,
+            ingest_to_outbox: histogram(
+                "tidings_ingest_to_outbox_seconds",
+                "Time from a publish being accepted to its frames being queued.",
+                latency_buckets(),
+            )?,
+            delivery_latency: histogram(
+                "tidings_delivery_latency_seconds",
+                "Time from a publish being accepted to its frame being written to a socket.",
+                latency_buckets(),
+            )?,
+            registry,
+        };
+        // Pre-create the fixed label values so every series exists from the first scrape.
+        for reason in CloseReason::ALL {
+            metrics
+                .connections_closed
+                .with_label_values(&[reason.as_str()]);
+        }
+        for reason in ["limit", "unauthorized"] {
+            metrics.connections_refused.with_label_values(&[reason]);
+        }
+        for code in ErrorCode::ALL {
+            metrics.protocol_errors.with_label_values(&[code.as_str()]);
+        }
+        Ok(metrics)
+    }
+
+    /// Counts a protocol error frame.
+    pub fn protocol_error(&self, code: ErrorCode) {
+        self.protocol_errors
+            .with_label_values(&[code.as_str()])
+            .inc();
+    }
+
+    /// Counts a closed connection.
+    pub fn connection_closed(&self, reason: CloseReason) {
+        self.connections_closed
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        if reason == CloseReason::SlowConsumer {
+            self.slow_consumer_closes.inc();
+        }
+    }
+
+    /// Renders the Prometheus text exposition format.
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
+        String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collection_labels_are_capped_and_stable() {
+        let labels = CollectionLabels::new(2);
+        let a: Arc<str> = Arc::from("a");
+        let b: Arc<str> = Arc::from("b");
+        let c: Arc<str> = Arc::from("c");
+        assert_eq!(&*labels.label(&a), "a");
+        assert_eq!(&*labels.label(&b), "b");
+        assert_eq!(&*labels.label(&c), "_other");
+        assert_eq!(&*labels.label(&a), "a");
+    }
+
+    #[test]
+    fn renders_every_family() {
+        let m = Metrics::new(10).unwrap();
+        m.deliveries.inc();
+        m.fanout_size.observe(3.0);
+        let text = m.render().unwrap();
+        for name in [
+            "tidings_connections ",
+            "tidings_deliveries_total 1",
+            "tidings_connections_closed_total{reason=\"slow_consumer\"} 0",
+            "tidings_protocol_errors_total{code=\"INVALID_PAYLOAD\"} 0",
+            "tidings_fanout_frames_bucket",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

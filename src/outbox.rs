@@ -1,0 +1,194 @@
+//! The bounded queue between the hub and one connection's session.
+//!
+//! The hub pushes already-encoded frames and never waits; the session drains everything that
+//! is queued and writes it in one flush. The queue is bounded both in frames and in bytes:
+//! a push that would pass either bound marks the outbox overflowed, frees what it held, and
+//! tells the session, which closes the connection as a slow consumer (close code 4008). The
+//! caller counts the drop. Nothing else ever blocks on a slow reader.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use axum::extract::ws::Utf8Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+/// One encoded text frame, shared between every connection that receives it.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// The JSON text; cloning it shares the bytes.
+    pub text: Utf8Bytes,
+    /// When the broker accepted the event this frame carries, for latency metrics.
+    pub received: Instant,
+}
+
+/// Why a push was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushError {
+    /// This push overflowed the outbox; the connection is now being closed.
+    Overflow,
+    /// The outbox had already overflowed or was closed; the frame was dropped.
+    Closed,
+}
+
+/// What a drain found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Frames (possibly none) were moved out.
+    Frames,
+    /// The outbox overflowed: close the connection as a slow consumer.
+    Overflowed,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    queue: VecDeque<Frame>,
+    bytes: usize,
+    overflowed: bool,
+    closed: bool,
+}
+
+/// A bounded, multi-producer, single-consumer frame queue.
+#[derive(Debug)]
+pub struct Outbox {
+    /// Held only for a push or a drain, never across an await.
+    state: Mutex<State>,
+    /// Wakes the session; a permit is stored if it is not waiting, so no wake-up is lost.
+    notify: Notify,
+    max_messages: usize,
+    max_bytes: usize,
+}
+
+impl Outbox {
+    /// An empty outbox with the given bounds.
+    pub fn new(max_messages: usize, max_bytes: usize) -> Self {
+        Outbox {
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            max_messages,
+            max_bytes,
+        }
+    }
+
+    /// Queues a frame, or refuses it when that would pass a bound.
+    pub fn push(&self, frame: Frame) -> Result<(), PushError> {
+        let len = frame.text.len();
+        let mut state = self.state.lock();
+        if state.overflowed || state.closed {
+            return Err(PushError::Closed);
+        }
+        if state.queue.len() + 1 > self.max_messages || state.bytes + len > self.max_bytes {
+            state.overflowed = true;
+            state.queue = VecDeque::new();
+            state.bytes = 0;
+            drop(state);
+            self.notify.notify_one();
+            return Err(PushError::Overflow);
+        }
+        let was_empty = state.queue.is_empty();
+        state.queue.push_back(frame);
+        state.bytes += len;
+        drop(state);
+        if was_empty {
+            self.notify.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Moves every queued frame into `out`.
+    pub fn drain(&self, out: &mut Vec<Frame>) -> Drained {
+        let mut state = self.state.lock();
+        if state.overflowed {
+            return Drained::Overflowed;
+        }
+        out.extend(state.queue.drain(..));
+        state.bytes = 0;
+        Drained::Frames
+    }
+
+    /// Waits until something was pushed (or the outbox overflowed) since the last drain.
+    pub async fn ready(&self) {
+        self.notify.notified().await
+    }
+
+    /// Refuses every later push and frees what is queued (the connection is going away).
+    pub fn close(&self) {
+        let mut state = self.state.lock();
+        state.closed = true;
+        state.queue = VecDeque::new();
+        state.bytes = 0;
+    }
+
+    /// Frames currently queued.
+    pub fn len(&self) -> usize {
+        self.state.lock().queue.len()
+    }
+
+    /// True when nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(s: &str) -> Frame {
+        Frame {
+            text: Utf8Bytes::from(s),
+            received: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn bounded_by_messages() {
+        let ob = Outbox::new(2, 1000);
+        assert_eq!(ob.push(frame("a")), Ok(()));
+        assert_eq!(ob.push(frame("b")), Ok(()));
+        assert_eq!(ob.push(frame("c")), Err(PushError::Overflow));
+        assert_eq!(ob.push(frame("d")), Err(PushError::Closed));
+        let mut out = Vec::new();
+        assert_eq!(ob.drain(&mut out), Drained::Overflowed);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn bounded_by_bytes_and_drains_in_order() {
+        let ob = Outbox::new(100, 5);
+        ob.push(frame("ab")).unwrap();
+        ob.push(frame("cd")).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(ob.drain(&mut out), Drained::Frames);
+        assert_eq!(
+            out.iter().map(|f| f.text.as_str()).collect::<Vec<_>>(),
+            ["ab", "cd"]
+        );
+        ob.push(frame("abcde")).unwrap();
+        assert_eq!(ob.push(frame("f")), Err(PushError::Overflow));
+    }
+
+    #[test]
+    fn closed_refuses() {
+        let ob = Outbox::new(10, 100);
+        ob.push(frame("a")).unwrap();
+        ob.close();
+        assert!(ob.is_empty());
+        assert_eq!(ob.push(frame("b")), Err(PushError::Closed));
+    }
+
+    #[tokio::test]
+    async fn wakes_the_reader() {
+        let ob = std::sync::Arc::new(Outbox::new(10, 100));
+        let ob2 = ob.clone();
+        let waiter = tokio::spawn(async move {
+            ob2.ready().await;
+            let mut out = Vec::new();
+            ob2.drain(&mut out);
+            out.len()
+        });
+        tokio::task::yield_now().await;
+        ob.push(frame("x")).unwrap();
+        assert_eq!(waiter.await.unwrap(), 1);
+    }
+}

@@ -1,0 +1,472 @@
+//! Compiling a `subscribe` request, under the subscriber's permissions, into a [`Spec`]: the
+//! immutable description of what one subscription receives and in which shape.
+//!
+//! Everything that can fail does so here, at subscribe time, with the error the client sees;
+//! the publish path only evaluates.
+
+use std::cmp::Ordering;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use crate::auth::Principal;
+use crate::event::{valid_collection_name, EventSet};
+use crate::filter::{CompileContext, Filter, FilterLimits};
+use crate::projection::Projection;
+use crate::protocol::{ErrorCode, ProtocolError, SubscribeRequest, Uid};
+
+/// The frame shape a subscription is served in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dialect {
+    /// Directus' own shapes (what @directus/sdk expects).
+    Flat,
+    /// For clients that send fields nested under `data` (fcs_directus): one frame per item,
+    /// `data` always an object, delete keys as `{"<key field>": "<key>"}`.
+    Nested,
+}
+
+/// How the items of one message are ordered and cut (`sort`, `offset`, `limit`), as Directus
+/// applies the subscription query to every event's items.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ListShape {
+    /// Sort keys: dotted field and descending flag.
+    pub sort: Vec<(String, bool)>,
+    /// Items to skip.
+    pub offset: usize,
+    /// Most items to keep; `None` = all (Tidings has no default limit).
+    pub limit: Option<usize>,
+}
+
+impl ListShape {
+    /// True when the shape leaves lists untouched.
+    pub fn is_identity(&self) -> bool {
+        self.sort.is_empty() && self.offset == 0 && self.limit.is_none()
+    }
+
+    /// Applies sort, offset and limit to matched items.
+    pub fn apply<'a>(&self, mut items: Vec<&'a Value>) -> Vec<&'a Value> {
+        if !self.sort.is_empty() {
+            items.sort_by(|a, b| {
+                for (field, desc) in &self.sort {
+                    let ord = compare_for_sort(lookup(a, field), lookup(b, field));
+                    let ord = if *desc { ord.reverse() } else { ord };
+                    if ord != Ordering::Equal {
+                        return ord;
+                    }
+                }
+                Ordering::Equal
+            });
+        }
+        items
+            .into_iter()
+            .skip(self.offset)
+            .take(self.limit.unwrap_or(usize::MAX))
+            .collect()
+    }
+}
+
+fn lookup<'a>(item: &'a Value, dotted: &str) -> Option<&'a Value> {
+    dotted.split('.').try_fold(item, |v, part| v.get(part))
+}
+
+/// Nulls and missing values first (as PostgreSQL sorts ascending with NULLS FIRST in
+/// Directus' default), then numbers, then strings, then anything else by its JSON text.
+fn compare_for_sort(a: Option<&Value>, b: Option<&Value>) -> Ordering {
+    fn rank(v: Option<&Value>) -> u8 {
+        match v {
+            None | Some(Value::Null) => 0,
+            Some(Value::Bool(_)) => 1,
+            Some(Value::Number(_)) => 2,
+            Some(Value::String(_)) => 3,
+            Some(_) => 4,
+        }
+    }
+    match (a, b) {
+        (Some(Value::Number(x)), Some(Value::Number(y))) => x
+            .as_f64()
+            .unwrap_or(0.0)
+            .partial_cmp(&y.as_f64().unwrap_or(0.0))
+            .unwrap_or(Ordering::Equal),
+        (Some(Value::String(x)), Some(Value::String(y))) => x.cmp(y),
+        (Some(Value::Bool(x)), Some(Value::Bool(y))) => x.cmp(y),
+        _ => rank(a).cmp(&rank(b)).then_with(|| {
+            a.map(Value::to_string)
+                .unwrap_or_default()
+                .cmp(&b.map(Value::to_string).unwrap_or_default())
+        }),
+    }
+}
+
+/// What one subscription receives, compiled. Identical specs share one group (see
+/// [`Spec::key`]), so they are matched and encoded once.
+#[derive(Debug)]
+pub struct Spec {
+    /// Collection.
+    pub collection: Arc<str>,
+    /// Event kinds delivered (the request's `event` ∩ the permission's `events`).
+    pub events: EventSet,
+    /// Only this item key (as a string).
+    pub item: Option<String>,
+    /// Row predicate: the permission's rule ∧ the subscriber's filter ∧ its JSONPath.
+    pub filter: Option<Filter>,
+    /// Lower-cased `search` term.
+    pub search: Option<String>,
+    /// Field projection (already narrowed to the permission's fields).
+    pub projection: Projection,
+    /// sort/offset/limit applied to each message's items.
+    pub list: ListShape,
+    /// Frame shape.
+    pub dialect: Dialect,
+    /// Whether key-only deletes (no item data) are delivered: not to row-restricted readers,
+    /// since nothing tells whether the deleted row was visible to them.
+    pub key_only_deletes: bool,
+    /// The collection's key field (for nested-dialect deletes).
+    pub key_field: Arc<str>,
+    /// Canonical identity of everything above.
+    pub key: Arc<str>,
+}
+
+impl Spec {
+    /// True when `item` passes the row predicate and the search term.
+    pub fn matches(&self, item: &Value) -> bool {
+        self.filter.as_ref().is_none_or(|f| f.matches(item))
+            && self
+                .search
+                .as_deref()
+                .is_none_or(|term| search_matches(item, term))
+    }
+}
+
+/// Directus' search: a case-insensitive substring of any top-level string field, or equality
+/// with a numeric field when the term is a number.
+fn search_matches(item: &Value, term: &str) -> bool {
+    let number: Option<f64> = term.parse().ok();
+    item.as_object().is_some_and(|obj| {
+        obj.values().any(|v| match v {
+            Value::String(s) => s.to_lowercase().contains(term),
+            Value::Number(n) => number.is_some_and(|t| n.as_f64() == Some(t)),
+            _ => false,
+        })
+    })
+}
+
+/// Context for compiling a subscription.
+pub struct SpecContext<'a> {
+    /// Who is subscribing.
+    pub principal: &'a Principal,
+    /// Filter limits.
+    pub limits: &'a FilterLimits,
+    /// Key field of the collection being subscribed to.
+    pub key_field: &'a str,
+}
+
+fn forbidden_collection(collection: &str, uid: Option<Uid>) -> ProtocolError {
+    ProtocolError::new(
+        "subscribe",
+        ErrorCode::Forbidden,
+        format!("You don't have permission to access collection \"{collection}\" or it does not exist. Queried in root."),
+        uid,
+    )
+}
+
+fn forbidden_field(field: &str, collection: &str, uid: Option<Uid>) -> ProtocolError {
+    ProtocolError::new(
+        "subscribe",
+        ErrorCode::Forbidden,
+        format!(
+            "You don't have permission to access field \"{field}\" in collection \"{collection}\" or it does not exist. Queried in root."
+        ),
+        uid,
+    )
+}
+
+fn invalid_query(message: impl std::fmt::Display, uid: Option<Uid>) -> ProtocolError {
+    ProtocolError::new(
+        "subscribe",
+        ErrorCode::InvalidQuery,
+        format!("Invalid query. {message}"),
+        uid,
+    )
+}
+
+/// Reads a list query parameter: an array of strings or a comma-separated string.
+fn string_list(v: &Value, name: &str, uid: &Option<Uid>) -> Result<Vec<String>, ProtocolError> {
+    match v {
+        Value::String(s) => Ok(s
+            .split(',')
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect()),
+        Value::Array(items) => items
+            .iter()
+            .map(|i| match i {
+                Value::String(s) => Ok(s.trim().to_string()),
+                _ => Err(invalid_query(
+                    format!("\"{name}\" must be an array of strings."),
+                    uid.clone(),
+                )),
+            })
+            .collect(),
+        _ => Err(invalid_query(
+            format!("\"{name}\" must be an array or a comma-separated string."),
+            uid.clone(),
+        )),
+    }
+}
+
+/// Reads `limit`/`offset`/`page`: a number or a numeric string.
+fn integer(v: &Value, name: &str, uid: &Option<Uid>) -> Result<i64, ProtocolError> {
+    let n = match v {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse::<i64>().ok(),
+        _ => None,
+    };
+    n.ok_or_else(|| invalid_query(format!("\"{name}\" must be a number."), uid.clone()))
+}
+
+/// Splits `json(meta, a.b)` aware of parentheses so commas inside it survive a CSV split.
+fn split_fields(v: &Value, uid: &Option<Uid>) -> Result<Vec<String>, ProtocolError> {
+    match v {
+        Value::String(s) => {
+            let mut out = Vec::new();
+            let mut depth = 0usize;
+            let mut current = String::new();
+            for ch in s.chars() {
+                match ch {
+                    '(' => depth += 1,
+                    ')' => depth = depth.saturating_sub(1),
+                    ',' if depth == 0 => {
+                        out.push(std::mem::take(&mut current).trim().to_string());
+                        continue;
+                    }
+                    _ => {}
+                }
+                current.push(ch);
+            }
+            out.push(current.trim().to_string());
+            Ok(out.into_iter().filter(|f| !f.is_empty()).collect())
+        }
+        other => string_list(other, "fields", uid),
+    }
+}
+
+/// Compiles a subscribe request. `Err` is the frame to send back.
+pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, ProtocolError> {
+    let uid = req.uid.clone();
+    if !valid_collection_name(&req.collection) {
+        return Err(forbidden_collection(&req.collection, uid));
+    }
+    let permission = ctx
+        .principal
+        .permissions
+        .for_collection(&req.collection)
+        .ok_or_else(|| forbidden_collection(&req.collection, uid.clone()))?;
+
+    let allowed_events = permission
+        .events
+        .as_deref()
+        .map_or(EventSet::ALL, EventSet::of);
+    let events = match req.event {
+        Some(kind) if !allowed_events.contains(kind) => {
+            return Err(ProtocolError::new(
+                "subscribe",
+                ErrorCode::Forbidden,
+                format!(
+                    "You don't have permission to receive \"{}\" events of collection \"{}\".",
+                    kind.as_str(),
+                    req.collection
+                ),
+                uid,
+            ))
+        }
+        Some(kind) => EventSet::only(kind),
+        None => allowed_events,
+    };
+    if events.is_empty() {
+        return Err(forbidden_collection(&req.collection, uid));
+    }
+
+    let empty = Map::new();
+    let query = req.query.as_ref().unwrap_or(&empty);
+    let compile_ctx = CompileContext {
+        current_user: ctx.principal.sub.clone(),
+    };
+
+    // Filter: an object, or the JSON string @directus/sdk sends.
+    let user_filter = match query.get("filter") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => {
+            let parsed: Value = serde_json::from_str(s)
+                .map_err(|_| invalid_query("Invalid JSON for filter object.", uid.clone()))?;
+            Some(parsed)
+        }
+        Some(other) => Some(other.clone()),
+    };
+    let mut filter = match &user_filter {
+        Some(f @ Value::Object(_)) => Some(
+            Filter::compile(f, ctx.limits, &compile_ctx)
+                .map_err(|e| invalid_query(e, uid.clone()))?,
+        ),
+        Some(_) => return Err(invalid_query("\"filter\" must be an object.", uid)),
+        None => None,
+    };
+    if let Some(expr) = query.get("jsonpath") {
+        let Value::String(expr) = expr else {
+            return Err(invalid_query("\"jsonpath\" must be a string.", uid));
+        };
+        if permission.fields.is_some() {
+            return Err(ProtocolError::new(
+                "subscribe",
+                ErrorCode::Forbidden,
+                format!("JSONPath filters are not allowed where fields of collection \"{}\" are restricted.", req.collection),
+                uid,
+            ));
+        }
+        let jp = Filter::compile_jsonpath(expr, ctx.limits)
+            .map_err(|e| invalid_query(e, uid.clone()))?;
+        filter = Some(match filter {
+            Some(f) => f.and(jp),
+            None => jp,
+        });
+    }
+
+    // Fields.
+    let requested: Vec<String> = match query.get("fields") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(v) => split_fields(v, &uid)?,
+    };
+    let projection = match &permission.fields {
+        None => Projection::compile(&requested).map_err(|e| invalid_query(e, uid.clone()))?,
+        Some(allowed) => {
+            let allows = |field: &str| allowed.iter().any(|a| a == "*" || a == field);
+            if let Some(f) = &filter {
+                for path in f.fields() {
+                    let top = path.split('.').next().unwrap_or(&path);
+                    if !allows(top) {
+                        return Err(forbidden_field(top, &req.collection, uid));
+                    }
+                }
+            }
+            let wants_all = requested.is_empty() || requested.iter().all(|f| f == "*");
+            if wants_all && !allowed.iter().any(|a| a == "*") {
+                Projection::compile(allowed).map_err(|e| invalid_query(e, uid.clone()))?
+            } else {
+                let p =
+                    Projection::compile(&requested).map_err(|e| invalid_query(e, uid.clone()))?;
+                for path in p.fields() {
+                    let top = path.split('.').next().unwrap_or(&path);
+                    if top != "*" && !allows(top) {
+                        return Err(forbidden_field(top, &req.collection, uid));
+                    }
+                }
+                if requested.iter().any(|f| f == "*") && !allowed.iter().any(|a| a == "*") {
+                    // `*` means "every field I may read".
+                    let mut narrowed: Vec<String> = allowed.clone();
+                    narrowed.extend(requested.iter().filter(|f| *f != "*").cloned());
+                    Projection::compile(&narrowed).map_err(|e| invalid_query(e, uid.clone()))?
+                } else {
+                    p
+                }
+            }
+        }
+    };
+
+    // Row rule of the permission, ANDed on the server; no client message can widen it.
+    if let Some(rule) = permission
+        .filter
+        .as_ref()
+        .filter(|_| permission.restricts_rows())
+    {
+        let rule = Filter::compile(rule, ctx.limits, &compile_ctx).map_err(|e| {
+            tracing::warn!(collection = %req.collection, error = %e, "permission filter does not compile");
+            forbidden_collection(&req.collection, uid.clone())
+        })?;
+        filter = Some(match filter {
+            Some(f) => rule.and(f),
+            None => rule,
+        });
+    }
+
+    // sort / offset / limit / page / search.
+    let mut list = ListShape::default();
+    if let Some(sort) = query.get("sort").filter(|v| !v.is_null()) {
+        for field in string_list(sort, "sort", &uid)? {
+            let (name, desc) = match field.strip_prefix('-') {
+                Some(rest) => (rest.to_string(), true),
+                None => (field, false),
+            };
+            if name.is_empty() {
+                return Err(invalid_query("\"sort\" has an empty field.", uid));
+            }
+            list.sort.push((name, desc));
+        }
+    }
+    if let Some(v) = query.get("limit").filter(|v| !v.is_null()) {
+        match integer(v, "limit", &uid)? {
+            -1 => list.limit = None,
+            n if n >= 0 => list.limit = usize::try_from(n).ok(),
+            _ => {
+                return Err(invalid_query(
+                    "\"limit\" must be -1 or a positive number.",
+                    uid,
+                ))
+            }
+        }
+    }
+    if let Some(v) = query.get("offset").filter(|v| !v.is_null()) {
+        let n = integer(v, "offset", &uid)?;
+        list.offset = usize::try_from(n)
+            .map_err(|_| invalid_query("\"offset\" must be a positive number.", uid.clone()))?;
+    }
+    if let Some(v) = query.get("page").filter(|v| !v.is_null()) {
+        let page = integer(v, "page", &uid)?;
+        if page < 1 {
+            return Err(invalid_query("\"page\" must be a positive number.", uid));
+        }
+        if let (Some(limit), Ok(p)) = (list.limit, usize::try_from(page - 1)) {
+            list.offset = list.offset.saturating_add(limit.saturating_mul(p));
+        }
+    }
+    let search = match query.get("search") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::String(s)) => Some(s.to_lowercase()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(_) => return Err(invalid_query("\"search\" must be a string.", uid)),
+    };
+
+    let dialect = if req.nested {
+        Dialect::Nested
+    } else {
+        Dialect::Flat
+    };
+    let key_only_deletes = !permission.restricts_rows();
+    let mut key = String::new();
+    let _ = write!(
+        key,
+        "{}|{:?}|{}|{}|{:?}|{:?}|{:?}|{}|{}",
+        events.0,
+        req.item,
+        filter.as_ref().map_or("", Filter::canonical),
+        projection.canonical(),
+        list,
+        search,
+        dialect,
+        key_only_deletes,
+        ctx.key_field
+    );
+    Ok(Spec {
+        collection: Arc::from(req.collection.as_str()),
+        events,
+        item: req.item.clone(),
+        filter,
+        search,
+        projection,
+        list,
+        dialect,
+        key_only_deletes,
+        key_field: Arc::from(ctx.key_field),
+        key: Arc::from(key),
+    })
+}

@@ -1,0 +1,539 @@
+//! One WebSocket connection: the only task that writes to its socket.
+//!
+//! The loop waits on five things at once: shutdown, the outbox (frames from the hub),
+//! inbound messages, the handshake deadline and the heartbeat. Replies to requests are
+//! written directly, in request order; event frames come through the bounded outbox and go
+//! out in one flush per wake-up. A subscription's `init` is written before anything the hub
+//! queued for it, because the session writes `init` right after registering the
+//! subscription and only then goes back to draining the outbox.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::SinkExt;
+use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
+
+use crate::app::AppState;
+use crate::auth::Principal;
+use crate::config::AuthMode;
+use crate::metrics::CloseReason;
+use crate::outbox::{Drained, Frame, Outbox};
+use crate::protocol::{
+    auth_ok, close, error_frame, init_frame, parse_client, pong, server_ping, unsubscribe_ack,
+    AuthRequest, ClientMessage, Credentials, ErrorCode, ProtocolError, SubscribeRequest, Uid,
+};
+use crate::registry::{compile, Dialect, SpecContext, SubHandle};
+
+/// How long a closing frame may take to go out before the socket is dropped anyway.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// One live subscription of this connection.
+struct LocalSub {
+    /// The uid as sent, for replies that echo its type.
+    request: SubscribeRequest,
+    /// The uid as subscription frames carry it (always a string).
+    uid_str: Option<Arc<str>>,
+    /// Where it lives in the registry.
+    handle: SubHandle,
+    /// Its `collection` metric label.
+    label: Arc<str>,
+}
+
+enum AuthState {
+    /// Handshake mode: waiting for the first message, which must be `auth`.
+    Pending,
+    /// Authenticated (or anonymous in public mode).
+    Authed(Arc<Principal>),
+}
+
+/// What the loop does after handling something.
+enum Flow {
+    Continue,
+    Close(CloseReason),
+}
+
+/// Why a write failed.
+enum WriteError {
+    /// The socket is gone.
+    Socket,
+    /// The client did not take the bytes within the write timeout.
+    Timeout,
+}
+
+/// The state of one connection.
+pub struct Session {
+    state: Arc<AppState>,
+    peer: SocketAddr,
+    outbox: Arc<Outbox>,
+    auth: AuthState,
+    subs: Vec<LocalSub>,
+    /// A non-auth message arrived since the last heartbeat ping (any message proves life).
+    heard: bool,
+    /// A heartbeat ping was sent and not yet followed by a full silent period.
+    pinged: bool,
+    heartbeat: Option<Interval>,
+    handshake_deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl Session {
+    /// A session for a freshly upgraded connection. `principal` is the identity from the
+    /// upgrade URL, if any.
+    pub fn new(state: Arc<AppState>, principal: Option<Arc<Principal>>, peer: SocketAddr) -> Self {
+        let config = &state.config;
+        let outbox = Arc::new(Outbox::new(config.outbox_messages, config.outbox_bytes));
+        let auth = match (principal, config.auth_mode) {
+            (Some(p), _) => AuthState::Authed(p),
+            (None, AuthMode::Handshake) => AuthState::Pending,
+            (None, _) => AuthState::Authed(Arc::new(Principal::anonymous(
+                config.public_permissions.clone(),
+            ))),
+        };
+        let handshake_deadline = match auth {
+            AuthState::Pending => Some(Box::pin(tokio::time::sleep(config.auth_timeout))),
+            AuthState::Authed(_) => None,
+        };
+        let mut session = Session {
+            state,
+            peer,
+            outbox,
+            auth,
+            subs: Vec::new(),
+            heard: false,
+            pinged: false,
+            heartbeat: None,
+            handshake_deadline,
+        };
+        if matches!(session.auth, AuthState::Authed(_)) {
+            session.start_heartbeat();
+        }
+        session
+    }
+
+    fn start_heartbeat(&mut self) {
+        if let Some(period) = self.state.config.heartbeat_period {
+            let mut interval = tokio::time::interval_at(Instant::now() + period, period);
+            interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            self.heartbeat = Some(interval);
+        }
+    }
+
+    /// Runs the connection to its end and cleans up after it.
+    pub async fn run(mut self, mut socket: WebSocket) {
+        let metrics = self.state.metrics.clone();
+        metrics.connections.inc();
+        metrics.connections_opened.inc();
+        tracing::debug!(peer = %self.peer, "session opened");
+        let reason = self.serve(&mut socket).await;
+        for sub in std::mem::take(&mut self.subs) {
+            self.drop_sub(&sub);
+        }
+        self.outbox.close();
+        metrics.connections.dec();
+        metrics.connection_closed(reason);
+        tracing::debug!(peer = %self.peer, reason = reason.as_str(), "session closed");
+    }
+
+    async fn serve(&mut self, socket: &mut WebSocket) -> CloseReason {
+        let shutdown = self.state.shutdown.clone();
+        let outbox = self.outbox.clone();
+        let mut batch: Vec<Frame> = Vec::new();
+        loop {
+            let pending = matches!(self.auth, AuthState::Pending);
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.close_with(socket, Some((close::GOING_AWAY, "server shutting down"))).await;
+                    return CloseReason::Shutdown;
+                }
+                _ = outbox.ready() => {
+                    match self.flush_outbox(socket, &mut batch).await {
+                        Ok(Drained::Frames) => {}
+                        Ok(Drained::Overflowed) | Err(WriteError::Timeout) => {
+                            tracing::info!(peer = %self.peer, "closing slow consumer");
+                            self.close_with(socket, Some((close::SLOW_CONSUMER, "slow consumer: outbox full"))).await;
+                            return CloseReason::SlowConsumer;
+                        }
+                        Err(WriteError::Socket) => return CloseReason::Error,
+                    }
+                }
+                message = socket.recv() => {
+                    let flow = match message {
+                        None => Flow::Close(CloseReason::Client),
+                        Some(Ok(message)) => self.on_message(socket, message).await,
+                        Some(Err(e)) => self.on_socket_error(socket, e).await,
+                    };
+                    if let Flow::Close(reason) = flow {
+                        return reason;
+                    }
+                }
+                _ = async { if let Some(d) = self.handshake_deadline.as_mut() { d.await } }, if pending => {
+                    return self.fail_handshake(socket).await;
+                }
+                _ = async { if let Some(h) = self.heartbeat.as_mut() { h.tick().await; } }, if self.heartbeat.is_some() && !pending => {
+                    if self.pinged && !self.heard {
+                        // Directus closes a silent client without a close code.
+                        self.close_with(socket, None).await;
+                        return CloseReason::HeartbeatTimeout;
+                    }
+                    self.pinged = true;
+                    self.heard = false;
+                    if self.send(socket, server_ping().into()).await.is_err() {
+                        return CloseReason::Error;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes everything queued, then flushes once.
+    async fn flush_outbox(
+        &mut self,
+        socket: &mut WebSocket,
+        batch: &mut Vec<Frame>,
+    ) -> Result<Drained, WriteError> {
+        batch.clear();
+        if self.outbox.drain(batch) == Drained::Overflowed {
+            return Ok(Drained::Overflowed);
+        }
+        if batch.is_empty() {
+            return Ok(Drained::Frames);
+        }
+        let write_timeout = self.state.config.write_timeout;
+        let mut bytes = 0usize;
+        let write = async {
+            for frame in batch.iter() {
+                bytes += frame.text.len();
+                socket
+                    .feed(Message::Text(frame.text.clone()))
+                    .await
+                    .map_err(|_| WriteError::Socket)?;
+            }
+            socket.flush().await.map_err(|_| WriteError::Socket)
+        };
+        match tokio::time::timeout(write_timeout, write).await {
+            Ok(result) => result?,
+            Err(_) => return Err(WriteError::Timeout),
+        }
+        let metrics = &self.state.metrics;
+        let now = std::time::Instant::now();
+        for frame in batch.iter() {
+            metrics
+                .delivery_latency
+                .observe(now.saturating_duration_since(frame.received).as_secs_f64());
+        }
+        metrics.deliveries.inc_by(batch.len() as u64);
+        metrics.delivered_bytes.inc_by(bytes as u64);
+        batch.clear();
+        Ok(Drained::Frames)
+    }
+
+    async fn send(&self, socket: &mut WebSocket, text: Utf8Bytes) -> Result<(), WriteError> {
+        match tokio::time::timeout(
+            self.state.config.write_timeout,
+            socket.send(Message::Text(text)),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(WriteError::Socket),
+            Err(_) => Err(WriteError::Timeout),
+        }
+    }
+
+    async fn send_error(
+        &self,
+        socket: &mut WebSocket,
+        error: &ProtocolError,
+    ) -> Result<(), WriteError> {
+        self.state.metrics.protocol_error(error.code);
+        self.send(socket, error.to_frame().into()).await
+    }
+
+    /// Sends a close frame (`None`: without a status code, as Directus does) and gives it a
+    /// moment to leave.
+    async fn close_with(&self, socket: &mut WebSocket, frame: Option<(u16, &'static str)>) {
+        let frame = frame.map(|(code, reason)| CloseFrame {
+            code,
+            reason: reason.into(),
+        });
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, socket.send(Message::Close(frame))).await;
+    }
+
+    async fn fail_handshake(&self, socket: &mut WebSocket) -> CloseReason {
+        let frame = error_frame(
+            "auth",
+            ErrorCode::AuthFailed,
+            "Authentication handshake failed.",
+            None,
+        );
+        self.state.metrics.protocol_error(ErrorCode::AuthFailed);
+        let _ = self.send(socket, frame.into()).await;
+        self.close_with(socket, None).await;
+        CloseReason::AuthFailed
+    }
+
+    async fn on_socket_error(&self, socket: &mut WebSocket, error: axum::Error) -> Flow {
+        let inner = error.into_inner();
+        let too_big = inner
+            .downcast_ref::<tokio_tungstenite::tungstenite::Error>()
+            .is_some_and(|e| matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)));
+        if too_big {
+            tracing::debug!(peer = %self.peer, "inbound message over the frame limit");
+            self.close_with(socket, Some((close::TOO_BIG, "message too big")))
+                .await;
+            return Flow::Close(CloseReason::FrameTooBig);
+        }
+        tracing::debug!(peer = %self.peer, error = %inner, "socket error");
+        Flow::Close(CloseReason::Client)
+    }
+
+    async fn on_message(&mut self, socket: &mut WebSocket, message: Message) -> Flow {
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Binary(bytes) => match Utf8Bytes::try_from(bytes) {
+                Ok(text) => text,
+                Err(_) => {
+                    let error = ProtocolError::new(
+                        "server",
+                        ErrorCode::InvalidPayload,
+                        "Unable to parse the incoming message.",
+                        None,
+                    );
+                    return self.reply_error(socket, &error).await;
+                }
+            },
+            Message::Ping(_) | Message::Pong(_) => return Flow::Continue,
+            Message::Close(_) => return Flow::Close(CloseReason::Client),
+        };
+        let parsed = parse_client(text.as_str());
+        if matches!(self.auth, AuthState::Pending) {
+            return match parsed {
+                Ok(ClientMessage::Auth(request)) => self.on_handshake(socket, request).await,
+                _ => Flow::Close(self.fail_handshake(socket).await),
+            };
+        }
+        let message = match parsed {
+            Ok(message) => message,
+            Err(error) => return self.reply_error(socket, &error).await,
+        };
+        if !matches!(message, ClientMessage::Auth(_)) {
+            self.heard = true;
+        }
+        match message {
+            ClientMessage::Auth(request) => self.on_reauth(socket, request).await,
+            ClientMessage::Subscribe(request) => self.on_subscribe(socket, request).await,
+            ClientMessage::Unsubscribe { uid } => self.on_unsubscribe(socket, uid).await,
+            ClientMessage::Ping { uid } => {
+                // With the heartbeat off, Directus does not answer pings either.
+                if self.state.config.heartbeat_period.is_some() {
+                    return self.reply(socket, pong(uid.as_ref())).await;
+                }
+                Flow::Continue
+            }
+            ClientMessage::Pong | ClientMessage::Unknown => Flow::Continue,
+            ClientMessage::Items { uid } => {
+                let error = ProtocolError::new(
+                    "items",
+                    ErrorCode::Unsupported,
+                    "Tidings has no item storage: \"items\" requests are not supported.",
+                    uid,
+                );
+                self.reply_error(socket, &error).await
+            }
+        }
+    }
+
+    async fn reply(&self, socket: &mut WebSocket, text: String) -> Flow {
+        match self.send(socket, text.into()).await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Close(CloseReason::Error),
+        }
+    }
+
+    async fn reply_error(&self, socket: &mut WebSocket, error: &ProtocolError) -> Flow {
+        match self.send_error(socket, error).await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Close(CloseReason::Error),
+        }
+    }
+
+    fn lookup(&self, credentials: &Credentials) -> Option<Arc<Principal>> {
+        match credentials {
+            Credentials::AccessToken(token) => self.state.config.tokens.get(token),
+            Credentials::Unsupported | Credentials::Missing => None,
+        }
+    }
+
+    async fn on_handshake(&mut self, socket: &mut WebSocket, request: AuthRequest) -> Flow {
+        let Some(principal) = self.lookup(&request.credentials) else {
+            return Flow::Close(self.fail_handshake(socket).await);
+        };
+        self.auth = AuthState::Authed(principal);
+        self.handshake_deadline = None;
+        self.start_heartbeat();
+        self.reply(socket, auth_ok(request.uid.as_ref())).await
+    }
+
+    async fn on_reauth(&mut self, socket: &mut WebSocket, request: AuthRequest) -> Flow {
+        match self.lookup(&request.credentials) {
+            Some(principal) => {
+                self.auth = AuthState::Authed(principal);
+                if let Flow::Close(reason) = self.reply(socket, auth_ok(request.uid.as_ref())).await
+                {
+                    return Flow::Close(reason);
+                }
+            }
+            None => {
+                let error = ProtocolError::new(
+                    "auth",
+                    ErrorCode::AuthFailed,
+                    "Authentication failed.",
+                    request.uid.clone(),
+                );
+                if let Flow::Close(reason) = self.reply_error(socket, &error).await {
+                    return Flow::Close(reason);
+                }
+                if self.state.config.auth_mode != AuthMode::Public {
+                    self.close_with(socket, None).await;
+                    return Flow::Close(CloseReason::AuthFailed);
+                }
+                // Public mode: the connection goes on with public rights only.
+                let public = Principal::anonymous(self.state.config.public_permissions.clone());
+                self.auth = AuthState::Authed(Arc::new(public));
+            }
+        }
+        self.recompile_subscriptions(socket).await
+    }
+
+    /// Re-applies the current principal's permissions to every existing subscription (a
+    /// re-auth can widen or narrow them); ones no longer allowed are dropped with an error.
+    async fn recompile_subscriptions(&mut self, socket: &mut WebSocket) -> Flow {
+        let AuthState::Authed(principal) = &self.auth else {
+            return Flow::Continue;
+        };
+        let principal = principal.clone();
+        let mut errors = Vec::new();
+        for sub in std::mem::take(&mut self.subs) {
+            let key_field = self
+                .state
+                .config
+                .key_field(&sub.request.collection)
+                .to_string();
+            let ctx = SpecContext {
+                principal: &principal,
+                limits: &self.state.config.filter_limits,
+                key_field: &key_field,
+            };
+            match compile(&sub.request, &ctx) {
+                Ok(spec) => {
+                    let handle = self.state.registry.replace(
+                        &sub.handle,
+                        spec,
+                        sub.uid_str.clone(),
+                        self.outbox.clone(),
+                    );
+                    self.subs.push(LocalSub { handle, ..sub });
+                }
+                Err(error) => {
+                    self.drop_sub(&sub);
+                    errors.push(error);
+                }
+            }
+        }
+        for error in errors {
+            if let Flow::Close(reason) = self.reply_error(socket, &error).await {
+                return Flow::Close(reason);
+            }
+        }
+        Flow::Continue
+    }
+
+    fn drop_sub(&self, sub: &LocalSub) {
+        self.state.registry.remove(&sub.handle);
+        self.state
+            .metrics
+            .subscriptions
+            .with_label_values(&[&*sub.label])
+            .dec();
+    }
+
+    async fn on_subscribe(&mut self, socket: &mut WebSocket, request: SubscribeRequest) -> Flow {
+        let AuthState::Authed(principal) = &self.auth else {
+            return Flow::Continue;
+        };
+        let principal = principal.clone();
+        let config = &self.state.config;
+        let uid_str = request.uid.as_ref().map(Uid::as_subscription_str);
+        let replaces = uid_str.is_some() && self.subs.iter().any(|s| s.uid_str == uid_str);
+        if !replaces && self.subs.len() >= config.max_subscriptions {
+            let error = ProtocolError::new(
+                "subscribe",
+                ErrorCode::LimitExceeded,
+                format!(
+                    "Too many subscriptions on this connection (the limit is {}).",
+                    config.max_subscriptions
+                ),
+                request.uid.clone(),
+            );
+            return self.reply_error(socket, &error).await;
+        }
+        let key_field = config.key_field(&request.collection).to_string();
+        let ctx = SpecContext {
+            principal: &principal,
+            limits: &config.filter_limits,
+            key_field: &key_field,
+        };
+        let spec = match compile(&request, &ctx) {
+            Ok(spec) => spec,
+            Err(error) => return self.reply_error(socket, &error).await,
+        };
+        // A reused uid replaces the earlier subscription(s) with that uid.
+        if replaces {
+            let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.subs)
+                .into_iter()
+                .partition(|s| s.uid_str == uid_str);
+            self.subs = kept;
+            for sub in &gone {
+                self.drop_sub(sub);
+            }
+        }
+        // Tidings stores no items: a collection subscription's init is an empty list; event
+        // and item subscriptions get an init without data (Directus omits it for `event`).
+        let init_data =
+            (spec.item.is_none() && request.event.is_none() && spec.dialect == Dialect::Flat)
+                .then_some("[]");
+        let label = self.state.metrics.collections.label(&spec.collection);
+        let handle = self
+            .state
+            .registry
+            .insert(spec, uid_str.clone(), self.outbox.clone());
+        self.state
+            .metrics
+            .subscriptions
+            .with_label_values(&[&*label])
+            .inc();
+        self.subs.push(LocalSub {
+            request,
+            uid_str: uid_str.clone(),
+            handle,
+            label,
+        });
+        self.reply(socket, init_frame(init_data, uid_str.as_deref()))
+            .await
+    }
+
+    async fn on_unsubscribe(&mut self, socket: &mut WebSocket, uid: Option<Uid>) -> Flow {
+        let target = uid.as_ref().map(Uid::as_subscription_str);
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.subs)
+            .into_iter()
+            .partition(|s| target.is_none() || s.uid_str == target);
+        self.subs = kept;
+        for sub in &gone {
+            self.drop_sub(sub);
+        }
+        self.reply(socket, unsubscribe_ack(uid.as_ref())).await
+    }
+}
