@@ -1,0 +1,294 @@
+//! Test harness: a real broker on 127.0.0.1:0, real WebSocket and HTTP clients, every wait
+//! bounded by a timeout, every server frame checked against `protocol/schemas/`.
+#![allow(dead_code)]
+
+#[path = "schema.rs"]
+pub mod schema;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Request, StatusCode};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use tidings::app::{App, AppState};
+use tidings::Config;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single wait may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// A running broker.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// Starts a broker with `config` on a free loopback port.
+pub async fn start(config: Config) -> TestServer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = App::new(config).expect("valid config");
+    let state = app.state().clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        app.serve(listener, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("serve");
+    });
+    TestServer {
+        addr,
+        state,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+/// Starts a broker on the embedded defaults.
+pub async fn start_default() -> TestServer {
+    start(Config::default()).await
+}
+
+/// A config with static tokens like the reference recordings: `admin-static-token` reads
+/// everything, `reader-static-token` reads `messages` only.
+pub fn directus_like(mode: tidings::config::AuthMode) -> Config {
+    Config {
+        auth_mode: mode,
+        tokens: tidings::auth::TokenStore::from_json(
+            r#"{"admin-static-token":{"sub":"admin","collections":{"*":{}}},
+                "reader-static-token":{"sub":"reader","collections":{"messages":{}}}}"#,
+        )
+        .expect("tokens"),
+        public_permissions: tidings::auth::Permissions::collections(["messages"]),
+        ..Config::default()
+    }
+}
+
+impl TestServer {
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}{}", self.addr, self.state.config.ws_path)
+    }
+
+    /// Opens a WebSocket (panics if the upgrade is refused).
+    pub async fn ws(&self) -> WsClient {
+        self.ws_at(&self.ws_url()).await
+    }
+
+    /// Opens a WebSocket with `?access_token=`.
+    pub async fn ws_token(&self, token: &str) -> WsClient {
+        self.ws_at(&format!("{}?access_token={token}", self.ws_url()))
+            .await
+    }
+
+    pub async fn ws_at(&self, url: &str) -> WsClient {
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect timed out")
+            .expect("connect");
+        WsClient { ws }
+    }
+
+    /// Tries an upgrade and returns the HTTP status of a refusal (or 101).
+    pub async fn ws_status(&self, url: &str) -> u16 {
+        match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("timed out")
+        {
+            Ok(_) => 101,
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+
+    /// POSTs JSON to `path`.
+    pub async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        self.post_raw(
+            path,
+            Some("application/json"),
+            body.to_string().into_bytes(),
+            &[],
+        )
+        .await
+    }
+
+    /// Publishes via `POST /v1/publish` and asserts 202.
+    pub async fn publish(&self, body: Value) -> Value {
+        let (status, answer) = self.post("/v1/publish", &body).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "publish refused: {answer}");
+        answer
+    }
+
+    /// POSTs raw bytes with an optional content type and extra headers.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let mut req = Request::post(format!("http://{}{path}", self.addr));
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let (status, text) = send(req.body(Full::new(Bytes::from(body))).expect("request")).await;
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
+    /// GETs `path`, returning status and body text.
+    pub async fn get(&self, path: &str) -> (StatusCode, String) {
+        let req = Request::get(format!("http://{}{path}", self.addr))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        send(req).await
+    }
+
+    /// The value of one metric series (exact line prefix `name{labels}`), or None.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let (_, text) = self.get("/metrics").await;
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Triggers shutdown and waits for `serve` to return.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("shutdown timed out")
+                .expect("serve task");
+        }
+    }
+
+    /// Triggers shutdown without waiting.
+    pub fn begin_shutdown(&mut self) -> JoinHandle<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().expect("running")
+    }
+}
+
+async fn send(req: Request<Full<Bytes>>) -> (StatusCode, String) {
+    let client = HttpClient::builder(TokioExecutor::new()).build_http();
+    let resp = tokio::time::timeout(WAIT, client.request(req))
+        .await
+        .expect("http timed out")
+        .expect("http");
+    let status = resp.status();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// What arrived on a socket.
+#[derive(Debug)]
+pub enum Received {
+    Text(String),
+    Close(Option<CloseFrame>),
+    /// The stream ended without a close frame.
+    Ended,
+}
+
+/// A real WebSocket client.
+pub struct WsClient {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl WsClient {
+    /// Sends a text frame as is (may be malformed on purpose).
+    pub async fn send(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    /// Next data or close event, skipping control frames.
+    pub async fn next(&mut self) -> Received {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("timed out waiting for a frame");
+            match m {
+                None => return Received::Ended,
+                Some(Err(_)) => return Received::Ended,
+                Some(Ok(Message::Text(t))) => return Received::Text(t.to_string()),
+                Some(Ok(Message::Close(f))) => return Received::Close(f),
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Next text frame, exactly as sent; checked against the server schema.
+    pub async fn recv_text(&mut self) -> String {
+        match self.next().await {
+            Received::Text(t) => {
+                let v: Value = serde_json::from_str(&t)
+                    .unwrap_or_else(|e| panic!("server sent non-JSON {t}: {e}"));
+                schema::assert_server_message(&v);
+                t
+            }
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// Next text frame as JSON.
+    pub async fn recv(&mut self) -> Value {
+        let t = self.recv_text().await;
+        serde_json::from_str(&t).expect("json")
+    }
+
+    /// Asserts the next frame is exactly `expected` (byte for byte).
+    pub async fn expect(&mut self, expected: &str) {
+        let got = self.recv_text().await;
+        assert_eq!(got, expected);
+    }
+
+    /// Sends and expects a reply, exactly.
+    pub async fn exchange(&mut self, send: &str, expected: &str) {
+        self.send(send).await;
+        self.expect(expected).await;
+    }
+
+    /// Asserts nothing arrives for `dur`.
+    pub async fn expect_silence(&mut self, dur: Duration) {
+        if let Ok(m) = tokio::time::timeout(dur, self.ws.next()).await {
+            match m {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                other => panic!("expected silence, got {other:?}"),
+            }
+        }
+    }
+
+    /// Asserts the server closes, returning the close code (None = no status code).
+    pub async fn expect_close(&mut self) -> Option<u16> {
+        match self.next().await {
+            Received::Close(f) => f.map(|f| u16::from(f.code)),
+            Received::Ended => None,
+            Received::Text(t) => panic!("expected close, got {t}"),
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
