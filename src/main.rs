@@ -49,6 +49,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(listen: std::net::SocketAddr, config: tidings::Config) -> anyhow::Result<()> {
+    let shutdown = tidings::shutdown::signal().context("cannot install signal handlers")?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -58,7 +59,7 @@ async fn serve(listen: std::net::SocketAddr, config: tidings::Config) -> anyhow:
         "tidings listening on http://{local} (WebSocket ws://{local}{})",
         config.ws_path
     );
-    tidings::run(listener, config, tidings::shutdown::signal()).await?;
+    tidings::run(listener, config, shutdown).await?;
     Ok(())
 }
 

@@ -1,30 +1,29 @@
-//! Process signals: the future that resolves on SIGTERM or SIGINT (Ctrl-C).
+//! Process signals: a future that resolves on SIGTERM or SIGINT (Ctrl-C).
 
-/// Resolves on the first SIGTERM or SIGINT. If a handler cannot be installed, that signal is
-/// not awaited (the error is logged) and the other still works.
-pub async fn signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
+use std::future::Future;
+
+/// Registers the SIGTERM and SIGINT handlers now, and returns a future that resolves on the
+/// first of them. Registering before the broker announces its address means a supervisor
+/// that signals right after seeing that line still gets a graceful shutdown.
+#[cfg(unix)]
+pub fn signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+    })
+}
+
+/// Registers the Ctrl-C handler and returns a future that resolves on it.
+#[cfg(not(unix))]
+pub fn signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    Ok(async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::info!("Ctrl-C received");
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("SIGINT received"),
-        _ = term => tracing::info!("SIGTERM received"),
-    }
+    })
 }
