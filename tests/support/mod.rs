@@ -202,6 +202,50 @@ async fn send(req: Request<Full<Bytes>>) -> (StatusCode, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// A WebSocket client over a socket with a tiny receive buffer, for tests that need a client
+/// which stops reading to back up quickly.
+pub async fn raw_ws_small_buffer(server: &TestServer) -> WebSocketStream<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let stream = socket.connect(server.addr).await.expect("connect");
+    let (ws, _) = tokio::time::timeout(
+        WAIT,
+        tokio_tungstenite::client_async(server.ws_url(), stream),
+    )
+    .await
+    .expect("handshake timed out")
+    .expect("handshake");
+    ws
+}
+
+/// Checks an HTTP API answer (publish response or error) against `protocol/openapi.yaml`'s
+/// component schemas: `PublishResponse` or `Error`.
+pub fn schema_check_http(answer: &Value) {
+    use std::sync::OnceLock;
+    static COMPONENTS: OnceLock<Value> = OnceLock::new();
+    let components = COMPONENTS.get_or_init(|| {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/protocol/openapi.yaml");
+        let text = std::fs::read_to_string(path).expect("openapi.yaml");
+        let doc: Value = serde_yaml::from_str(&text).expect("openapi yaml");
+        doc["components"].clone()
+    });
+    let name = if answer.get("error").is_some() {
+        "Error"
+    } else {
+        "PublishResponse"
+    };
+    let schema = serde_json::json!({"$ref": format!("#/components/schemas/{name}"), "components": components});
+    let validator = jsonschema::validator_for(&schema).expect("compile openapi component");
+    let errors: Vec<String> = validator
+        .iter_errors(answer)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{answer} does not match {name}: {errors:?}"
+    );
+}
+
 /// What arrived on a socket.
 #[derive(Debug)]
 pub enum Received {
