@@ -1,0 +1,1056 @@
+//! End-to-end tests of the real `tidings` binary: `serve`, `tail`, `publish`, `--help`.
+//!
+//! Each test runs the binary built by Cargo (`CARGO_BIN_EXE_tidings`) as a child process and
+//! talks to it over loopback, exactly as a script or a deployment would.
+//!
+//! Robustness rules, because these run on small, loaded CI machines:
+//! - every wait has a deadline ([`WAIT`]); nothing sleeps to synchronise, only polling loops
+//!   bounded by a deadline;
+//! - every child is owned by a [`Proc`], whose `Drop` kills it by PID and reaps it, so a failing
+//!   assertion never leaves a broker running;
+//! - a child's stdout and stderr are drained by threads into channels, so a chatty child never
+//!   blocks on a full pipe, and failure messages show what the child printed;
+//! - children get an environment without any `TIDINGS_*` variable of the test's own
+//!   environment, so a developer's shell settings cannot change the outcome.
+
+#[path = "support/schema.rs"]
+mod schema;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+/// The longest any single wait may take before the test fails.
+const WAIT: Duration = Duration::from_secs(10);
+/// Poll period of the bounded loops that wait for a child to exit.
+const POLL: Duration = Duration::from_millis(20);
+
+// ---------------------------------------------------------------------------------------------
+// Child processes
+// ---------------------------------------------------------------------------------------------
+
+/// Lines of one output stream of a child, read by a background thread.
+struct Lines {
+    rx: Receiver<String>,
+    /// Every line received so far, for failure messages and final checks.
+    seen: Vec<String>,
+}
+
+impl Lines {
+    fn spawn(stream: impl Read + Send + 'static) -> Lines {
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The next line, `Ok(None)` at end of stream, `Err(())` when `deadline` passes first.
+    fn next_line(&mut self, deadline: Instant) -> Result<Option<String>, ()> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.rx.recv_timeout(left) {
+            Ok(line) => {
+                self.seen.push(line.clone());
+                Ok(Some(line))
+            }
+            Err(RecvTimeoutError::Disconnected) => Ok(None),
+            Err(RecvTimeoutError::Timeout) => Err(()),
+        }
+    }
+
+    /// Moves whatever has arrived into `seen`, without waiting.
+    fn drain_now(&mut self) {
+        while let Ok(line) = self.rx.try_recv() {
+            self.seen.push(line);
+        }
+    }
+
+    /// Reads to end of stream (the writer exited), at most until `deadline`.
+    fn read_to_end(&mut self, deadline: Instant) -> Result<(), ()> {
+        while self.next_line(deadline)?.is_some() {}
+        Ok(())
+    }
+}
+
+/// A running child process, killed (by PID) and reaped when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+    stdout: Lines,
+    stderr: Lines,
+    status: Option<ExitStatus>,
+}
+
+fn tidings() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidings"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("TIDINGS_") {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd.env("NO_COLOR", "1");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+impl Proc {
+    /// Starts `tidings ARGS…` with extra environment `envs`.
+    fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        let mut cmd = tidings();
+        cmd.args(args);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start tidings {args:?}: {e}"));
+        let stdout = Lines::spawn(child.stdout.take().expect("piped stdout"));
+        let stderr = Lines::spawn(child.stderr.take().expect("piped stderr"));
+        Proc {
+            name: format!("tidings {}", args.join(" ")),
+            child,
+            stdout,
+            stderr,
+            status: None,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the child printed so far, for failure messages.
+    fn transcript(&mut self) -> String {
+        self.stdout.drain_now();
+        self.stderr.drain_now();
+        format!(
+            "`{}`\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.name,
+            self.stdout.seen.join("\n"),
+            self.stderr.seen.join("\n")
+        )
+    }
+
+    /// Waits for the child to exit, at most `timeout`; `None` if it is still running.
+    fn try_wait_for(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.status.is_some() {
+            return self.status;
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => {
+                    self.status = Some(status);
+                    return self.status;
+                }
+                Ok(None) if Instant::now() < deadline => thread::sleep(POLL),
+                Ok(None) => return None,
+                Err(e) => panic!("waiting for {}: {e}", self.name),
+            }
+        }
+    }
+
+    /// Waits for the child to exit (at most `timeout`, else the test fails), then reads the
+    /// rest of its output.
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let Some(status) = self.try_wait_for(timeout) else {
+            panic!("still running after {timeout:?}: {}", self.transcript());
+        };
+        let deadline = Instant::now() + WAIT;
+        // The pipes close when the child exits (unless it left a grandchild holding them).
+        let done =
+            self.stdout.read_to_end(deadline).is_ok() && self.stderr.read_to_end(deadline).is_ok();
+        assert!(
+            done,
+            "output pipes still open after exit: {}",
+            self.transcript()
+        );
+        status
+    }
+
+    /// Waits for a stderr line containing `needle`; fails if the child exits or `timeout` passes.
+    fn wait_stderr(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.stderr.next_line(deadline) {
+                Ok(Some(line)) if line.contains(needle) => return line,
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("stderr ended before {needle:?}: {}", self.transcript()),
+                Err(()) => panic!(
+                    "no {needle:?} on stderr within {timeout:?}: {}",
+                    self.transcript()
+                ),
+            }
+        }
+    }
+
+    /// Sends SIGTERM by PID (`kill` the command: the crate does not depend on libc).
+    fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill(1)");
+        assert!(
+            status.success(),
+            "kill -TERM {} failed: {status}",
+            self.pid()
+        );
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.status.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The result of a short-lived command.
+struct Output {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Output {
+    fn describe(&self, what: &str) -> String {
+        format!(
+            "`{what}` exited with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `tidings ARGS…` to completion, at most [`WAIT`] (then it is killed and the test fails).
+fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut proc = Proc::spawn(args, envs);
+    let status = proc.wait_exit(WAIT);
+    Output {
+        status,
+        stdout: proc.stdout.seen.join("\n"),
+        stderr: proc.stderr.seen.join("\n"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A broker
+// ---------------------------------------------------------------------------------------------
+
+/// `tidings serve --listen 127.0.0.1:0 …`, with the address it printed.
+struct Server {
+    proc: Proc,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn start(args: &[&str]) -> Server {
+        Server::start_with_env(args, &[])
+    }
+
+    fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Server {
+        let mut argv = vec!["serve", "--listen", "127.0.0.1:0"];
+        argv.extend_from_slice(args);
+        let mut proc = Proc::spawn(&argv, envs);
+        let deadline = Instant::now() + WAIT;
+        let line = match proc.stdout.next_line(deadline) {
+            Ok(Some(line)) => line,
+            Ok(None) => panic!(
+                "serve exited before printing its address: {}",
+                proc.transcript()
+            ),
+            Err(()) => panic!(
+                "serve printed no address within {WAIT:?}: {}",
+                proc.transcript()
+            ),
+        };
+        let addr = parse_listening_line(&line, "/websocket").unwrap_or_else(|| {
+            panic!(
+                "unexpected first stdout line {line:?}: {}",
+                proc.transcript()
+            )
+        });
+        Server { proc, addr }
+    }
+
+    fn http_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn ws_url(&self) -> String {
+        format!("ws://{}/websocket", self.addr)
+    }
+}
+
+/// Parses `tidings listening on http://ADDR (WebSocket ws://ADDR<ws_path>)`.
+fn parse_listening_line(line: &str, ws_path: &str) -> Option<SocketAddr> {
+    let rest = line.strip_prefix("tidings listening on http://")?;
+    let (addr, rest) = rest.split_once(" (WebSocket ws://")?;
+    let parsed: SocketAddr = addr.parse().ok()?;
+    (rest == format!("{addr}{ws_path})")).then_some(parsed)
+}
+
+// ---------------------------------------------------------------------------------------------
+// A minimal HTTP/1.1 client (one request per connection)
+// ---------------------------------------------------------------------------------------------
+
+/// Sends one request and returns the status and the (de-chunked) body.
+fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut stream = TcpStream::connect_timeout(&addr, WAIT).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.set_write_timeout(Some(WAIT)).unwrap();
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).expect("send request");
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .expect("read response (bounded by the read timeout)");
+    let raw = String::from_utf8(raw).expect("UTF-8 response");
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {raw:?}"));
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = s.split_once("\r\n").expect("chunk size line");
+        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16)
+            .expect("hex chunk size");
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        s = &rest[size + 2..];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// WebSocket helpers
+// ---------------------------------------------------------------------------------------------
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn ws_connect(url: &str) -> Ws {
+    let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("WebSocket connect timed out")
+        .expect("WebSocket connect");
+    ws
+}
+
+/// The next text frame as JSON (checked against the protocol schemas); skips server pings.
+async fn ws_next_json(ws: &mut Ws) -> Value {
+    loop {
+        let message = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("no WebSocket message in time")
+            .expect("WebSocket ended")
+            .expect("WebSocket error");
+        if let Message::Text(text) = message {
+            let value: Value = serde_json::from_str(text.as_str()).expect("frame is JSON");
+            schema::assert_server_message(&value);
+            if value["type"] != "ping" {
+                return value;
+            }
+        }
+    }
+}
+
+/// Subscribes to `collection` with `uid` and waits for the `init` answer.
+async fn ws_subscribe(ws: &mut Ws, collection: &str, uid: &str) {
+    let subscribe = json!({"type": "subscribe", "collection": collection, "uid": uid});
+    schema::assert_client_message(&subscribe);
+    ws.send(Message::text(subscribe.to_string()))
+        .await
+        .expect("send subscribe");
+    let init = ws_next_json(ws).await;
+    assert_eq!(init["type"], "subscription", "{init}");
+    assert_eq!(init["event"], "init", "{init}");
+    assert_eq!(init["uid"], uid, "{init}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. serve prints its address; health endpoints answer
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn serve_prints_bound_address_and_answers_healthz() {
+    let server = Server::start(&[]);
+    assert_ne!(
+        server.addr.port(),
+        0,
+        "port 0 must be replaced by the bound port"
+    );
+    assert!(server.addr.ip().is_loopback());
+
+    let (status, body) = http(server.addr, "GET", "/healthz", None);
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).expect("healthz body is JSON");
+    assert_eq!(body, json!({"status": "ok"}));
+
+    let (status, body) = http(server.addr, "GET", "/readyz", None);
+    assert_eq!(status, 200, "{body}");
+
+    let (status, body) = http(server.addr, "GET", "/metrics", None);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("# TYPE tidings_connections gauge"), "{body}");
+
+    let (status, body) = http(server.addr, "GET", "/no-such-route", None);
+    assert_eq!(status, 404, "{body}");
+}
+
+#[test]
+fn serve_prints_the_configured_ws_path() {
+    let mut proc = Proc::spawn(
+        &["serve", "--listen", "127.0.0.1:0", "--ws-path", "/rt"],
+        &[],
+    );
+    let line = match proc.stdout.next_line(Instant::now() + WAIT) {
+        Ok(Some(line)) => line,
+        _ => panic!("no address line: {}", proc.transcript()),
+    };
+    assert!(parse_listening_line(&line, "/rt").is_some(), "{line:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. SIGTERM: sessions get 1001, the process exits 0 within the shutdown timeout
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn sigterm_closes_sessions_with_1001_and_exits_zero() {
+    let shutdown_timeout = Duration::from_secs(5);
+    let mut server = Server::start(&["--shutdown-timeout", "5"]);
+    let mut ws = ws_connect(&server.ws_url()).await;
+    // The init answer proves the session is established before the signal.
+    ws_subscribe(&mut ws, "messages", "s1").await;
+
+    let signalled = Instant::now();
+    server.proc.sigterm();
+
+    let close = loop {
+        let message = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("no close frame within the wait after SIGTERM")
+            .expect("the socket ended without a close frame")
+            .expect("WebSocket error instead of a close frame");
+        match message {
+            Message::Close(frame) => break frame,
+            Message::Text(text) => {
+                let value: Value = serde_json::from_str(text.as_str()).expect("frame is JSON");
+                schema::assert_server_message(&value);
+            }
+            _ => {}
+        }
+    };
+    let close = close.expect("the close frame carries a code");
+    assert_eq!(
+        u16::from(close.code),
+        1001,
+        "close reason: {:?}",
+        close.reason
+    );
+    // Let tungstenite send its close reply; the stream then ends.
+    let _ = tokio::time::timeout(WAIT, async { while ws.next().await.is_some() {} }).await;
+
+    // Bounded by the shutdown timeout, plus slack for a loaded machine.
+    let status = server
+        .proc
+        .wait_exit(shutdown_timeout + Duration::from_secs(5));
+    assert!(
+        status.success(),
+        "exit status {status}: {}",
+        server.proc.transcript()
+    );
+    assert!(signalled.elapsed() < shutdown_timeout + Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn sigterm_exits_within_the_shutdown_timeout_even_if_a_client_never_reads() {
+    let mut server = Server::start(&["--shutdown-timeout", "1"]);
+    // A client that connects and then never reads again (so never answers the close frame).
+    let mut ws = ws_connect(&server.ws_url()).await;
+    ws_subscribe(&mut ws, "messages", "s1").await;
+
+    let signalled = Instant::now();
+    server.proc.sigterm();
+    let status = server
+        .proc
+        .wait_exit(Duration::from_secs(1) + Duration::from_secs(8));
+    assert!(
+        status.success(),
+        "exit status {status}: {}",
+        server.proc.transcript()
+    );
+    assert!(signalled.elapsed() < Duration::from_secs(9));
+    drop(ws);
+}
+
+#[test]
+fn sigterm_on_an_idle_server_exits_zero() {
+    let mut server = Server::start(&[]);
+    // Wait until the server answers: the signal handler is only installed after the address
+    // line is printed (see `sigterm_right_after_the_address_line_exits_zero`).
+    let (status, _) = http(server.addr, "GET", "/healthz", None);
+    assert_eq!(status, 200);
+    server.proc.sigterm();
+    let status = server.proc.wait_exit(WAIT);
+    assert!(
+        status.success(),
+        "exit status {status}: {}",
+        server.proc.transcript()
+    );
+}
+
+/// Scripts and supervisors take the address line as "started". A SIGTERM sent right after it
+/// must still be a graceful shutdown (exit 0), not the default action of the signal.
+#[test]
+fn sigterm_right_after_the_address_line_exits_zero() {
+    for _ in 0..10 {
+        let mut server = Server::start(&[]);
+        server.proc.sigterm();
+        let status = server.proc.wait_exit(WAIT);
+        assert!(
+            status.success(),
+            "exit status {status}: {}",
+            server.proc.transcript()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Bad configuration: exit code 2, the message names the flag
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `serve` with `args`/`envs` and expects exit code 2 and `--flag` in stderr.
+fn assert_config_error(args: &[&str], envs: &[(&str, &str)], flag: &str) {
+    let mut argv = vec!["serve", "--listen", "127.0.0.1:0"];
+    argv.extend_from_slice(args);
+    let out = run(&argv, envs);
+    let what = format!("{envs:?} tidings {}", argv.join(" "));
+    assert_eq!(out.status.code(), Some(2), "{}", out.describe(&what));
+    assert!(
+        out.stderr.contains(&format!("--{flag}")),
+        "stderr does not name --{flag}: {}",
+        out.describe(&what)
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "nothing should be printed on stdout: {}",
+        out.describe(&what)
+    );
+}
+
+#[test]
+fn bad_configuration_exits_2_naming_the_flag() {
+    assert_config_error(&["--ws-path", "nope"], &[], "ws-path");
+    assert_config_error(&["--ws-path", "/metrics"], &[], "ws-path");
+    assert_config_error(&["--auth-mode", "strict"], &[], "auth-mode");
+    assert_config_error(&["--key-field", "orders"], &[], "key-field");
+    assert_config_error(
+        &["--tokens-file", "/nonexistent/tokens.json"],
+        &[],
+        "tokens-file",
+    );
+    assert_config_error(&["--outbox-bytes", "0"], &[], "outbox-bytes");
+    assert_config_error(&["--public-permissions", "[1]"], &[], "public-permissions");
+}
+
+#[test]
+fn bad_configuration_from_env_exits_2_naming_the_flag() {
+    assert_config_error(&[], &[("TIDINGS_WS_PATH", "nope")], "ws-path");
+    assert_config_error(&[], &[("TIDINGS_AUTH_MODE", "strict")], "auth-mode");
+    assert_config_error(&[], &[("TIDINGS_KEY_FIELD", "orders")], "key-field");
+}
+
+#[test]
+fn unparsable_flag_values_exit_2_naming_the_flag() {
+    // Rejected by the argument parser itself (clap's usage errors also exit 2).
+    assert_config_error(&["--auth-mode", "bogus"], &[], "auth-mode");
+    assert_config_error(&["--heartbeat-period=-1"], &[], "heartbeat-period");
+    assert_config_error(&["--max-frame-bytes", "lots"], &[], "max-frame-bytes");
+    // Only the `memory` engine exists today.
+    assert_config_error(&["--engine", "redis"], &[], "engine");
+}
+
+#[test]
+fn unreadable_tokens_file_content_exits_2() {
+    let dir = std::env::temp_dir().join(format!("tidings-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tokens.json");
+    std::fs::write(&path, "this is not JSON").unwrap();
+    assert_config_error(
+        &["--tokens-file", path.to_str().unwrap()],
+        &[],
+        "tokens-file",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn strict_mode_with_a_tokens_file_starts() {
+    let dir = std::env::temp_dir().join(format!("tidings-cli-strict-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tokens.json");
+    std::fs::write(&path, r#"{"t1":{"sub":"alice","collections":{"*":{}}}}"#).unwrap();
+    let server = Server::start(&[
+        "--auth-mode",
+        "strict",
+        "--tokens-file",
+        path.to_str().unwrap(),
+    ]);
+    let (status, _) = http(server.addr, "GET", "/healthz", None);
+    assert_eq!(status, 200);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. tail + publish
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `tidings publish …` and returns the parsed JSON answer, asserting success.
+fn publish_ok(server: &Server, collection: &str, data: &str, extra: &[&str]) -> Value {
+    let url = server.http_url();
+    let mut argv = vec!["publish", collection, "create", data, "--url", &url];
+    argv.extend_from_slice(extra);
+    let out = run(&argv, &[]);
+    assert!(out.status.success(), "{}", out.describe(&argv.join(" ")));
+    let answer: Value = serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "publish stdout is not JSON ({e}): {}",
+            out.describe(&argv.join(" "))
+        )
+    });
+    assert!(
+        answer["events"][0]["offset"].is_u64(),
+        "no events[0].offset in {answer}"
+    );
+    answer
+}
+
+#[test]
+fn tail_prints_published_events_as_json_lines() {
+    let server = Server::start(&[]);
+    let ws_url = server.ws_url();
+    let mut tail = Proc::spawn(
+        &[
+            "tail", "messages", "--url", &ws_url, "--count", "2", "--fields", "id,text",
+        ],
+        &[],
+    );
+    // Publishing before the subscription is live would lose the events: wait for it.
+    tail.wait_stderr("subscribed to messages", WAIT);
+
+    let first = publish_ok(
+        &server,
+        "messages",
+        r#"{"id":1,"text":"hi","secret":1}"#,
+        &[],
+    );
+    let second = publish_ok(
+        &server,
+        "messages",
+        r#"{"id":2,"text":"hi","secret":2}"#,
+        &[],
+    );
+    let (o1, o2) = (
+        first["events"][0]["offset"].as_u64().unwrap(),
+        second["events"][0]["offset"].as_u64().unwrap(),
+    );
+    assert!(
+        o2 > o1,
+        "offsets must increase within a collection: {first} then {second}"
+    );
+
+    let status = tail.wait_exit(WAIT);
+    assert!(
+        status.success(),
+        "tail exited with {status}: {}",
+        tail.transcript()
+    );
+    let lines: Vec<&String> = tail
+        .stdout
+        .seen
+        .iter()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "tail --count 2 must print exactly 2 lines: {}",
+        tail.transcript()
+    );
+    for (line, id) in lines.into_iter().zip([1, 2]) {
+        let frame: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        schema::assert_server_message(&frame);
+        assert_eq!(frame["type"], "subscription", "{frame}");
+        assert_eq!(frame["event"], "create", "{frame}");
+        let data = frame["data"]
+            .as_array()
+            .unwrap_or_else(|| panic!("collection data must be an array: {frame}"));
+        assert_eq!(data.len(), 1, "{frame}");
+        assert_eq!(data[0]["id"], id, "{frame}");
+        assert_eq!(data[0]["text"], "hi", "{frame}");
+        assert!(
+            data[0].get("secret").is_none(),
+            "--fields id,text must drop other fields: {frame}"
+        );
+    }
+}
+
+#[test]
+fn tail_reports_an_unreachable_broker() {
+    // A port that was free a moment ago: nothing listens there now.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = run(
+        &[
+            "tail",
+            "messages",
+            "--url",
+            &format!("ws://127.0.0.1:{port}/websocket"),
+        ],
+        &[],
+    );
+    assert!(!out.status.success(), "{}", out.describe("tail"));
+    assert!(
+        out.stderr.contains("cannot connect"),
+        "{}",
+        out.describe("tail")
+    );
+}
+
+#[test]
+fn publish_rejects_invalid_json_without_contacting_the_broker() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = run(
+        &[
+            "publish",
+            "messages",
+            "create",
+            "{not json",
+            "--url",
+            &format!("http://127.0.0.1:{port}"),
+        ],
+        &[],
+    );
+    assert!(!out.status.success(), "{}", out.describe("publish"));
+    assert!(
+        out.stderr.contains("not JSON"),
+        "{}",
+        out.describe("publish")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. publish keys
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn publish_needs_the_key_when_the_server_requires_one() {
+    let server = Server::start(&["--publish-key", "k1"]);
+    let url = server.http_url();
+
+    for extra in [&[][..], &["--key", "wrong"][..]] {
+        let mut argv = vec![
+            "publish",
+            "messages",
+            "create",
+            r#"{"id":1}"#,
+            "--url",
+            &url,
+        ];
+        argv.extend_from_slice(extra);
+        let out = run(&argv, &[]);
+        let what = argv.join(" ");
+        assert!(!out.status.success(), "{}", out.describe(&what));
+        assert!(
+            out.stderr.contains("401"),
+            "the 401 answer must be on stderr: {}",
+            out.describe(&what)
+        );
+        assert!(
+            out.stderr.contains("\"error\""),
+            "the JSON error body must be on stderr: {}",
+            out.describe(&what)
+        );
+        assert!(out.stdout.trim().is_empty(), "{}", out.describe(&what));
+    }
+
+    publish_ok(&server, "messages", r#"{"id":1}"#, &["--key", "k1"]);
+
+    // The client also reads its key from TIDINGS_PUBLISH_KEY.
+    let out = run(
+        &[
+            "publish",
+            "messages",
+            "create",
+            r#"{"id":2}"#,
+            "--url",
+            &url,
+        ],
+        &[("TIDINGS_PUBLISH_KEY", "k1")],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        out.describe("TIDINGS_PUBLISH_KEY=k1 tidings publish")
+    );
+}
+
+#[test]
+fn publish_keys_from_env_are_semicolon_separated() {
+    let server = Server::start_with_env(&[], &[("TIDINGS_PUBLISH_KEY", "k1;k2")]);
+    publish_ok(&server, "messages", r#"{"id":1}"#, &["--key", "k1"]);
+    publish_ok(&server, "messages", r#"{"id":2}"#, &["--key", "k2"]);
+    let url = server.http_url();
+    let out = run(
+        &[
+            "publish",
+            "messages",
+            "create",
+            r#"{"id":3}"#,
+            "--url",
+            &url,
+            "--key",
+            "k1;k2",
+        ],
+        &[],
+    );
+    assert!(
+        !out.status.success(),
+        "{}",
+        out.describe("publish --key 'k1;k2'")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. --help documents the command-line contract
+// ---------------------------------------------------------------------------------------------
+
+/// Flags of `tidings serve` named by the command-line contract in `shared/DESIGN.md`.
+const DESIGN_SERVE_FLAGS: &[&str] = &[
+    "listen",
+    "ws-path",
+    "auth-mode",
+    "tokens-file",
+    "publish-key",
+    "engine",
+    "redis-url",
+    "nats-url",
+    "key-prefix",
+    "config",
+    "jwt-secret",
+    "jwt-public-key",
+    "jwks-file",
+    "jwt-issuer",
+    "jwt-audience",
+];
+
+/// Whether `src/config.rs` defines `--flag` (so that the contract test grows with the code).
+fn config_defines(config_rs: &str, flag: &str) -> bool {
+    let env = format!(
+        "\"TIDINGS_{}\"",
+        flag.replace('-', "_").to_ascii_uppercase()
+    );
+    let long = format!("long = \"{flag}\"");
+    let field = format!("pub {}:", flag.replace('-', "_"));
+    config_rs.contains(&env) || config_rs.contains(&long) || config_rs.contains(&field)
+}
+
+fn help(args: &[&str]) -> String {
+    let out = run(args, &[]);
+    assert!(out.status.success(), "{}", out.describe(&args.join(" ")));
+    out.stdout
+}
+
+#[test]
+fn help_documents_the_command_line_contract() {
+    let top = help(&["--help"]);
+    for sub in ["serve", "tail", "publish"] {
+        assert!(
+            top.contains(sub),
+            "`tidings --help` does not mention `{sub}`:\n{top}"
+        );
+    }
+
+    let config_rs =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/config.rs"))
+            .unwrap();
+    let serve = help(&["serve", "--help"]);
+    let mut checked = BTreeSet::new();
+    for flag in DESIGN_SERVE_FLAGS {
+        if !config_defines(&config_rs, flag) {
+            continue; // not implemented yet
+        }
+        checked.insert(*flag);
+        assert!(
+            serve.contains(&format!("--{flag}")),
+            "`tidings serve --help` does not mention --{flag}:\n{serve}"
+        );
+        let env = format!("TIDINGS_{}", flag.replace('-', "_").to_ascii_uppercase());
+        assert!(
+            serve.contains(&env),
+            "`tidings serve --help` does not mention {env}:\n{serve}"
+        );
+    }
+    // The flags that exist today must at least include these.
+    for flag in [
+        "listen",
+        "ws-path",
+        "auth-mode",
+        "tokens-file",
+        "publish-key",
+        "engine",
+    ] {
+        assert!(
+            checked.contains(flag),
+            "src/config.rs no longer defines --{flag}"
+        );
+    }
+
+    let tail = help(&["tail", "--help"]);
+    for flag in [
+        "--url", "--event", "--filter", "--fields", "--item", "--token",
+    ] {
+        assert!(
+            tail.contains(flag),
+            "`tidings tail --help` does not mention {flag}:\n{tail}"
+        );
+    }
+    let publish = help(&["publish", "--help"]);
+    for flag in ["--url", "--key"] {
+        assert!(
+            publish.contains(flag),
+            "`tidings publish --help` does not mention {flag}:\n{publish}"
+        );
+    }
+}
+
+#[test]
+fn version_flag_prints_the_crate_version() {
+    let out = help(&["--version"]);
+    assert!(out.contains(env!("CARGO_PKG_VERSION")), "{out}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// deploy/: the Grafana dashboard only queries metrics the binary exports
+// ---------------------------------------------------------------------------------------------
+
+/// Every `tidings_*` / `process_*` metric name in `deploy/grafana/dashboards/tidings.json`.
+fn dashboard_metric_names() -> BTreeSet<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/dashboards/tidings.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let dashboard: Value = serde_json::from_str(&text).expect("dashboard is JSON");
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard, &mut exprs);
+    assert!(!exprs.is_empty(), "no panel queries in the dashboard");
+    let re = regex::Regex::new(r"\b(?:tidings|process)_[a-z_]+").unwrap();
+    exprs
+        .iter()
+        .flat_map(|e| {
+            re.find_iter(e)
+                .map(|m| m.as_str().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn collect_exprs(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("expr" | "query", Value::String(s)) => out.push(s.clone()),
+                    _ => collect_exprs(v, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
+
+#[tokio::test]
+async fn dashboard_queries_only_exported_metrics() {
+    let server = Server::start(&[]);
+    // Make the labelled families exist: one subscription, one publish, one delivery.
+    let mut ws = ws_connect(&server.ws_url()).await;
+    ws_subscribe(&mut ws, "messages", "s1").await;
+    let (status, body) = http(
+        server.addr,
+        "POST",
+        "/v1/publish",
+        Some(r#"{"collection":"messages","event":"create","data":{"id":1}}"#),
+    );
+    assert_eq!(status, 202, "{body}");
+    let event = ws_next_json(&mut ws).await;
+    assert_eq!(event["event"], "create", "{event}");
+
+    let (status, metrics) = http(server.addr, "GET", "/metrics", None);
+    assert_eq!(status, 200);
+    let families: BTreeSet<&str> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    for name in dashboard_metric_names() {
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix).filter(|b| families.contains(b)))
+            .unwrap_or(&name);
+        assert!(
+            families.contains(base),
+            "the dashboard queries `{name}`, which /metrics does not export:\n{metrics}"
+        );
+    }
+}
