@@ -67,9 +67,11 @@ async fn shutdown_turns_readiness_off_and_closes_sessions_with_1001() {
 
 #[tokio::test]
 async fn shutdown_is_bounded_by_the_deadline_even_with_a_stuck_client() {
-    let mut config = Config::default();
-    config.shutdown_timeout = Duration::from_millis(300);
-    config.write_timeout = Duration::from_secs(60);
+    let config = Config {
+        shutdown_timeout: Duration::from_millis(300),
+        write_timeout: Duration::from_secs(60),
+        ..Config::default()
+    };
     let mut server = start(config).await;
     // A client that stops reading while a large backlog is being written to it.
     let mut stuck = support::raw_ws_small_buffer(&server).await;
@@ -99,8 +101,10 @@ async fn shutdown_is_bounded_by_the_deadline_even_with_a_stuck_client() {
 
 #[tokio::test]
 async fn connection_limit_refuses_with_503() {
-    let mut config = Config::default();
-    config.max_connections = 2;
+    let config = Config {
+        max_connections: 2,
+        ..Config::default()
+    };
     let server = start(config).await;
     let a = server.ws().await;
     let _b = server.ws().await;
@@ -121,8 +125,10 @@ async fn connection_limit_refuses_with_503() {
 
 #[tokio::test]
 async fn oversized_inbound_frame_closes_with_1009() {
-    let mut config = Config::default();
-    config.max_frame_bytes = 1024;
+    let config = Config {
+        max_frame_bytes: 1024,
+        ..Config::default()
+    };
     let server = start(config).await;
     let mut c = server.ws().await;
     c.send(&format!(
@@ -144,8 +150,10 @@ async fn oversized_inbound_frame_closes_with_1009() {
 
 #[tokio::test]
 async fn subscription_limit_per_connection() {
-    let mut config = Config::default();
-    config.max_subscriptions = 2;
+    let config = Config {
+        max_subscriptions: 2,
+        ..Config::default()
+    };
     let server = start(config).await;
     let mut c = server.ws().await;
     for uid in ["a", "b"] {
@@ -172,9 +180,11 @@ async fn subscription_limit_per_connection() {
 /// closed as a slow consumer and counted; the hub is never held up by it.
 #[tokio::test]
 async fn stalled_subscriber_is_closed_and_others_receive_everything() {
-    let mut config = Config::default();
-    config.outbox_bytes = 256 * 1024;
-    config.write_timeout = Duration::from_millis(500);
+    let config = Config {
+        outbox_bytes: 256 * 1024,
+        write_timeout: Duration::from_millis(500),
+        ..Config::default()
+    };
     let server = start(config).await;
     let mut stalled = support::raw_ws_small_buffer(&server).await;
     stalled

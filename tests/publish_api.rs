@@ -70,8 +70,10 @@ async fn accepted_events_get_per_collection_offsets_and_one_epoch() {
 
 #[tokio::test]
 async fn bad_inputs_get_clear_errors_and_publish_nothing() {
-    let mut config = Config::default();
-    config.max_publish_bytes = 4096;
+    let config = Config {
+        max_publish_bytes: 4096,
+        ..Config::default()
+    };
     let server = start(config).await;
     let mut sub = server.ws().await;
     sub.exchange(
@@ -81,7 +83,16 @@ async fn bad_inputs_get_clear_errors_and_publish_nothing() {
     .await;
 
     let json_ct = Some("application/json");
-    let cases: Vec<(Option<&str>, Vec<u8>, &str, StatusCode, &str, Option<&str>)> = vec![
+    // (content type, body, path, status, error code, error pointer)
+    type Case<'a> = (
+        Option<&'a str>,
+        Vec<u8>,
+        &'a str,
+        StatusCode,
+        &'a str,
+        Option<&'a str>,
+    );
+    let cases: Vec<Case> = vec![
         (json_ct, b"{\"collection\":".to_vec(), "/v1/publish", StatusCode::BAD_REQUEST, "INVALID_JSON", None),
         (json_ct, b"\xff\xfe".to_vec(), "/v1/publish", StatusCode::BAD_REQUEST, "INVALID_JSON", None),
         (None, br#"{"collection":"orders","event":"create","data":{"id":1}}"#.to_vec(), "/v1/publish", StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE", Some("content-type")),
@@ -140,8 +151,10 @@ async fn bad_inputs_get_clear_errors_and_publish_nothing() {
 
 #[tokio::test]
 async fn publish_keys_are_required_when_configured() {
-    let mut config = Config::default();
-    config.publish_keys = vec!["k1".into(), "k2".into()];
+    let config = Config {
+        publish_keys: vec!["k1".into(), "k2".into()],
+        ..Config::default()
+    };
     let server = start(config).await;
     let body = br#"{"collection":"orders","event":"create","data":{"id":1}}"#.to_vec();
     let json_ct = Some("application/json");
