@@ -1,0 +1,237 @@
+//! Conformance with the real official client: `@directus/sdk` `realtime()` (npm, pinned in
+//! `tests/sdk/package.json`) runs `tests/sdk/conformance.mjs` against a broker started here.
+//!
+//! Needs `node` and `npm ci --prefix tests/sdk --no-audit --no-fund`. Without them the test
+//! fails when `CI=true`, and is skipped (loudly) otherwise.
+//!
+//! The script prints `READY_FOR_RESTART` once its first phase passed; this test then shuts the
+//! broker down (sessions get close 1001), binds a new broker to the same address and answers
+//! `RESTARTED` on the script's stdin, so that the SDK's own reconnect (same URL, 1 s delay)
+//! and resubscribe are exercised.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tidings::app::App;
+use tidings::config::AuthMode;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// The whole node run (the script has its own 60 s watchdog).
+const CHILD_DEADLINE: Duration = Duration::from_secs(120);
+const OK_PREFIX: &str = "SDK CONFORMANCE OK ";
+
+fn sdk_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("sdk")
+}
+
+fn node_version() -> Option<String> {
+    let out = Command::new("node").arg("--version").output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// `Some(reason)` when the prerequisites are missing.
+fn missing_prerequisites() -> Option<String> {
+    if node_version().is_none() {
+        return Some("`node` is not on PATH (Node.js >= 20 is needed)".into());
+    }
+    let sdk = sdk_dir()
+        .join("node_modules")
+        .join("@directus")
+        .join("sdk")
+        .join("package.json");
+    let ws = sdk_dir()
+        .join("node_modules")
+        .join("ws")
+        .join("package.json");
+    if !sdk.is_file() || !ws.is_file() {
+        return Some(format!("{} or {} is missing", sdk.display(), ws.display()));
+    }
+    None
+}
+
+/// A broker bound to an exact address (the restart reuses the first broker's port).
+struct Broker {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+async fn bind_same_addr(addr: SocketAddr) -> TcpListener {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+        match socket.bind(addr).and_then(|()| socket.listen(1024)) {
+            Ok(listener) => return listener,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("rebinding {addr}: {e}, retrying");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("cannot rebind {addr} for the restarted broker: {e}"),
+        }
+    }
+}
+
+async fn start_at(addr: SocketAddr) -> Broker {
+    let listener = bind_same_addr(addr).await;
+    let app = App::new(support::directus_like(AuthMode::Handshake)).expect("valid config");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        app.serve(listener, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("serve");
+    });
+    Broker { stop, task }
+}
+
+/// Collects a pipe line by line on a thread; stdout lines are also forwarded to `tx`.
+fn read_lines(
+    pipe: impl Read + Send + 'static,
+    label: &'static str,
+    tx: Option<mpsc::UnboundedSender<String>>,
+) -> (Arc<Mutex<Vec<String>>>, std::thread::JoinHandle<()>) {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    let handle = std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("[node {label}] {line}");
+            sink.lock().unwrap().push(line.clone());
+            if let Some(tx) = &tx {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    (lines, handle)
+}
+
+async fn wait_with_deadline(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directus_sdk_realtime_conformance() {
+    if let Some(reason) = missing_prerequisites() {
+        if std::env::var("CI")
+            .map(|v| v == "true" || v == "1")
+            .unwrap_or(false)
+        {
+            panic!(
+                "{reason}: run `npm ci --prefix tests/sdk --no-audit --no-fund` before the tests"
+            );
+        }
+        eprintln!("\n**********************************************************************");
+        eprintln!("SKIPPED: directus_sdk_realtime_conformance: {reason}.");
+        eprintln!(
+            "Run `npm ci --prefix tests/sdk --no-audit --no-fund` (needs node) to enable it."
+        );
+        eprintln!("**********************************************************************\n");
+        return;
+    }
+    eprintln!("node {}", node_version().unwrap_or_default());
+
+    let first = support::start(support::directus_like(AuthMode::Handshake)).await;
+    let addr = first.addr;
+    let base = format!("http://{addr}");
+
+    let mut child = Command::new("node")
+        .arg(sdk_dir().join("conformance.mjs"))
+        .arg(&base)
+        .env("TIDINGS_HTTP", &base)
+        .current_dir(sdk_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn node");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (stdout, out_thread) = read_lines(child.stdout.take().expect("stdout"), "out", Some(tx));
+    let (stderr, err_thread) = read_lines(child.stderr.take().expect("stderr"), "err", None);
+
+    let deadline = Instant::now() + CHILD_DEADLINE;
+    let mut first = Some(first);
+    let mut second: Option<Broker> = None;
+    let mut driver_error: Option<String> = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some(line)) => line,
+            Ok(None) => break, // stdout closed: the script exited
+            Err(_) => {
+                driver_error = Some(format!("node did not finish within {CHILD_DEADLINE:?}"));
+                break;
+            }
+        };
+        if line.trim() == "READY_FOR_RESTART" {
+            let Some(server) = first.take() else {
+                driver_error = Some("READY_FOR_RESTART printed twice".into());
+                break;
+            };
+            let t = Instant::now();
+            server.shutdown().await;
+            second = Some(start_at(addr).await);
+            eprintln!("broker restarted on {addr} in {:?}", t.elapsed());
+            if let Err(e) = writeln!(stdin, "RESTARTED {base}").and_then(|()| stdin.flush()) {
+                driver_error = Some(format!("cannot write RESTARTED to node: {e}"));
+                break;
+            }
+        }
+    }
+
+    let status = wait_with_deadline(&mut child, deadline).await;
+    drop(stdin);
+    let _ = out_thread.join();
+    let _ = err_thread.join();
+    if let Some(server) = first.take() {
+        server.shutdown().await;
+    }
+    if let Some(broker) = second.take() {
+        let _ = broker.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(30), broker.task).await;
+    }
+
+    let stdout = stdout.lock().unwrap().join("\n");
+    let stderr = stderr.lock().unwrap().join("\n");
+    let report = format!("--- node stdout ---\n{stdout}\n--- node stderr ---\n{stderr}\n---");
+    if let Some(e) = driver_error {
+        panic!("{e}\n{report}");
+    }
+    let Some(status) = status else {
+        panic!("node did not exit within {CHILD_DEADLINE:?} and was killed\n{report}");
+    };
+    assert!(
+        status.success(),
+        "conformance.mjs failed ({status})\n{report}"
+    );
+    let ok = stdout.lines().find(|l| l.starts_with(OK_PREFIX));
+    assert!(ok.is_some(), "no `{OK_PREFIX}<n> checks` line\n{report}");
+    assert!(
+        stdout.contains("READY_FOR_RESTART"),
+        "the restart phase did not run\n{report}"
+    );
+    eprintln!("{}", ok.unwrap());
+}
