@@ -72,9 +72,10 @@ impl Hub {
                 for outbox in members.values() {
                     match outbox.push(frame.clone()) {
                         Ok(()) => queued += 1,
-                        Err(PushError::Overflow | PushError::Closed) => {
-                            self.metrics.outbox_dropped.inc()
+                        Err(PushError::Overflow(lost)) => {
+                            self.metrics.outbox_dropped.inc_by(lost as u64)
                         }
+                        Err(PushError::Closed) => self.metrics.outbox_dropped.inc(),
                     }
                 }
             }

@@ -25,8 +25,9 @@ pub struct Frame {
 /// Why a push was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushError {
-    /// This push overflowed the outbox; the connection is now being closed.
-    Overflow,
+    /// This push overflowed the outbox; the connection is now being closed. Carries the
+    /// number of frames lost: the refused one and every one discarded from the queue.
+    Overflow(usize),
     /// The outbox had already overflowed or was closed; the frame was dropped.
     Closed,
 }
@@ -79,11 +80,12 @@ impl Outbox {
         }
         if state.queue.len() + 1 > self.max_messages || state.bytes + len > self.max_bytes {
             state.overflowed = true;
+            let lost = state.queue.len() + 1;
             state.queue = VecDeque::new();
             state.bytes = 0;
             drop(state);
             self.notify.notify_one();
-            return Err(PushError::Overflow);
+            return Err(PushError::Overflow(lost));
         }
         let was_empty = state.queue.is_empty();
         state.queue.push_back(frame);
@@ -146,7 +148,7 @@ mod tests {
         let ob = Outbox::new(2, 1000);
         assert_eq!(ob.push(frame("a")), Ok(()));
         assert_eq!(ob.push(frame("b")), Ok(()));
-        assert_eq!(ob.push(frame("c")), Err(PushError::Overflow));
+        assert_eq!(ob.push(frame("c")), Err(PushError::Overflow(3)));
         assert_eq!(ob.push(frame("d")), Err(PushError::Closed));
         let mut out = Vec::new();
         assert_eq!(ob.drain(&mut out), Drained::Overflowed);
@@ -165,7 +167,7 @@ mod tests {
             ["ab", "cd"]
         );
         ob.push(frame("abcde")).unwrap();
-        assert_eq!(ob.push(frame("f")), Err(PushError::Overflow));
+        assert_eq!(ob.push(frame("f")), Err(PushError::Overflow(2)));
     }
 
     #[test]

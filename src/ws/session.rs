@@ -230,13 +230,29 @@ impl Session {
         Ok(Drained::Frames)
     }
 
+    /// Writes a reply. Frames the hub queued before it go out first, so a reply never
+    /// overtakes events that happened before the request (no event of a subscription after
+    /// its `unsubscribe` ack or after the `init` of the subscription replacing it).
     async fn send(&self, socket: &mut WebSocket, text: Utf8Bytes) -> Result<(), WriteError> {
-        match tokio::time::timeout(
-            self.state.config.write_timeout,
-            socket.send(Message::Text(text)),
-        )
-        .await
-        {
+        let mut pending = Vec::new();
+        if self.outbox.drain(&mut pending) == Drained::Overflowed {
+            pending.clear();
+        }
+        let write = async {
+            for frame in &pending {
+                socket.feed(Message::Text(frame.text.clone())).await?;
+            }
+            socket.send(Message::Text(text)).await
+        };
+        let result = tokio::time::timeout(self.state.config.write_timeout, write).await;
+        if result.as_ref().is_ok_and(Result::is_ok) && !pending.is_empty() {
+            let metrics = &self.state.metrics;
+            metrics.deliveries.inc_by(pending.len() as u64);
+            metrics
+                .delivered_bytes
+                .inc_by(pending.iter().map(|f| f.text.len() as u64).sum());
+        }
+        match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(WriteError::Socket),
             Err(_) => Err(WriteError::Timeout),
