@@ -170,7 +170,17 @@ impl Sel {
             out.push('*');
             first = false;
         }
-        for (k, child) in &self.fields {
+        // Without `*` the output follows the requested order, so the order is part of the
+        // identity; with `*` it follows the item and only the set matters.
+        let entries: Vec<(&String, &Child)> = if self.all {
+            self.fields.iter().collect()
+        } else {
+            self.order
+                .iter()
+                .filter_map(|k| self.fields.get_key_value(k))
+                .collect()
+        };
+        for (k, child) in entries {
             if !first {
                 out.push(',');
             }
@@ -663,10 +673,19 @@ mod tests {
     }
 
     #[test]
-    fn canonical_is_order_insensitive_and_distinguishes() {
+    fn canonical_follows_output_order_and_distinguishes() {
         assert_eq!(
             p(&["id", "author.name", "json(meta, a)"]).canonical(),
-            p(&["json(meta,a)", "author.name", "id", "id"]).canonical()
+            p(&["json(meta,a)", "id", "author.name", "id"]).canonical()
+        );
+        // Explicit fields come out in request order: a different order is a different shape.
+        assert_ne!(
+            p(&["id", "text"]).canonical(),
+            p(&["text", "id"]).canonical()
+        );
+        assert_eq!(
+            p(&["*", "a.x", "b.y"]).canonical(),
+            p(&["*", "b.y", "a.x"]).canonical()
         );
         assert_ne!(p(&["id"]).canonical(), p(&["id", "text"]).canonical());
         assert_ne!(p(&["author"]).canonical(), p(&["author.name"]).canonical());
