@@ -72,11 +72,6 @@ impl EventSet {
         self.0 & kind.bit() != 0
     }
 
-    /// Intersection.
-    pub fn intersect(self, other: EventSet) -> EventSet {
-        EventSet(self.0 & other.0)
-    }
-
     /// True when no kind is in the set.
     pub fn is_empty(self) -> bool {
         self.0 == 0

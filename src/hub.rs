@@ -137,13 +137,13 @@ fn item_payloads(spec: &Spec, event: &Event) -> Vec<String> {
             .collect(),
         (Dialect::Nested, _) => matched
             .into_iter()
-            .filter(|item| !spec.list.apply(vec![*item]).is_empty())
+            .filter(|item| keeps_single(spec, item))
             .map(|item| encode(&project(spec, item)))
             .collect(),
         // Directus: one message per created item; one message with every updated item.
         (Dialect::Flat, EventKind::Create) => matched
             .into_iter()
-            .filter(|item| !spec.list.apply(vec![*item]).is_empty())
+            .filter(|item| keeps_single(spec, item))
             .map(|item| encode(&[project(spec, item)]))
             .collect(),
         (Dialect::Flat, _) => {
@@ -155,6 +155,12 @@ fn item_payloads(spec: &Spec, event: &Event) -> Vec<String> {
             vec![encode(&projected)]
         }
     }
+}
+
+/// Whether the list shape keeps a message of one item (e.g. `offset: 1` drops it, as in
+/// Directus); the common identity shape needs no work.
+fn keeps_single(spec: &Spec, item: &Value) -> bool {
+    spec.list.is_identity() || !spec.list.apply(vec![item]).is_empty()
 }
 
 fn delete_payloads(spec: &Spec, event: &Event) -> Vec<String> {

@@ -12,21 +12,6 @@ use support::{start, start_default, Received, WAIT};
 use tidings::Config;
 use tokio_tungstenite::tungstenite::Message;
 
-async fn wait_for_metric(server: &support::TestServer, series: &str, at_least: f64) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let v = server.metric(series).await.unwrap_or(0.0);
-        if v >= at_least {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{series} stayed at {v}, wanted {at_least}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test]
 async fn shutdown_turns_readiness_off_and_closes_sessions_with_1001() {
     let mut server = start_default().await;
@@ -137,12 +122,12 @@ async fn oversized_inbound_frame_closes_with_1009() {
     ))
     .await;
     assert_eq!(c.expect_close().await, Some(1009));
-    wait_for_metric(
-        &server,
-        "tidings_connections_closed_total{reason=\"frame_too_big\"}",
-        1.0,
-    )
-    .await;
+    server
+        .wait_for_metric(
+            "tidings_connections_closed_total{reason=\"frame_too_big\"}",
+            1.0,
+        )
+        .await;
     // Others are not disturbed.
     let mut d = server.ws().await;
     d.exchange(r#"{"type":"ping"}"#, r#"{"type":"pong"}"#).await;
@@ -348,12 +333,9 @@ async fn health_readiness_and_metrics_reflect_traffic() {
             > 0.0
     );
     a.close().await;
-    wait_for_metric(
-        &server,
-        "tidings_connections_closed_total{reason=\"client\"}",
-        1.0,
-    )
-    .await;
+    server
+        .wait_for_metric("tidings_connections_closed_total{reason=\"client\"}", 1.0)
+        .await;
     assert_eq!(
         server
             .metric("tidings_subscriptions{collection=\"orders\"}")

@@ -962,15 +962,12 @@ async fn b2_silent_client_is_closed_without_code() {
     let mut c = authed(&server).await;
     c.expect(r#"{"type":"ping"}"#).await;
     assert_eq!(c.expect_close().await, None);
-    let deadline = tokio::time::Instant::now() + support::WAIT;
-    while server
-        .metric("tidings_connections_closed_total{reason=\"heartbeat_timeout\"}")
-        .await
-        != Some(1.0)
-    {
-        assert!(tokio::time::Instant::now() < deadline, "close not counted");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    server
+        .wait_for_metric(
+            "tidings_connections_closed_total{reason=\"heartbeat_timeout\"}",
+            1.0,
+        )
+        .await;
 }
 
 #[tokio::test]

@@ -58,11 +58,6 @@ impl Permissions {
         )]))
     }
 
-    /// No access at all.
-    pub fn none() -> Self {
-        Permissions(HashMap::new())
-    }
-
     /// Unrestricted access to the named collections only.
     pub fn collections<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
         Permissions(

@@ -36,13 +36,6 @@ pub struct SubHandle {
     bucket: Option<Arc<str>>,
 }
 
-impl SubHandle {
-    /// The subscription's collection.
-    pub fn collection(&self) -> &Arc<str> {
-        &self.collection
-    }
-}
-
 /// Subscriptions of one group whose frames carry the same uid.
 pub type Bucket = BTreeMap<u64, Arc<Outbox>>;
 

@@ -190,7 +190,7 @@ impl Session {
 
     /// Writes everything queued, then flushes once.
     async fn flush_outbox(
-        &mut self,
+        &self,
         socket: &mut WebSocket,
         batch: &mut Vec<Frame>,
     ) -> Result<Drained, WriteError> {
@@ -234,24 +234,13 @@ impl Session {
     /// overtakes events that happened before the request (no event of a subscription after
     /// its `unsubscribe` ack or after the `init` of the subscription replacing it).
     async fn send(&self, socket: &mut WebSocket, text: Utf8Bytes) -> Result<(), WriteError> {
-        let mut pending = Vec::new();
-        if self.outbox.drain(&mut pending) == Drained::Overflowed {
-            pending.clear();
-        }
-        let write = async {
-            for frame in &pending {
-                socket.feed(Message::Text(frame.text.clone())).await?;
-            }
-            socket.send(Message::Text(text)).await
-        };
-        let result = tokio::time::timeout(self.state.config.write_timeout, write).await;
-        if result.as_ref().is_ok_and(Result::is_ok) && !pending.is_empty() {
-            let metrics = &self.state.metrics;
-            metrics.deliveries.inc_by(pending.len() as u64);
-            metrics
-                .delivered_bytes
-                .inc_by(pending.iter().map(|f| f.text.len() as u64).sum());
-        }
+        // An overflow found here is left to the loop: the outbox keeps it and its wake-up.
+        self.flush_outbox(socket, &mut Vec::new()).await?;
+        let result = tokio::time::timeout(
+            self.state.config.write_timeout,
+            socket.send(Message::Text(text)),
+        )
+        .await;
         match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(WriteError::Socket),

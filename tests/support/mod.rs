@@ -169,6 +169,22 @@ impl TestServer {
             .and_then(|v| v.parse().ok())
     }
 
+    /// Polls `/metrics` until `series` reaches `at_least` (fails after [`WAIT`]).
+    pub async fn wait_for_metric(&self, series: &str, at_least: f64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let v = self.metric(series).await.unwrap_or(0.0);
+            if v >= at_least {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{series} stayed at {v}, wanted {at_least}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Triggers shutdown and waits for `serve` to return.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
