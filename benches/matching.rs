@@ -55,6 +55,7 @@ fn spec(filter: Option<Value>, fields: Option<Value>, uid: &str) -> Spec {
         item: None,
         query: Some(query),
         nested: false,
+        since: None,
     };
     let principal = principal();
     let limits = FilterLimits::default();
@@ -91,7 +92,7 @@ fn setup(
         })
         .collect();
     let metrics = Arc::new(Metrics::new(100).expect("metrics"));
-    (Hub::new(registry, metrics), outboxes)
+    (Hub::new(registry, metrics, history()), outboxes)
 }
 
 fn order(id: u64, tenant: u64) -> Value {
@@ -261,3 +262,12 @@ fn bench_projection(c: &mut Criterion) {
 
 criterion_group!(benches, bench_distinct, bench_broadcast, bench_projection);
 criterion_main!(benches);
+
+/// A history as the broker configures it by default.
+fn history() -> Arc<tidings::history::History> {
+    Arc::new(tidings::history::History::new(
+        tidings::Config::default().history,
+        Arc::from("test"),
+        true,
+    ))
+}

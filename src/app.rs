@@ -20,6 +20,7 @@ use crate::auth::PublishKeys;
 use crate::backplane::memory::MemoryBackplane;
 use crate::backplane::Backplane;
 use crate::config::{Config, ConfigError, Engine};
+use crate::history::History;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -32,6 +33,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Live subscriptions.
     pub registry: Arc<Registry>,
+    /// Delivers events, records history, registers subscriptions.
+    pub hub: Arc<Hub>,
     /// Where publishes go.
     pub backplane: Arc<dyn Backplane>,
     /// Publisher API keys.
@@ -80,9 +83,23 @@ impl App {
         config.validate()?;
         let metrics = Arc::new(Metrics::new(config.metrics_max_collections)?);
         let registry = Arc::new(Registry::new());
-        let hub = Arc::new(Hub::new(registry.clone(), metrics.clone()));
+        // The memory engine's history starts with its epoch; other engines' logs predate us.
+        let history = Arc::new(History::new(
+            config.history,
+            Arc::from(""),
+            config.engine == Engine::Memory,
+        ));
+        let hub = Arc::new(Hub::new(registry.clone(), metrics.clone(), history));
         let backplane: Arc<dyn Backplane> = match config.engine {
-            Engine::Memory => Arc::new(MemoryBackplane::new(hub)),
+            Engine::Memory => {
+                Arc::new(MemoryBackplane::new(hub.clone(), config.idempotency_window))
+            }
+            Engine::Redis | Engine::Nats => {
+                return Err(AppError::Config(ConfigError {
+                    flag: "engine",
+                    message: "this engine is not available yet".into(),
+                }))
+            }
         };
         let publish_keys = PublishKeys::new(config.publish_keys.clone());
         Ok(App {
@@ -90,6 +107,7 @@ impl App {
                 config: Arc::new(config),
                 metrics,
                 registry,
+                hub,
                 backplane,
                 publish_keys,
                 ready: AtomicBool::new(true),
@@ -141,6 +159,7 @@ impl App {
         )
         .with_graceful_shutdown(token.clone().cancelled_owned());
         let server = tokio::spawn(server.into_future());
+        let sweeper = tokio::spawn(sweep_history(state.clone()));
 
         shutdown.await;
         tracing::info!("shutting down: readiness off, closing sessions");
@@ -160,8 +179,20 @@ impl App {
                 "shutdown timeout: exiting with sessions still open"
             ),
         }
+        sweeper.abort();
         tracing::info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// How often aged-out history is dropped when no event comes to push it out.
+const HISTORY_SWEEP_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn sweep_history(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(HISTORY_SWEEP_PERIOD);
+    loop {
+        tick.tick().await;
+        state.hub.history().sweep();
     }
 }
 

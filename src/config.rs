@@ -14,6 +14,7 @@ use clap::{Args, ValueEnum};
 
 use crate::auth::{Permissions, Principal, TokenStore};
 use crate::filter::FilterLimits;
+use crate::history::HistoryLimits;
 
 /// How WebSocket clients authenticate (Directus `WEBSOCKETS_REST_AUTH`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -31,6 +32,10 @@ pub enum AuthMode {
 pub enum Engine {
     /// In-process: one node, nothing else to run.
     Memory,
+    /// Redis Streams (`--redis-url`): several nodes share one log.
+    Redis,
+    /// NATS JetStream (`--nats-url`): several nodes share one log.
+    Nats,
 }
 
 /// Log output format.
@@ -75,9 +80,36 @@ pub struct ServeArgs {
         value_delimiter = ';'
     )]
     pub publish_keys: Vec<String>,
-    /// Backplane engine.
+    /// Backplane engine: memory (one node), redis or nats (several nodes).
     #[arg(long, env = "TIDINGS_ENGINE", value_enum, default_value = "memory")]
     pub engine: Engine,
+    /// Redis URL for `--engine redis`.
+    #[arg(
+        long,
+        env = "TIDINGS_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+    /// NATS URL for `--engine nats`.
+    #[arg(
+        long,
+        env = "TIDINGS_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: String,
+    /// Prefix of every Redis key and NATS stream/subject this cluster uses; nodes with the
+    /// same prefix form one cluster. Letters, digits, `_` and `-`.
+    #[arg(long, env = "TIDINGS_KEY_PREFIX", default_value = "tidings")]
+    pub key_prefix: String,
+    /// Events of history kept per collection for resume (`since`); 0 disables resume.
+    #[arg(long, env = "TIDINGS_HISTORY_SIZE", default_value = "10000")]
+    pub history_size: usize,
+    /// Seconds an event stays in the history.
+    #[arg(long, env = "TIDINGS_HISTORY_AGE", default_value = "300", value_parser = parse_secs)]
+    pub history_age: Duration,
+    /// Seconds an idempotency key is remembered (0: no deduplication).
+    #[arg(long, env = "TIDINGS_IDEMPOTENCY_WINDOW", default_value = "120", value_parser = parse_secs)]
+    pub idempotency_window: Duration,
     /// Key field of a collection, `COLLECTION=FIELD` (default field: `id`). Repeatable.
     #[arg(long = "key-field", env = "TIDINGS_KEY_FIELD", value_delimiter = ';')]
     pub key_fields: Vec<String>,
@@ -180,6 +212,16 @@ pub struct Config {
     pub publish_keys: Vec<String>,
     /// Backplane engine.
     pub engine: Engine,
+    /// Redis URL (redis engine).
+    pub redis_url: String,
+    /// NATS URL (nats engine).
+    pub nats_url: String,
+    /// Namespace of the cluster's keys, streams and subjects.
+    pub key_prefix: String,
+    /// History kept per collection for resume.
+    pub history: HistoryLimits,
+    /// How long idempotency keys are remembered.
+    pub idempotency_window: Duration,
     /// Key field per collection; absent collections use `id`.
     pub key_fields: HashMap<String, String>,
     /// Heartbeat period; `None` disables the heartbeat (and pong replies).
@@ -220,6 +262,14 @@ impl Default for Config {
             public_permissions: Permissions::all(),
             publish_keys: Vec::new(),
             engine: Engine::Memory,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            nats_url: "nats://127.0.0.1:4222".into(),
+            key_prefix: "tidings".into(),
+            history: HistoryLimits {
+                max_events: 10_000,
+                max_age: Duration::from_secs(300),
+            },
+            idempotency_window: Duration::from_secs(120),
             key_fields: HashMap::new(),
             heartbeat_period: Some(Duration::from_secs(30)),
             auth_timeout: Duration::from_secs(10),
@@ -287,6 +337,18 @@ impl Config {
         if self.auth_timeout.is_zero() {
             return Err(err("auth-timeout", "must be greater than 0"));
         }
+        let prefix_ok = !self.key_prefix.is_empty()
+            && self.key_prefix.len() <= 64
+            && self
+                .key_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !prefix_ok {
+            return Err(err(
+                "key-prefix",
+                "must be 1 to 64 letters, digits, `_` or `-`",
+            ));
+        }
         if self.auth_mode == AuthMode::Strict && self.tokens.is_empty() {
             return Err(err(
                 "auth-mode",
@@ -335,6 +397,14 @@ impl ServeArgs {
             public_permissions,
             publish_keys: self.publish_keys,
             engine: self.engine,
+            redis_url: self.redis_url,
+            nats_url: self.nats_url,
+            key_prefix: self.key_prefix,
+            history: HistoryLimits {
+                max_events: self.history_size,
+                max_age: self.history_age,
+            },
+            idempotency_window: self.idempotency_window,
             key_fields,
             heartbeat_period: Some(self.heartbeat_period).filter(|d| !d.is_zero()),
             auth_timeout: self.auth_timeout,

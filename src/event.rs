@@ -89,6 +89,9 @@ pub struct NewEvent {
     pub items: Vec<Value>,
     /// The items' keys, as the publisher gave them (string or number), in item order.
     pub keys: Vec<Value>,
+    /// Publishing again with the same key (per collection) within the deduplication window
+    /// returns the first publish's position instead of a new event.
+    pub idempotency_key: Option<Arc<str>>,
 }
 
 /// An event with its position in its collection's log.
@@ -222,15 +225,31 @@ fn normalize_event_object(
             format!("expected an event object, got {}", kind_of(&ev)),
         ));
     };
-    if let Some(unknown) = obj
-        .keys()
-        .find(|k| !matches!(k.as_str(), "collection" | "event" | "data" | "keys"))
-    {
+    if let Some(unknown) = obj.keys().find(|k| {
+        !matches!(
+            k.as_str(),
+            "collection" | "event" | "data" | "keys" | "idempotency_key"
+        )
+    }) {
         return Err(invalid(
             format!("{base}/{}", token(unknown)),
-            format!("unknown field `{unknown}`; an event has collection, event, data and keys"),
+            format!(
+                "unknown field `{unknown}`; an event has collection, event, data, keys and idempotency_key"
+            ),
         ));
     }
+    let idempotency_key = match obj.remove("idempotency_key") {
+        None => None,
+        Some(Value::String(k)) => {
+            Some(idempotency_key(&k).map_err(|m| invalid(format!("{base}/idempotency_key"), m))?)
+        }
+        Some(other) => {
+            return Err(invalid(
+                format!("{base}/idempotency_key"),
+                format!("expected a string, got {}", kind_of(&other)),
+            ))
+        }
+    };
     let collection = match obj.remove("collection") {
         Some(Value::String(c)) => c,
         Some(other) => {
@@ -261,14 +280,32 @@ fn normalize_event_object(
         }
         None => return Err(invalid(format!("{base}/event"), "missing field `event`")),
     };
-    normalize_body(
+    let mut event = normalize_body(
         &collection,
         kind,
         obj.remove("data"),
         obj.remove("keys"),
         base,
         key_field,
-    )
+    )?;
+    event.idempotency_key = idempotency_key;
+    Ok(event)
+}
+
+/// Longest idempotency key accepted.
+pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+/// Checks an idempotency key: 1–256 printable ASCII characters.
+pub fn idempotency_key(key: &str) -> Result<Arc<str>, String> {
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(format!(
+            "an idempotency key has 1 to {MAX_IDEMPOTENCY_KEY} characters"
+        ));
+    }
+    if !key.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+        return Err("an idempotency key is printable ASCII without spaces".into());
+    }
+    Ok(Arc::from(key))
 }
 
 /// Normalizes the body of `POST /v1/collections/{collection}/{event}`.
@@ -381,6 +418,7 @@ fn normalize_keys_at(
         }
     }
     Ok(NewEvent {
+        idempotency_key: None,
         collection,
         kind,
         items: Vec::new(),
@@ -447,6 +485,7 @@ fn normalize_data_at(
         }
     }
     Ok(NewEvent {
+        idempotency_key: None,
         collection,
         kind,
         items,

@@ -13,28 +13,137 @@ use std::time::Instant;
 use axum::extract::ws::Utf8Bytes;
 use serde_json::{Map, Value};
 
+use crate::backplane::EventSink;
 use crate::event::{key_string, Event, EventKind};
+use crate::history::{History, Replay};
 use crate::metrics::Metrics;
-use crate::outbox::{Frame, PushError};
-use crate::protocol::{json_string, subscription_frame};
-use crate::registry::{Dialect, Group, Registry, Spec};
+use crate::outbox::{Frame, Outbox, PushError};
+use crate::protocol::{init_frame, json_string, subscription_frame, WirePosition};
+use crate::registry::{Dialect, Group, Registry, Spec, SubHandle};
 
 /// Delivers events to the subscriptions of this node.
 #[derive(Debug)]
 pub struct Hub {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
+    history: Arc<History>,
+}
+
+/// Where a new subscription starts.
+#[derive(Debug, Clone)]
+pub enum Resume {
+    /// Now, with nothing replayed (no `since`).
+    Fresh,
+    /// After this position: replay what followed it, or say it is lost.
+    After(WirePosition),
+    /// The client asked to resume but cannot be (`recovered: false`).
+    Lost,
+}
+
+/// A subscription to register: what it is, where its frames go, and where it resumes.
+#[derive(Debug)]
+pub struct NewSubscription<'a> {
+    /// The compiled subscription.
+    pub spec: Spec,
+    /// The uid its frames carry (already a string).
+    pub uid: Option<Arc<str>>,
+    /// Its connection's outbox.
+    pub outbox: Arc<Outbox>,
+    /// The `data` of its `init` frame, raw JSON (`None`: no data).
+    pub init_data: Option<&'a str>,
+    /// Where it starts.
+    pub resume: Resume,
+}
+
+/// Why a subscription could not be registered yet.
+#[derive(Debug)]
+pub enum SubscribeError<'a> {
+    /// `since` is ahead of what this node has delivered; retry shortly with the subscription
+    /// handed back.
+    Ahead(Box<NewSubscription<'a>>),
 }
 
 impl Hub {
-    /// A hub over `registry`.
-    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
-        Hub { registry, metrics }
+    /// A hub over `registry`, recording delivered events in `history`.
+    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, history: Arc<History>) -> Self {
+        Hub {
+            registry,
+            metrics,
+            history,
+        }
+    }
+
+    /// The history this hub records into.
+    pub fn history(&self) -> &Arc<History> {
+        &self.history
+    }
+
+    /// Registers a subscription and queues its `init` frame, then the events it missed when
+    /// it resumes. Holding the collection's log lock throughout makes the cut exact: every
+    /// event up to the `init` position is replayed or not wanted; every later one is
+    /// dispatched live. Returns the handle and the number of replayed frames.
+    pub fn subscribe<'a>(
+        &self,
+        sub: Box<NewSubscription<'a>>,
+    ) -> Result<(SubHandle, usize), SubscribeError<'a>> {
+        let log = self.history.log(&sub.spec.collection);
+        let log = log.lock();
+        let (recovered, missed) = match &sub.resume {
+            Resume::Fresh => (None, Vec::new()),
+            Resume::Lost => (Some(false), Vec::new()),
+            Resume::After(since) => match self.history.replay(&log, since) {
+                Replay::Events(events) => (Some(true), events),
+                Replay::Lost => (Some(false), Vec::new()),
+                Replay::Ahead => {
+                    drop(log);
+                    return Err(SubscribeError::Ahead(sub));
+                }
+            },
+        };
+        if let Some(recovered) = recovered {
+            let outcome = if recovered { "recovered" } else { "lost" };
+            self.metrics.resumes.with_label_values(&[outcome]).inc();
+        }
+        let position = self.history.position(&log);
+        let uid = sub.uid.as_deref();
+        let mut frames = vec![Frame {
+            text: init_frame(sub.init_data, uid, &position, recovered).into(),
+            received: None,
+        }];
+        for event in &missed {
+            if !sub.spec.events.contains(event.kind) {
+                continue;
+            }
+            let at = WirePosition {
+                epoch: event.epoch.clone(),
+                offset: event.offset,
+            };
+            for data in payloads(&sub.spec, event) {
+                frames.push(Frame {
+                    text: subscription_frame(event.kind.as_str(), Some(&data), uid, Some(&at))
+                        .into(),
+                    received: None,
+                });
+            }
+        }
+        let replayed = frames.len() - 1;
+        if let Err(PushError::Overflow(lost)) = sub.outbox.push_replay(frames) {
+            self.metrics.outbox_dropped.inc_by(lost as u64);
+        }
+        let NewSubscription {
+            spec, uid, outbox, ..
+        } = *sub;
+        let handle = self.registry.insert(spec, uid, outbox);
+        drop(log);
+        Ok((handle, replayed))
     }
 
     /// Matches, encodes and queues one event. Events of one collection must be dispatched
     /// one at a time, in offset order (the backplane guarantees it); that is what keeps
     /// per-collection order for every subscriber.
+    ///
+    /// Does not record the event in the history: engines call [`EventSink::deliver`], which
+    /// does both under the collection's log lock. (Benchmarks and tests call this directly.)
     pub fn dispatch(&self, event: &Event) {
         let started = Instant::now();
         let mut frames = 0usize;
@@ -62,12 +171,17 @@ impl Hub {
         }
         let payloads = payloads(spec, event);
         let mut queued = 0;
+        let at = WirePosition {
+            epoch: event.epoch.clone(),
+            offset: event.offset,
+        };
         for data in &payloads {
             for (uid, members) in group.buckets() {
-                let text = subscription_frame(event.kind.as_str(), Some(data), uid.as_deref());
+                let text =
+                    subscription_frame(event.kind.as_str(), Some(data), uid.as_deref(), Some(&at));
                 let frame = Frame {
                     text: Utf8Bytes::from(text),
-                    received: event.received,
+                    received: Some(event.received),
                 };
                 for outbox in members.values() {
                     match outbox.push(frame.clone()) {
@@ -81,6 +195,25 @@ impl Hub {
             }
         }
         queued
+    }
+}
+
+impl EventSink for Hub {
+    fn deliver(&self, event: Arc<Event>) {
+        let log = self.history.log(&event.collection);
+        let mut log = log.lock();
+        self.history.record(&mut log, event.clone());
+        self.dispatch(&event);
+    }
+
+    fn restore(&self, event: Arc<Event>) {
+        let log = self.history.log(&event.collection);
+        let mut log = log.lock();
+        self.history.record(&mut log, event);
+    }
+
+    fn reset(&self, epoch: Arc<str>) {
+        self.history.reset(epoch);
     }
 }
 

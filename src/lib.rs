@@ -37,6 +37,7 @@ pub mod cli;
 pub mod config;
 pub mod event;
 pub mod filter;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod metrics;

@@ -126,6 +126,12 @@ pub struct Metrics {
     pub outbox_dropped: IntCounter,
     /// Connections closed because their outbox overflowed.
     pub slow_consumer_closes: IntCounter,
+    /// Frames replayed to resuming subscriptions.
+    pub replayed_frames: IntCounter,
+    /// Resumes, by outcome (`recovered`, `lost`).
+    pub resumes: IntCounterVec,
+    /// Published events that were duplicates of an idempotency key seen in the window.
+    pub publish_duplicates: IntCounter,
     /// Protocol errors sent, by code.
     pub protocol_errors: IntCounterVec,
     /// Frames queued per event.
@@ -211,8 +217,8 @@ impl Metrics {
                 "Publish HTTP requests, by response status.",
                 &["status"],
             )?,
-            deliveries: counter("tidings_deliveries_total", "Frames written to WebSocket connections.")?,
-            delivered_bytes: counter("tidings_delivered_bytes_total", "Bytes of frames written to WebSocket connections.")?,
+            deliveries: counter("tidings_deliveries_total", "Live event frames written to WebSocket connections (not init or replayed frames).")?,
+            delivered_bytes: counter("tidings_delivered_bytes_total", "Bytes of live event frames written to WebSocket connections.")?,
             outbox_dropped: counter(
                 "tidings_outbox_dropped_total",
                 "Frames dropped because a connection's outbox was full or closing.",
@@ -220,6 +226,19 @@ impl Metrics {
             slow_consumer_closes: counter(
                 "tidings_slow_consumer_closes_total",
                 "Connections closed because their outbox overflowed.",
+            )?,
+            replayed_frames: counter(
+                "tidings_replayed_frames_total",
+                "Frames replayed to subscriptions resuming with `since`.",
+            )?,
+            resumes: counter_vec(
+                "tidings_resumes_total",
+                "Subscriptions that asked to resume, by outcome (recovered, lost).",
+                &["outcome"],
+            )?,
+            publish_duplicates: counter(
+                "tidings_publish_duplicates_total",
+                "Published events skipped because their idempotency key was seen within the window.",
             )?,
             protocol_errors: counter_vec(
                 "tidings_protocol_errors_total",

@@ -18,8 +18,9 @@ use tokio::sync::Notify;
 pub struct Frame {
     /// The JSON text; cloning it shares the bytes.
     pub text: Utf8Bytes,
-    /// When the broker accepted the event this frame carries, for latency metrics.
-    pub received: Instant,
+    /// When the broker accepted the live event this frame carries, for the delivery metrics;
+    /// `None` for frames that are not live deliveries (`init`, replayed events).
+    pub received: Option<Instant>,
 }
 
 /// Why a push was refused.
@@ -47,6 +48,10 @@ struct State {
     bytes: usize,
     overflowed: bool,
     closed: bool,
+    /// Room granted on top of the bounds by a replay still queued (see `push_replay`);
+    /// gone once the queue is drained.
+    extra_messages: usize,
+    extra_bytes: usize,
 }
 
 /// A bounded, multi-producer, single-consumer frame queue.
@@ -78,14 +83,10 @@ impl Outbox {
         if state.overflowed || state.closed {
             return Err(PushError::Closed);
         }
-        if state.queue.len() + 1 > self.max_messages || state.bytes + len > self.max_bytes {
-            state.overflowed = true;
-            let lost = state.queue.len() + 1;
-            state.queue = VecDeque::new();
-            state.bytes = 0;
-            drop(state);
-            self.notify.notify_one();
-            return Err(PushError::Overflow(lost));
+        if state.queue.len() + 1 > self.max_messages + state.extra_messages
+            || state.bytes + len > self.max_bytes + state.extra_bytes
+        {
+            return Err(self.overflow(state, 1));
         }
         let was_empty = state.queue.is_empty();
         state.queue.push_back(frame);
@@ -97,6 +98,38 @@ impl Outbox {
         Ok(())
     }
 
+    /// Queues a subscription's `init` and the events it missed, all at once. The replay is
+    /// bounded by the history it comes from, not by the outbox: it is granted room on top of
+    /// the bounds until the session drains it, so live frames that follow it are held to the
+    /// usual bounds.
+    pub fn push_replay(&self, frames: Vec<Frame>) -> Result<(), PushError> {
+        let len: usize = frames.iter().map(|f| f.text.len()).sum();
+        let mut state = self.state.lock();
+        if state.overflowed || state.closed {
+            return Err(PushError::Closed);
+        }
+        state.extra_messages += frames.len();
+        state.extra_bytes += len;
+        let was_empty = state.queue.is_empty();
+        state.queue.extend(frames);
+        state.bytes += len;
+        drop(state);
+        if was_empty {
+            self.notify.notify_one();
+        }
+        Ok(())
+    }
+
+    fn overflow(&self, mut state: parking_lot::MutexGuard<'_, State>, refused: usize) -> PushError {
+        state.overflowed = true;
+        let lost = state.queue.len() + refused;
+        state.queue = VecDeque::new();
+        state.bytes = 0;
+        drop(state);
+        self.notify.notify_one();
+        PushError::Overflow(lost)
+    }
+
     /// Moves every queued frame into `out`.
     pub fn drain(&self, out: &mut Vec<Frame>) -> Drained {
         let mut state = self.state.lock();
@@ -105,6 +138,8 @@ impl Outbox {
         }
         out.extend(state.queue.drain(..));
         state.bytes = 0;
+        state.extra_messages = 0;
+        state.extra_bytes = 0;
         Drained::Frames
     }
 
@@ -139,7 +174,7 @@ mod tests {
     fn frame(s: &str) -> Frame {
         Frame {
             text: Utf8Bytes::from(s),
-            received: Instant::now(),
+            received: Some(Instant::now()),
         }
     }
 
@@ -168,6 +203,26 @@ mod tests {
         );
         ob.push(frame("abcde")).unwrap();
         assert_eq!(ob.push(frame("f")), Err(PushError::Overflow(2)));
+    }
+
+    #[test]
+    fn a_replay_gets_room_until_drained() {
+        let ob = Outbox::new(2, 1000);
+        ob.push(frame("a")).unwrap();
+        ob.push_replay(vec![frame("i"), frame("r1"), frame("r2")])
+            .unwrap();
+        // Live frames after the replay still have the usual two slots.
+        ob.push(frame("b")).unwrap();
+        assert_eq!(ob.push(frame("c")), Err(PushError::Overflow(6)));
+        let ob = Outbox::new(2, 1000);
+        ob.push_replay(vec![frame("i"), frame("r1"), frame("r2")])
+            .unwrap();
+        let mut out = Vec::new();
+        ob.drain(&mut out);
+        assert_eq!(out.len(), 3);
+        ob.push(frame("a")).unwrap();
+        ob.push(frame("b")).unwrap();
+        assert_eq!(ob.push(frame("c")), Err(PushError::Overflow(3)));
     }
 
     #[test]

@@ -611,7 +611,7 @@ fn unparsable_flag_values_exit_2_naming_the_flag() {
     assert_config_error(&["--heartbeat-period=-1"], &[], "heartbeat-period");
     assert_config_error(&["--max-frame-bytes", "lots"], &[], "max-frame-bytes");
     // Only the `memory` engine exists today.
-    assert_config_error(&["--engine", "redis"], &[], "engine");
+    assert_config_error(&["--engine", "etcd"], &[], "engine");
 }
 
 #[test]

@@ -54,6 +54,7 @@ fn request(uid: &str, item: Option<&str>, filter: Option<&Value>) -> SubscribeRe
         item: item.map(str::to_owned),
         query: Some(query),
         nested: false,
+        since: None,
     }
 }
 
@@ -90,7 +91,7 @@ impl World {
         }
         let metrics = Arc::new(Metrics::new(100).expect("metrics"));
         World {
-            hub: Hub::new(registry, metrics),
+            hub: Hub::new(registry, metrics, history()),
             subs,
             offset: 0,
         }
@@ -427,4 +428,13 @@ fn key_only_deletes_reach_every_subscription_and_item_subscriptions_follow_their
             None,
         ]
     );
+}
+
+/// A history as the broker configures it by default.
+fn history() -> Arc<tidings::history::History> {
+    Arc::new(tidings::history::History::new(
+        tidings::Config::default().history,
+        Arc::from("test"),
+        true,
+    ))
 }

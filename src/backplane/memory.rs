@@ -2,14 +2,23 @@
 //! the local hub. One node only; nothing to run beside it.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use rand::distr::{Alphanumeric, SampleString};
 
-use super::{Backplane, BackplaneError, BoxFuture, EventSink, Position};
+use super::{Accepted, Backplane, BackplaneError, BoxFuture, Dedupe, EventSink};
 use crate::event::{Event, NewEvent};
+
+/// A fresh random epoch: 12 lowercase alphanumerics.
+pub fn random_epoch() -> Arc<str> {
+    Arc::from(
+        Alphanumeric
+            .sample_string(&mut rand::rng(), 12)
+            .to_lowercase(),
+    )
+}
 
 /// Offsets per collection and a random epoch per process lifetime.
 pub struct MemoryBackplane {
@@ -19,6 +28,7 @@ pub struct MemoryBackplane {
     /// Last offset per collection. Held while the event is dispatched, so events of one
     /// collection reach the hub one at a time, in offset order.
     logs: DashMap<Arc<str>, Arc<Mutex<u64>>>,
+    dedupe: Dedupe,
 }
 
 impl std::fmt::Debug for MemoryBackplane {
@@ -30,15 +40,15 @@ impl std::fmt::Debug for MemoryBackplane {
 }
 
 impl MemoryBackplane {
-    /// A backplane delivering to `sink`.
-    pub fn new(sink: Arc<dyn EventSink>) -> Self {
-        let epoch = Alphanumeric
-            .sample_string(&mut rand::rng(), 12)
-            .to_lowercase();
+    /// A backplane delivering to `sink`, deduplicating idempotency keys over `window`.
+    pub fn new(sink: Arc<dyn EventSink>, window: Duration) -> Self {
+        let epoch = random_epoch();
+        sink.reset(epoch.clone());
         MemoryBackplane {
             sink,
-            epoch: Arc::from(epoch),
+            epoch,
             logs: DashMap::new(),
+            dedupe: Dedupe::new(window),
         }
     }
 
@@ -47,7 +57,7 @@ impl MemoryBackplane {
         &self.epoch
     }
 
-    fn append(&self, new: NewEvent, received: Instant) -> Position {
+    fn append(&self, new: NewEvent, received: Instant) -> Accepted {
         let log = self
             .logs
             .entry(new.collection.clone())
@@ -55,8 +65,23 @@ impl MemoryBackplane {
             .value()
             .clone();
         let mut last = log.lock();
+        // Checked under the collection's lock, so two concurrent publishes of one key
+        // cannot both pass.
+        if let Some(key) = &new.idempotency_key {
+            if let Some(first) = self.dedupe.get(&new.collection, key) {
+                return first;
+            }
+        }
         *last += 1;
-        let event = Event {
+        let accepted = Accepted {
+            offset: *last,
+            epoch: self.epoch.clone(),
+            duplicate: false,
+        };
+        if let Some(key) = new.idempotency_key {
+            self.dedupe.insert(new.collection.clone(), key, &accepted);
+        }
+        self.sink.deliver(Arc::new(Event {
             collection: new.collection,
             kind: new.kind,
             items: new.items,
@@ -64,12 +89,8 @@ impl MemoryBackplane {
             offset: *last,
             epoch: self.epoch.clone(),
             received,
-        };
-        self.sink.deliver(&event);
-        Position {
-            offset: event.offset,
-            epoch: event.epoch,
-        }
+        }));
+        accepted
     }
 }
 
@@ -77,13 +98,13 @@ impl Backplane for MemoryBackplane {
     fn publish(
         &self,
         events: Vec<NewEvent>,
-    ) -> BoxFuture<'_, Result<Vec<Position>, BackplaneError>> {
+    ) -> BoxFuture<'_, Result<Vec<Accepted>, BackplaneError>> {
         let received = Instant::now();
-        let positions = events
+        let accepted = events
             .into_iter()
             .map(|e| self.append(e, received))
             .collect();
-        Box::pin(std::future::ready(Ok(positions)))
+        Box::pin(std::future::ready(Ok(accepted)))
     }
 
     fn is_ready(&self) -> bool {
@@ -102,11 +123,13 @@ mod tests {
 
     struct Recorder(Mutex<Vec<(String, u64)>>);
     impl EventSink for Recorder {
-        fn deliver(&self, event: &Event) {
+        fn deliver(&self, event: Arc<Event>) {
             self.0
                 .lock()
                 .push((event.collection.to_string(), event.offset));
         }
+        fn restore(&self, _: Arc<Event>) {}
+        fn reset(&self, _: Arc<str>) {}
     }
 
     fn ev(c: &str) -> NewEvent {
@@ -115,20 +138,32 @@ mod tests {
             kind: EventKind::Create,
             items: vec![],
             keys: vec![],
+            idempotency_key: None,
         }
     }
 
     #[tokio::test]
     async fn offsets_are_per_collection_and_monotonic() {
         let rec = Arc::new(Recorder(Mutex::new(Vec::new())));
-        let bp = MemoryBackplane::new(rec.clone());
+        let bp = MemoryBackplane::new(rec.clone(), Duration::from_secs(60));
         let pos = bp.publish(vec![ev("a"), ev("b"), ev("a")]).await.unwrap();
         assert_eq!(pos.iter().map(|p| p.offset).collect::<Vec<_>>(), [1, 1, 2]);
         assert_eq!(
             *rec.0.lock(),
             [("a".into(), 1), ("b".into(), 1), ("a".into(), 2)]
         );
-        let other = MemoryBackplane::new(rec);
+        let other = MemoryBackplane::new(rec.clone(), Duration::ZERO);
         assert_ne!(bp.epoch(), other.epoch());
+
+        let keyed = |k: &str| NewEvent {
+            idempotency_key: Some(Arc::from(k)),
+            ..ev("a")
+        };
+        let first = bp.publish(vec![keyed("k1")]).await.unwrap();
+        let again = bp.publish(vec![keyed("k1"), keyed("k2")]).await.unwrap();
+        assert_eq!((first[0].offset, first[0].duplicate), (3, false));
+        assert_eq!((again[0].offset, again[0].duplicate), (3, true));
+        assert_eq!((again[1].offset, again[1].duplicate), (4, false));
+        assert_eq!(rec.0.lock().len(), 5, "a duplicate delivers nothing");
     }
 }

@@ -22,6 +22,14 @@ pub enum ApiError {
         /// JSON Pointer into the body.
         pointer: String,
     },
+    /// A request header has an invalid value.
+    #[error("invalid {header} header: {message}")]
+    InvalidHeader {
+        /// The header's name.
+        header: &'static str,
+        /// Why.
+        message: String,
+    },
     /// Missing or wrong publish key.
     #[error("a valid publish key is required: send `Authorization: Bearer <key>`")]
     Unauthorized,
@@ -51,6 +59,7 @@ impl ApiError {
         match self {
             ApiError::InvalidJson { .. } => StatusCode::BAD_REQUEST,
             ApiError::InvalidPayload { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -65,6 +74,7 @@ impl ApiError {
         match self {
             ApiError::InvalidJson { .. } => "INVALID_JSON",
             ApiError::InvalidPayload { .. } => "INVALID_PAYLOAD",
+            ApiError::InvalidHeader { .. } => "INVALID_HEADER",
             ApiError::Unauthorized => "UNAUTHORIZED",
             ApiError::NotFound => "NOT_FOUND",
             ApiError::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
@@ -77,6 +87,7 @@ impl ApiError {
     fn pointer(&self) -> Option<&str> {
         match self {
             ApiError::InvalidPayload { pointer, .. } => Some(pointer),
+            ApiError::InvalidHeader { header, .. } => Some(header),
             ApiError::UnsupportedMediaType => Some("content-type"),
             ApiError::Unauthorized => Some("authorization"),
             _ => None,

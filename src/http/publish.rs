@@ -15,7 +15,8 @@ use serde_json::{json, Value};
 use super::ApiError;
 use crate::app::AppState;
 use crate::event::{
-    normalize_collection_body, normalize_publish, EventKind, NewEvent, NormalizeError,
+    idempotency_key, normalize_collection_body, normalize_publish, EventKind, NewEvent,
+    NormalizeError,
 };
 
 /// `POST /v1/publish`.
@@ -27,12 +28,13 @@ pub async fn publish_handler(
     let result = async {
         let body = read_body(&state, &headers, body)?;
         let config = &state.config;
-        let events = normalize_publish(
+        let mut events = normalize_publish(
             body,
             &|c| config.key_field(c).to_string(),
             config.max_publish_events,
         )
         .map_err(invalid)?;
+        apply_idempotency_header(&headers, &mut events)?;
         accept(&state, events).await
     }
     .await;
@@ -54,10 +56,38 @@ pub async fn collection_handler(
             config.key_field(c).to_string()
         })
         .map_err(invalid)?;
-        accept(&state, vec![event]).await
+        let mut events = vec![event];
+        apply_idempotency_header(&headers, &mut events)?;
+        accept(&state, events).await
     }
     .await;
     count(&state, result)
+}
+
+/// `Idempotency-Key: K` names the request's events: `K` for a single event, `K#0`, `K#1`…
+/// for a batch. A key in the event itself wins.
+fn apply_idempotency_header(headers: &HeaderMap, events: &mut [NewEvent]) -> Result<(), ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(());
+    };
+    let key = value
+        .to_str()
+        .map_err(|_| "not printable ASCII".to_string())
+        .and_then(idempotency_key)
+        .map_err(|message| ApiError::InvalidHeader {
+            header: "idempotency-key",
+            message,
+        })?;
+    let single = events.len() == 1;
+    for (i, event) in events.iter_mut().enumerate() {
+        if event.idempotency_key.is_none() {
+            event.idempotency_key = Some(match single {
+                true => key.clone(),
+                false => Arc::from(format!("{key}#{i}")),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn invalid(e: NormalizeError) -> ApiError {
@@ -140,6 +170,18 @@ async fn accept(state: &AppState, events: Vec<NewEvent>) -> Result<Response, Api
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     let mut accepted = Vec::with_capacity(summary.len());
     for ((collection, kind, items), position) in summary.into_iter().zip(positions) {
+        if position.duplicate {
+            state.metrics.publish_duplicates.inc();
+            accepted.push(json!({
+                "collection": &*collection,
+                "event": kind.as_str(),
+                "items": items,
+                "offset": position.offset,
+                "epoch": &*position.epoch,
+                "duplicate": true,
+            }));
+            continue;
+        }
         let label = state.metrics.collections.label(&collection);
         state
             .metrics

@@ -1,8 +1,10 @@
 //! Parsing of client frames, with the validation messages Directus (zod) produces.
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value};
 
-use super::{ErrorCode, ProtocolError, Uid};
+use super::{ErrorCode, ProtocolError, Uid, WirePosition};
 use crate::event::EventKind;
 
 /// Credentials presented in an `auth` message.
@@ -40,6 +42,8 @@ pub struct SubscribeRequest {
     pub query: Option<Map<String, Value>>,
     /// True when the fields came nested under `data` (the fcs_directus dialect).
     pub nested: bool,
+    /// Resume after this position (Tidings extension): replay what was missed.
+    pub since: Option<WirePosition>,
 }
 
 /// One parsed client frame.
@@ -207,6 +211,10 @@ fn parse_subscribe(
         Some(Value::Object(q)) => Some(q.clone()),
         other => return Err(validation("subscribe", expected("record", other, "query"))),
     };
+    let since = match fields.get("since") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(parse_since(v)?),
+    };
     Ok(SubscribeRequest {
         uid,
         collection,
@@ -214,7 +222,41 @@ fn parse_subscribe(
         item,
         query,
         nested,
+        since,
     })
+}
+
+/// `since`: `{"epoch": string, "offset": non-negative integer}`, as `position` carries it.
+fn parse_since(v: &Value) -> Result<WirePosition, ProtocolError> {
+    let Value::Object(obj) = v else {
+        return Err(validation(
+            "subscribe",
+            expected("object", Some(v), "since"),
+        ));
+    };
+    let epoch = match obj.get("epoch") {
+        Some(Value::String(e)) if !e.is_empty() && e.len() <= 128 => Arc::from(e.as_str()),
+        Some(Value::String(_)) => {
+            return Err(validation(
+                "subscribe",
+                "Invalid input: expected a string of 1 to 128 characters at \"since.epoch\""
+                    .to_string(),
+            ))
+        }
+        other => {
+            return Err(validation(
+                "subscribe",
+                expected("string", other, "since.epoch"),
+            ))
+        }
+    };
+    let Some(offset) = obj.get("offset").and_then(Value::as_u64) else {
+        return Err(validation(
+            "subscribe",
+            expected("non-negative integer", obj.get("offset"), "since.offset"),
+        ));
+    };
+    Ok(WirePosition { epoch, offset })
 }
 
 #[cfg(test)]

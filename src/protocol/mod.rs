@@ -11,6 +11,27 @@ pub use server::{
     auth_ok, error_frame, init_frame, pong, server_ping, subscription_frame, unsubscribe_ack,
 };
 
+/// A place in a collection's log: the `position` of event and `init` frames and the `since`
+/// of a resuming `subscribe` (a Tidings extension, see `protocol/README.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WirePosition {
+    /// The log's lifetime; offsets of another epoch mean nothing.
+    pub epoch: Arc<str>,
+    /// The offset of the last event at or before this place (0: before the first).
+    pub offset: u64,
+}
+
+impl WirePosition {
+    /// `{"epoch":"…","offset":N}`.
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"epoch\":{},\"offset\":{}}}",
+            json_string(&self.epoch),
+            self.offset
+        )
+    }
+}
+
 use std::sync::Arc;
 
 use serde_json::{Number, Value};

@@ -1,6 +1,6 @@
 //! Encoding of server frames, in Directus' key order.
 
-use super::{json_string, ErrorCode, Uid};
+use super::{json_string, ErrorCode, Uid, WirePosition};
 
 fn uid_suffix(out: &mut String, uid: Option<&Uid>) {
     if let Some(uid) = uid {
@@ -51,14 +51,34 @@ pub fn unsubscribe_ack(uid: Option<&Uid>) -> String {
     out
 }
 
-/// `{"type":"subscription","event":"init","data"?:<data>,"uid"?:"U"}`; `data` is raw JSON.
-pub fn init_frame(data: Option<&str>, uid: Option<&str>) -> String {
-    subscription_frame("init", data, uid)
+/// `{"type":"subscription","event":"init","data"?:<data>,"uid"?:"U","position":P,
+/// "recovered"?:bool}`; `data` is raw JSON. `recovered` answers a `since`.
+pub fn init_frame(
+    data: Option<&str>,
+    uid: Option<&str>,
+    position: &WirePosition,
+    recovered: Option<bool>,
+) -> String {
+    let mut out = subscription_frame("init", data, uid, Some(position));
+    if let Some(recovered) = recovered {
+        out.pop();
+        out.push_str(",\"recovered\":");
+        out.push_str(if recovered { "true" } else { "false" });
+        out.push('}');
+    }
+    out
 }
 
-/// `{"type":"subscription","event":E,"data"?:<data>,"uid"?:"U"}`; `data` is raw JSON and the
-/// uid is always a JSON string here (Directus sends `String(uid)` in subscription frames).
-pub fn subscription_frame(event: &str, data: Option<&str>, uid: Option<&str>) -> String {
+/// `{"type":"subscription","event":E,"data"?:<data>,"uid"?:"U","position"?:P}`; `data` is raw
+/// JSON and the uid is always a JSON string here (Directus sends `String(uid)` in
+/// subscription frames). `position` is the Tidings extension, last so that a Directus frame
+/// is a prefix of ours.
+pub fn subscription_frame(
+    event: &str,
+    data: Option<&str>,
+    uid: Option<&str>,
+    position: Option<&WirePosition>,
+) -> String {
     let mut out = String::with_capacity(48 + data.map_or(0, str::len) + uid.map_or(0, str::len));
     out.push_str(r#"{"type":"subscription","event":""#);
     out.push_str(event);
@@ -70,6 +90,10 @@ pub fn subscription_frame(event: &str, data: Option<&str>, uid: Option<&str>) ->
     if let Some(uid) = uid {
         out.push_str(",\"uid\":");
         out.push_str(&json_string(uid));
+    }
+    if let Some(position) = position {
+        out.push_str(",\"position\":");
+        out.push_str(&position.to_json());
     }
     out.push('}');
     out
@@ -103,16 +127,20 @@ mod tests {
             ),
             r#"{"type":"auth","status":"error","error":{"code":"AUTH_FAILED","message":"Authentication handshake failed."}}"#
         );
+        let at = WirePosition {
+            epoch: "e1".into(),
+            offset: 7,
+        };
         assert_eq!(
-            init_frame(Some("[]"), Some("42")),
-            r#"{"type":"subscription","event":"init","data":[],"uid":"42"}"#
+            init_frame(Some("[]"), Some("42"), &at, None),
+            r#"{"type":"subscription","event":"init","data":[],"uid":"42","position":{"epoch":"e1","offset":7}}"#
         );
         assert_eq!(
-            init_frame(None, Some("x\"y")),
-            r#"{"type":"subscription","event":"init","uid":"x\"y"}"#
+            init_frame(None, Some("x\"y"), &at, Some(true)),
+            r#"{"type":"subscription","event":"init","uid":"x\"y","position":{"epoch":"e1","offset":7},"recovered":true}"#
         );
         assert_eq!(
-            subscription_frame("delete", Some(r#"["5"]"#), None),
+            subscription_frame("delete", Some(r#"["5"]"#), None, None),
             r#"{"type":"subscription","event":"delete","data":["5"]}"#
         );
     }

@@ -390,6 +390,7 @@ mod tests {
             item: None,
             query: json!({ "filter": filter }).as_object().cloned(),
             nested: false,
+            since: None,
         };
         compile(
             &req,

@@ -19,16 +19,22 @@ use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::config::AuthMode;
+use crate::hub::{NewSubscription, Resume, SubscribeError};
 use crate::metrics::CloseReason;
 use crate::outbox::{Drained, Frame, Outbox};
 use crate::protocol::{
-    auth_ok, close, error_frame, init_frame, parse_client, pong, server_ping, unsubscribe_ack,
-    AuthRequest, ClientMessage, Credentials, ErrorCode, ProtocolError, SubscribeRequest, Uid,
+    auth_ok, close, error_frame, parse_client, pong, server_ping, unsubscribe_ack, AuthRequest,
+    ClientMessage, Credentials, ErrorCode, ProtocolError, SubscribeRequest, Uid,
 };
 use crate::registry::{compile, Dialect, SpecContext, SubHandle};
 
 /// How long a closing frame may take to go out before the socket is dropped anyway.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a resume from a position this node has not reached yet waits for it.
+const RESUME_CATCH_UP: Duration = Duration::from_secs(2);
+/// How often that wait checks.
+const RESUME_POLL: Duration = Duration::from_millis(10);
 
 /// One live subscription of this connection.
 struct LocalSub {
@@ -205,7 +211,9 @@ impl Session {
         let mut bytes = 0usize;
         let write = async {
             for frame in batch.iter() {
-                bytes += frame.text.len();
+                if frame.received.is_some() {
+                    bytes += frame.text.len();
+                }
                 socket
                     .feed(Message::Text(frame.text.clone()))
                     .await
@@ -219,12 +227,14 @@ impl Session {
         }
         let metrics = &self.state.metrics;
         let now = std::time::Instant::now();
-        for frame in batch.iter() {
+        let mut live = 0u64;
+        for received in batch.iter().filter_map(|f| f.received) {
+            live += 1;
             metrics
                 .delivery_latency
-                .observe(now.saturating_duration_since(frame.received).as_secs_f64());
+                .observe(now.saturating_duration_since(received).as_secs_f64());
         }
-        metrics.deliveries.inc_by(batch.len() as u64);
+        metrics.deliveries.inc_by(live);
         metrics.delivered_bytes.inc_by(bytes as u64);
         batch.clear();
         Ok(Drained::Frames)
@@ -511,10 +521,35 @@ impl Session {
             (spec.item.is_none() && request.event.is_none() && spec.dialect == Dialect::Flat)
                 .then_some("[]");
         let label = self.state.metrics.collections.label(&spec.collection);
-        let handle = self
-            .state
-            .registry
-            .insert(spec, uid_str.clone(), self.outbox.clone());
+        let mut sub = Box::new(NewSubscription {
+            spec,
+            uid: uid_str.clone(),
+            outbox: self.outbox.clone(),
+            init_data,
+            resume: Resume::Fresh,
+        });
+        let mut waited = Duration::ZERO;
+        let handle = loop {
+            // A client resuming from a node that is ahead of this one waits for this node to
+            // catch up rather than be replayed the difference twice; past the wait, its
+            // position counts as lost.
+            sub.resume = match &request.since {
+                None => Resume::Fresh,
+                Some(_) if waited >= RESUME_CATCH_UP => Resume::Lost,
+                Some(since) => Resume::After(since.clone()),
+            };
+            match self.state.hub.subscribe(sub) {
+                Ok((handle, replayed)) => {
+                    self.state.metrics.replayed_frames.inc_by(replayed as u64);
+                    break handle;
+                }
+                Err(SubscribeError::Ahead(back)) => {
+                    sub = back;
+                    tokio::time::sleep(RESUME_POLL).await;
+                    waited += RESUME_POLL;
+                }
+            }
+        };
         self.state
             .metrics
             .subscriptions
@@ -522,12 +557,11 @@ impl Session {
             .inc();
         self.subs.push(LocalSub {
             request,
-            uid_str: uid_str.clone(),
+            uid_str,
             handle,
             label,
         });
-        self.reply(socket, init_frame(init_data, uid_str.as_deref()))
-            .await
+        Flow::Continue
     }
 
     async fn on_unsubscribe(&mut self, socket: &mut WebSocket, uid: Option<Uid>) -> Flow {

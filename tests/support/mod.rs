@@ -208,7 +208,29 @@ impl TestServer {
 }
 
 async fn send(req: Request<Full<Bytes>>) -> (StatusCode, String) {
-    let client = HttpClient::builder(TokioExecutor::new()).build_http();
+    send_with(&http_client(), req).await
+}
+
+/// A plain HTTP/1 client (keep-alive), for tests that publish from a task of their own.
+pub type Http = HttpClient<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+/// A new [`Http`] client.
+pub fn http_client() -> Http {
+    HttpClient::builder(TokioExecutor::new()).build_http()
+}
+
+/// POSTs JSON to `addr` with `client` and asserts 202.
+pub async fn post_with(client: &Http, addr: SocketAddr, path: &str, body: &Value) -> Value {
+    let req = Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("request");
+    let (status, text) = send_with(client, req).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{text}");
+    serde_json::from_str(&text).expect("json")
+}
+
+async fn send_with(client: &Http, req: Request<Full<Bytes>>) -> (StatusCode, String) {
     let resp = tokio::time::timeout(WAIT, client.request(req))
         .await
         .expect("http timed out")
@@ -299,7 +321,15 @@ impl WsClient {
     }
 
     /// Next text frame, exactly as sent; checked against the server schema.
+    ///
+    /// The Tidings extension fields (`position`, `recovered`) are checked and then removed, so
+    /// what is left can be compared byte for byte with what Directus sends.
     pub async fn recv_text(&mut self) -> String {
+        strip_extensions(&self.recv_raw_text().await)
+    }
+
+    /// Next text frame exactly as sent (schema-checked), extension fields included.
+    pub async fn recv_raw_text(&mut self) -> String {
         match self.next().await {
             Received::Text(t) => {
                 let v: Value = serde_json::from_str(&t)
@@ -309,6 +339,12 @@ impl WsClient {
             }
             other => panic!("expected a text frame, got {other:?}"),
         }
+    }
+
+    /// Next text frame as JSON, extension fields included.
+    pub async fn recv_raw(&mut self) -> Value {
+        let t = self.recv_raw_text().await;
+        serde_json::from_str(&t).expect("json")
     }
 
     /// Next text frame as JSON.
@@ -351,4 +387,25 @@ impl WsClient {
     pub async fn close(mut self) {
         let _ = self.ws.close(None).await;
     }
+}
+
+/// Removes the Tidings extension fields from a server frame, after checking that every
+/// `init` and event frame carries its `position` as the last field (before `recovered`), so
+/// the rest is a Directus frame.
+pub fn strip_extensions(text: &str) -> String {
+    static EXT: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    let ext = EXT.get_or_init(|| {
+        regex::Regex::new(
+            r#","position":\{"epoch":"[a-z0-9]+","offset":[0-9]+\}(,"recovered":(true|false))?\}$"#,
+        )
+        .expect("regex")
+    });
+    let v: Value = serde_json::from_str(text).expect("json");
+    let carries = v["type"] == "subscription" && v["event"] != "unsubscribe";
+    if !carries {
+        assert!(v.get("position").is_none(), "unexpected position in {text}");
+        return text.to_string();
+    }
+    assert!(ext.is_match(text), "no position at the end of {text}");
+    ext.replace(text, "}").into_owned()
 }

@@ -1,0 +1,328 @@
+//! Recent events per collection, kept on every node so a client that reconnects with `since`
+//! gets exactly what it missed.
+//!
+//! Each collection has a [`CollectionLog`]: the events this node delivered, newest last,
+//! bounded by count and age, and `covers_after`, the offset after which the log is complete.
+//! The log's mutex is the serialization point between delivery and subscription: the hub
+//! holds it while it records and dispatches an event, and a subscribe holds it while it reads
+//! the replay and registers. So every event is either replayed to a new subscription or
+//! dispatched to it live, never both and never neither.
+//!
+//! Engines whose log outlives a node (Redis, NATS) fill the history on start from what they
+//! retain; the memory engine's history begins with its epoch.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use parking_lot::{Mutex, RwLock};
+
+use crate::event::Event;
+use crate::protocol::WirePosition;
+
+/// How much history each collection keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryLimits {
+    /// Events kept per collection (0 disables resume).
+    pub max_events: usize,
+    /// Events older than this are dropped.
+    pub max_age: Duration,
+}
+
+/// What a `since` resolves to.
+#[derive(Debug)]
+pub enum Replay {
+    /// The missed events, oldest first (possibly none): `recovered: true`.
+    Events(Vec<Arc<Event>>),
+    /// The position is from another epoch or older than the history: `recovered: false`.
+    Lost,
+    /// The client has seen further than this node has delivered yet (it came from a node
+    /// that is ahead); try again shortly.
+    Ahead,
+}
+
+/// One collection's recent events.
+#[derive(Debug, Default)]
+pub struct CollectionLog {
+    events: VecDeque<(Instant, Arc<Event>)>,
+    /// Offset of the last event recorded (0: none yet).
+    last: u64,
+    /// Every event with an offset above this is in `events` or was never published; `None`
+    /// until known (an engine whose log predates this node, before its first event).
+    covers_after: Option<u64>,
+}
+
+impl CollectionLog {
+    /// Offset of the last event recorded here (0: none).
+    pub fn last(&self) -> u64 {
+        self.last
+    }
+
+    fn record(&mut self, event: Arc<Event>, limits: &HistoryLimits, now: Instant) {
+        if self.covers_after.is_none() {
+            self.covers_after = Some(event.offset.saturating_sub(1));
+        }
+        self.last = event.offset;
+        self.events.push_back((now, event));
+        self.trim(limits, now);
+    }
+
+    fn trim(&mut self, limits: &HistoryLimits, now: Instant) {
+        while let Some((at, event)) = self.events.front() {
+            let too_many = self.events.len() > limits.max_events;
+            let too_old = now.saturating_duration_since(*at) > limits.max_age;
+            if !(too_many || too_old) {
+                break;
+            }
+            self.covers_after = Some(event.offset);
+            self.events.pop_front();
+        }
+    }
+
+    /// The events after `offset`, if the log still holds all of them.
+    pub fn after(&self, offset: u64) -> Replay {
+        if offset > self.last {
+            return Replay::Ahead;
+        }
+        match self.covers_after {
+            Some(covered) if offset >= covered => {}
+            // Unknown: events may have come and gone before this node saw any.
+            _ => return Replay::Lost,
+        }
+        let start = self.events.partition_point(|(_, e)| e.offset <= offset);
+        Replay::Events(self.events.range(start..).map(|(_, e)| e.clone()).collect())
+    }
+}
+
+/// Every collection's log, and the epoch they belong to.
+#[derive(Debug)]
+pub struct History {
+    limits: HistoryLimits,
+    /// True when a log that has seen no event is complete (the memory engine: its history
+    /// starts with its epoch). False for engines whose log predates this node.
+    complete_from_start: bool,
+    epoch: RwLock<Arc<str>>,
+    logs: DashMap<Arc<str>, Arc<Mutex<CollectionLog>>>,
+}
+
+impl History {
+    /// An empty history for `epoch`.
+    pub fn new(limits: HistoryLimits, epoch: Arc<str>, complete_from_start: bool) -> Self {
+        History {
+            limits,
+            complete_from_start,
+            epoch: RwLock::new(epoch),
+            logs: DashMap::new(),
+        }
+    }
+
+    /// The epoch current positions belong to.
+    pub fn epoch(&self) -> Arc<str> {
+        self.epoch.read().clone()
+    }
+
+    /// The log of `collection`, created empty if needed.
+    pub fn log(&self, collection: &Arc<str>) -> Arc<Mutex<CollectionLog>> {
+        if let Some(log) = self.logs.get(collection) {
+            return log.value().clone();
+        }
+        self.logs
+            .entry(collection.clone())
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(CollectionLog {
+                    covers_after: self.complete_from_start.then_some(0),
+                    ..CollectionLog::default()
+                }))
+            })
+            .value()
+            .clone()
+    }
+
+    /// Records an event in its (locked) log.
+    pub fn record(&self, log: &mut CollectionLog, event: Arc<Event>) {
+        if self.limits.max_events == 0 {
+            log.last = event.offset;
+            log.covers_after = Some(event.offset);
+            return;
+        }
+        log.record(event, &self.limits, Instant::now());
+    }
+
+    /// The position a subscription registered now starts after.
+    pub fn position(&self, log: &CollectionLog) -> WirePosition {
+        WirePosition {
+            epoch: self.epoch(),
+            offset: log.last,
+        }
+    }
+
+    /// What to replay for a client that last saw `since`.
+    pub fn replay(&self, log: &CollectionLog, since: &WirePosition) -> Replay {
+        if since.epoch != self.epoch() {
+            return Replay::Lost;
+        }
+        log.after(since.offset)
+    }
+
+    /// The log's lifetime changed (the engine lost its history): forget everything, so no
+    /// position of the old epoch can be resumed against the new one.
+    pub fn reset(&self, epoch: Arc<str>) {
+        let mut current = self.epoch.write();
+        if *current == epoch {
+            return;
+        }
+        *current = epoch;
+        for log in self.logs.iter() {
+            let mut log = log.value().lock();
+            log.events.clear();
+            log.last = 0;
+            // The new log starts empty: complete from its start.
+            log.covers_after = Some(0);
+        }
+    }
+
+    /// Drops aged-out events, and logs nobody uses that never saw an event (created by
+    /// subscriptions to collections nobody publishes to). Run periodically.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        self.logs.retain(|_, log| {
+            // Under the map's shard lock nobody can take a new reference, so a count of one
+            // means nobody holds this log.
+            let unused = Arc::strong_count(log) == 1;
+            match log.try_lock() {
+                Some(mut l) => {
+                    l.trim(&self.limits, now);
+                    !(unused && l.last == 0)
+                }
+                None => true,
+            }
+        });
+    }
+
+    /// Number of logs and events held (for tests and metrics).
+    pub fn size(&self) -> (usize, usize) {
+        let events = self
+            .logs
+            .iter()
+            .map(|l| l.value().lock().events.len())
+            .sum();
+        (self.logs.len(), events)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventKind;
+
+    fn ev(offset: u64) -> Arc<Event> {
+        Arc::new(Event {
+            collection: Arc::from("c"),
+            kind: EventKind::Create,
+            items: vec![],
+            keys: vec![],
+            offset,
+            epoch: Arc::from("e"),
+            received: Instant::now(),
+        })
+    }
+
+    fn pos(offset: u64) -> WirePosition {
+        WirePosition {
+            epoch: Arc::from("e"),
+            offset,
+        }
+    }
+
+    fn offsets(r: Replay) -> Option<Vec<u64>> {
+        match r {
+            Replay::Events(e) => Some(e.iter().map(|e| e.offset).collect()),
+            _ => None,
+        }
+    }
+
+    fn limits(n: usize) -> HistoryLimits {
+        HistoryLimits {
+            max_events: n,
+            max_age: Duration::from_secs(3600),
+        }
+    }
+
+    #[test]
+    fn replays_exactly_what_follows_and_knows_what_it_lost() {
+        let h = History::new(limits(3), Arc::from("e"), true);
+        let log = h.log(&Arc::from("c"));
+        let mut log = log.lock();
+        assert_eq!(offsets(h.replay(&log, &pos(0))), Some(vec![]));
+        for o in 1..=5 {
+            h.record(&mut log, ev(o));
+        }
+        assert_eq!(offsets(h.replay(&log, &pos(2))), Some(vec![3, 4, 5]));
+        assert_eq!(offsets(h.replay(&log, &pos(4))), Some(vec![5]));
+        assert_eq!(offsets(h.replay(&log, &pos(5))), Some(vec![]));
+        assert!(matches!(h.replay(&log, &pos(1)), Replay::Lost));
+        assert!(matches!(h.replay(&log, &pos(6)), Replay::Ahead));
+        let other = WirePosition {
+            epoch: Arc::from("x"),
+            offset: 4,
+        };
+        assert!(matches!(h.replay(&log, &other), Replay::Lost));
+    }
+
+    #[test]
+    fn a_log_joined_late_is_complete_only_from_its_first_event() {
+        let h = History::new(limits(10), Arc::from("e"), false);
+        let log = h.log(&Arc::from("c"));
+        let mut log = log.lock();
+        assert!(matches!(h.replay(&log, &pos(0)), Replay::Lost));
+        h.record(&mut log, ev(41));
+        h.record(&mut log, ev(42));
+        assert_eq!(offsets(h.replay(&log, &pos(40))), Some(vec![41, 42]));
+        assert!(matches!(h.replay(&log, &pos(39)), Replay::Lost));
+    }
+
+    #[test]
+    fn reset_forgets_the_old_epoch() {
+        let h = History::new(limits(10), Arc::from("e"), true);
+        let c: Arc<str> = Arc::from("c");
+        {
+            let log = h.log(&c);
+            let mut log = log.lock();
+            h.record(&mut log, ev(1));
+        }
+        h.reset(Arc::from("f"));
+        let log = h.log(&c);
+        let log = log.lock();
+        assert_eq!(log.last(), 0);
+        assert!(matches!(h.replay(&log, &pos(1)), Replay::Lost));
+        let fresh = WirePosition {
+            epoch: Arc::from("f"),
+            offset: 0,
+        };
+        assert_eq!(offsets(h.replay(&log, &fresh)), Some(vec![]));
+    }
+
+    #[test]
+    fn sweep_drops_unused_empty_logs_and_old_events() {
+        let h = History::new(
+            HistoryLimits {
+                max_events: 10,
+                max_age: Duration::ZERO,
+            },
+            Arc::from("e"),
+            true,
+        );
+        h.log(&Arc::from("nobody"));
+        {
+            let log = h.log(&Arc::from("c"));
+            let mut log = log.lock();
+            h.record(&mut log, ev(1));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        h.sweep();
+        assert_eq!(h.size(), (1, 0));
+        let log = h.log(&Arc::from("c"));
+        assert!(matches!(log.lock().after(0), Replay::Lost));
+    }
+}
