@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::PublishKeys;
 use crate::backplane::memory::MemoryBackplane;
-use crate::backplane::Backplane;
+use crate::backplane::{Backplane, EngineContext};
 use crate::config::{Config, ConfigError, Engine};
 use crate::history::History;
 use crate::hub::Hub;
@@ -90,9 +90,19 @@ impl App {
             config.engine == Engine::Memory,
         ));
         let hub = Arc::new(Hub::new(registry.clone(), metrics.clone(), history));
+        let shutdown = CancellationToken::new();
+        let engine = EngineContext {
+            sink: hub.clone(),
+            key_prefix: config.key_prefix.clone(),
+            history: config.history,
+            idempotency_window: config.idempotency_window,
+            shutdown: shutdown.clone(),
+            metrics: metrics.clone(),
+        };
         let backplane: Arc<dyn Backplane> = match config.engine {
             Engine::Memory => {
-                Arc::new(MemoryBackplane::new(hub.clone(), config.idempotency_window))
+                metrics.backplane_ready.set(1);
+                Arc::new(MemoryBackplane::new(engine.sink, engine.idempotency_window))
             }
             Engine::Redis | Engine::Nats => {
                 return Err(AppError::Config(ConfigError {
@@ -111,7 +121,7 @@ impl App {
                 backplane,
                 publish_keys,
                 ready: AtomicBool::new(true),
-                shutdown: CancellationToken::new(),
+                shutdown,
                 sessions: TaskTracker::new(),
                 connections: AtomicUsize::new(0),
             }),

@@ -132,6 +132,14 @@ pub struct Metrics {
     pub resumes: IntCounterVec,
     /// Published events that were duplicates of an idempotency key seen in the window.
     pub publish_duplicates: IntCounter,
+    /// 1 while the backplane can take publishes and delivers live events, else 0.
+    pub backplane_ready: IntGauge,
+    /// Times the backplane connection was lost and re-established.
+    pub backplane_reconnects: IntCounter,
+    /// Times the engine's log was found to have lost its history (new epoch).
+    pub backplane_epoch_changes: IntCounter,
+    /// Events read from the engine's log into the history on start, not delivered live.
+    pub backplane_restored: IntCounter,
     /// Protocol errors sent, by code.
     pub protocol_errors: IntCounterVec,
     /// Frames queued per event.
@@ -235,6 +243,26 @@ impl Metrics {
                 "tidings_resumes_total",
                 "Subscriptions that asked to resume, by outcome (recovered, lost).",
                 &["outcome"],
+            )?,
+            backplane_ready: {
+                let g = IntGauge::new(
+                    "tidings_backplane_ready",
+                    "1 while the backplane accepts publishes and delivers live events, else 0.",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            backplane_reconnects: counter(
+                "tidings_backplane_reconnects_total",
+                "Times the backplane connection was lost and re-established.",
+            )?,
+            backplane_epoch_changes: counter(
+                "tidings_backplane_epoch_changes_total",
+                "Times the engine's log had lost its history (a new epoch began).",
+            )?,
+            backplane_restored: counter(
+                "tidings_backplane_restored_events_total",
+                "Events read back from the engine's log into the history on start.",
             )?,
             publish_duplicates: counter(
                 "tidings_publish_duplicates_total",

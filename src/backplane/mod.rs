@@ -14,7 +14,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::event::{Event, NewEvent};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::event::{Event, EventKind, NewEvent};
+use crate::history::HistoryLimits;
+use crate::metrics::Metrics;
 
 /// Receives ordered events (the hub). Called once per event, in offset order per collection;
 /// never blocks on I/O.
@@ -47,6 +53,35 @@ pub enum BackplaneError {
     /// The engine cannot take events right now (disconnected, shutting down).
     #[error("the backplane is unavailable: {0}")]
     Unavailable(String),
+    /// The engine's settings are unusable (bad URL); reported at startup.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// What every engine is built with.
+#[derive(Clone)]
+pub struct EngineContext {
+    /// Where ordered events go (the hub).
+    pub sink: Arc<dyn EventSink>,
+    /// Namespace of the cluster's keys, streams and subjects (`--key-prefix`).
+    pub key_prefix: String,
+    /// History to keep and to restore on start.
+    pub history: HistoryLimits,
+    /// How long idempotency keys are remembered.
+    pub idempotency_window: Duration,
+    /// Cancelled when the broker shuts down: background tasks stop.
+    pub shutdown: CancellationToken,
+    /// Backplane metrics (`tidings_backplane_*`).
+    pub metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for EngineContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineContext")
+            .field("key_prefix", &self.key_prefix)
+            .field("history", &self.history)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A boxed future, so the trait stays object-safe.
@@ -67,4 +102,102 @@ pub trait Backplane: Send + Sync + 'static {
 
     /// The engine's name, for logs.
     fn engine(&self) -> &'static str;
+}
+
+/// How an event travels through a shared engine (Redis stream entry, NATS message body):
+/// JSON of what the publisher sent, without the position (the engine assigns that) or the
+/// idempotency key (the engine deduplicates on it).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct WireEvent {
+    /// Collection name.
+    #[serde(rename = "c")]
+    pub collection: Arc<str>,
+    /// Kind of change.
+    #[serde(rename = "k")]
+    pub kind: EventKind,
+    /// Items (empty for key-only deletes).
+    #[serde(rename = "i", default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<serde_json::Value>,
+    /// Keys.
+    #[serde(rename = "ks")]
+    pub keys: Vec<serde_json::Value>,
+    /// Milliseconds since the Unix epoch when the publishing node accepted it (history age).
+    #[serde(rename = "t")]
+    pub accepted_ms: u64,
+}
+
+impl WireEvent {
+    /// The wire form of `event`, accepted now.
+    pub fn encode(event: &NewEvent) -> Vec<u8> {
+        #[derive(serde::Serialize)]
+        struct Borrowed<'a> {
+            c: &'a str,
+            k: EventKind,
+            #[serde(skip_serializing_if = "<[serde_json::Value]>::is_empty")]
+            i: &'a [serde_json::Value],
+            ks: &'a [serde_json::Value],
+            t: u64,
+        }
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        // Serializing JSON values and strings cannot fail.
+        serde_json::to_vec(&Borrowed {
+            c: &event.collection,
+            k: event.kind,
+            i: &event.items,
+            ks: &event.keys,
+            t,
+        })
+        .unwrap_or_default()
+    }
+
+    /// Reads the wire form back.
+    pub fn decode(bytes: &[u8]) -> Result<WireEvent, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+
+    /// The event at `offset` of `epoch`, received by this node now.
+    pub fn into_event(self, offset: u64, epoch: Arc<str>) -> Event {
+        Event {
+            collection: self.collection,
+            kind: self.kind,
+            items: self.items,
+            keys: self.keys,
+            offset,
+            epoch,
+            received: std::time::Instant::now(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_events_round_trip() {
+        let new = NewEvent {
+            collection: Arc::from("orders"),
+            kind: EventKind::Delete,
+            items: vec![],
+            keys: vec![serde_json::json!(5), serde_json::json!("a")],
+            idempotency_key: Some(Arc::from("k")),
+        };
+        let bytes = WireEvent::encode(&new);
+        let event = WireEvent::decode(&bytes)
+            .expect("decodes")
+            .into_event(7, Arc::from("e"));
+        assert_eq!(
+            (
+                &*event.collection,
+                event.kind,
+                event.keys.len(),
+                event.offset
+            ),
+            ("orders", EventKind::Delete, 2, 7)
+        );
+        assert!(event.items.is_empty());
+        assert!(!String::from_utf8_lossy(&bytes).contains("\"k\":\"k\""));
+    }
 }
