@@ -17,7 +17,7 @@ use crate::backplane::EventSink;
 use crate::event::{key_string, Event, EventKind};
 use crate::history::{History, Replay};
 use crate::metrics::Metrics;
-use crate::outbox::{Frame, Outbox, PushError};
+use crate::outbox::{Frame, Live, Outbox, PushError};
 use crate::protocol::{init_frame, json_string, subscription_frame, WirePosition};
 use crate::registry::{Dialect, Group, Registry, Spec, SubHandle};
 
@@ -108,7 +108,7 @@ impl Hub {
         let uid = sub.uid.as_deref();
         let mut frames = vec![Frame {
             text: init_frame(sub.init_data, uid, &position, recovered).into(),
-            received: None,
+            live: None,
         }];
         for event in &missed {
             if !sub.spec.events.contains(event.kind) {
@@ -122,7 +122,7 @@ impl Hub {
                 frames.push(Frame {
                     text: subscription_frame(event.kind.as_str(), Some(&data), uid, Some(&at))
                         .into(),
-                    received: None,
+                    live: None,
                 });
             }
         }
@@ -171,6 +171,10 @@ impl Hub {
         }
         let payloads = payloads(spec, event);
         let mut queued = 0;
+        let live = Some(Live {
+            received: event.received,
+            queued: Instant::now(),
+        });
         let at = WirePosition {
             epoch: event.epoch.clone(),
             offset: event.offset,
@@ -181,7 +185,7 @@ impl Hub {
                     subscription_frame(event.kind.as_str(), Some(data), uid.as_deref(), Some(&at));
                 let frame = Frame {
                     text: Utf8Bytes::from(text),
-                    received: Some(event.received),
+                    live,
                 };
                 for outbox in members.values() {
                     match outbox.push(frame.clone()) {

@@ -148,6 +148,8 @@ pub struct Metrics {
     pub match_duration: Histogram,
     /// From publish accepted to the frames being queued.
     pub ingest_to_outbox: Histogram,
+    /// From a frame being queued to it being written to the socket.
+    pub outbox_to_socket: Histogram,
     /// From publish accepted to the frame being written to the socket.
     pub delivery_latency: Histogram,
 }
@@ -286,6 +288,11 @@ impl Metrics {
             ingest_to_outbox: histogram(
                 "tidings_ingest_to_outbox_seconds",
                 "Time from a publish being accepted to its frames being queued.",
+                latency_buckets(),
+            )?,
+            outbox_to_socket: histogram(
+                "tidings_outbox_to_socket_seconds",
+                "Time from a frame being queued in a connection's outbox to it being written to the socket.",
                 latency_buckets(),
             )?,
             delivery_latency: histogram(

@@ -18,9 +18,18 @@ use tokio::sync::Notify;
 pub struct Frame {
     /// The JSON text; cloning it shares the bytes.
     pub text: Utf8Bytes,
-    /// When the broker accepted the live event this frame carries, for the delivery metrics;
-    /// `None` for frames that are not live deliveries (`init`, replayed events).
-    pub received: Option<Instant>,
+    /// Timestamps of a live delivery, for the latency metrics; `None` for frames that are not
+    /// live deliveries (`init`, replayed events).
+    pub live: Option<Live>,
+}
+
+/// When a live event frame was made.
+#[derive(Debug, Clone, Copy)]
+pub struct Live {
+    /// The broker accepted the event.
+    pub received: Instant,
+    /// The hub queued the frame (once per group, shared by its members).
+    pub queued: Instant,
 }
 
 /// Why a push was refused.
@@ -174,7 +183,7 @@ mod tests {
     fn frame(s: &str) -> Frame {
         Frame {
             text: Utf8Bytes::from(s),
-            received: Some(Instant::now()),
+            live: None,
         }
     }
 

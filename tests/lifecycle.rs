@@ -161,7 +161,7 @@ async fn subscription_limit_per_connection() {
     .await;
 }
 
-/// One subscriber never reads. The others receive every event, in order; the stalled one is
+/// One subscriber of 100 never reads. The other 99 receive every event, in order; the stalled one is
 /// closed as a slow consumer and counted; the hub is never held up by it.
 #[tokio::test]
 async fn stalled_subscriber_is_closed_and_others_receive_everything() {
@@ -178,7 +178,7 @@ async fn stalled_subscriber_is_closed_and_others_receive_everything() {
         .unwrap();
     let _init = tokio::time::timeout(WAIT, stalled.next()).await.unwrap();
 
-    let readers = 19;
+    let readers = 99;
     let mut handles = Vec::new();
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(readers);
     let (stop_tx, _) = tokio::sync::broadcast::channel::<u64>(1);
@@ -341,5 +341,118 @@ async fn health_readiness_and_metrics_reflect_traffic() {
             .metric("tidings_subscriptions{collection=\"orders\"}")
             .await,
         Some(2.0)
+    );
+}
+
+/// Under load (50 subscribers in 5 filtered groups, 1,000 events in 20 batched requests),
+/// every fan-out series on `/metrics` matches what the clients actually received.
+#[tokio::test]
+async fn metrics_match_the_traffic_under_load() {
+    const SUBS: usize = 50;
+    const GROUPS: u64 = 5;
+    const EVENTS: u64 = 1000;
+    const BATCH: u64 = 50;
+    let server = start_default().await;
+    let mut readers = Vec::new();
+    for i in 0..SUBS {
+        let mut c = server.ws().await;
+        let tenant = i as u64 % GROUPS;
+        c.send(&format!(
+            r#"{{"type":"subscribe","collection":"load","query":{{"filter":{{"tenant":{{"_eq":{tenant}}}}},"fields":["id","tenant"]}}}}"#
+        ))
+        .await;
+        c.recv().await;
+        readers.push(c);
+    }
+    let tasks: Vec<_> = readers
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let (mut frames, mut bytes) = (0u64, 0u64);
+                while frames < EVENTS / GROUPS {
+                    match c.next().await {
+                        Received::Text(t) => {
+                            frames += 1;
+                            bytes += t.len() as u64;
+                        }
+                        other => panic!("reader got {other:?}"),
+                    }
+                }
+                c.expect_silence(Duration::from_millis(100)).await;
+                (c, frames, bytes)
+            })
+        })
+        .collect();
+    for b in 0..EVENTS / BATCH {
+        let batch: Vec<_> = (b * BATCH..(b + 1) * BATCH)
+            .map(|id| json!({"collection":"load","event":"create","data":{"id":id,"tenant":id % GROUPS,"pad":"x".repeat(100)}}))
+            .collect();
+        server.publish(json!(batch)).await;
+    }
+    let (mut frames, mut bytes, mut clients) = (0u64, 0u64, Vec::new());
+    for t in tasks {
+        let (c, f, b) = tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("reader finished")
+            .expect("reader");
+        frames += f;
+        bytes += b;
+        clients.push(c);
+    }
+    assert_eq!(frames, SUBS as u64 * EVENTS / GROUPS);
+    let events = EVENTS as f64;
+    let frames = frames as f64;
+    let checks = [
+        ("tidings_connections", SUBS as f64),
+        ("tidings_subscriptions{collection=\"load\"}", SUBS as f64),
+        (
+            "tidings_published_events_total{collection=\"load\",event=\"create\"}",
+            events,
+        ),
+        (
+            "tidings_published_items_total{collection=\"load\",event=\"create\"}",
+            events,
+        ),
+        (
+            "tidings_publish_requests_total{status=\"202\"}",
+            (EVENTS / BATCH) as f64,
+        ),
+        ("tidings_deliveries_total", frames),
+        ("tidings_delivered_bytes_total", bytes as f64),
+        ("tidings_fanout_frames_count", events),
+        ("tidings_fanout_frames_sum", frames),
+        ("tidings_match_duration_seconds_count", events),
+        ("tidings_ingest_to_outbox_seconds_count", events),
+        ("tidings_outbox_to_socket_seconds_count", frames),
+        ("tidings_delivery_latency_seconds_count", frames),
+        ("tidings_outbox_dropped_total", 0.0),
+        ("tidings_slow_consumer_closes_total", 0.0),
+        ("tidings_replayed_frames_total", 0.0),
+    ];
+    for (series, want) in checks {
+        assert_eq!(server.metric(series).await, Some(want), "{series}");
+    }
+    // Every delivery fits the largest latency bucket (2.5 s): the +Inf count equals it.
+    assert_eq!(
+        server
+            .metric("tidings_delivery_latency_seconds_bucket{le=\"2.5\"}")
+            .await,
+        Some(frames)
+    );
+    for c in clients {
+        c.close().await;
+    }
+    server
+        .wait_for_metric(
+            "tidings_connections_closed_total{reason=\"client\"}",
+            SUBS as f64,
+        )
+        .await;
+    assert_eq!(server.metric("tidings_connections").await, Some(0.0));
+    assert_eq!(
+        server
+            .metric("tidings_subscriptions{collection=\"load\"}")
+            .await,
+        Some(0.0)
     );
 }

@@ -211,7 +211,7 @@ impl Session {
         let mut bytes = 0usize;
         let write = async {
             for frame in batch.iter() {
-                if frame.received.is_some() {
+                if frame.live.is_some() {
                     bytes += frame.text.len();
                 }
                 socket
@@ -228,11 +228,14 @@ impl Session {
         let metrics = &self.state.metrics;
         let now = std::time::Instant::now();
         let mut live = 0u64;
-        for received in batch.iter().filter_map(|f| f.received) {
+        for stamps in batch.iter().filter_map(|f| f.live) {
             live += 1;
             metrics
                 .delivery_latency
-                .observe(now.saturating_duration_since(received).as_secs_f64());
+                .observe(now.saturating_duration_since(stamps.received).as_secs_f64());
+            metrics
+                .outbox_to_socket
+                .observe(now.saturating_duration_since(stamps.queued).as_secs_f64());
         }
         metrics.deliveries.inc_by(live);
         metrics.delivered_bytes.inc_by(bytes as u64);
