@@ -1,6 +1,7 @@
 //! The `tidings` command line: `serve` runs the broker; `tail` and `publish` are small
-//! clients for trying it out and scripting.
+//! clients for trying it out and scripting; `bench` is a load generator for a running broker.
 
+pub mod bench;
 mod publish;
 mod tail;
 
@@ -8,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::ServeArgs;
 
+pub use bench::{bench, BenchArgs};
 pub use publish::{publish, PublishArgs};
 pub use tail::{tail, TailArgs};
 
@@ -29,6 +31,8 @@ pub enum Command {
     Tail(TailArgs),
     /// Publish one event over HTTP.
     Publish(PublishArgs),
+    /// Load-test a running broker: many subscribers, a publisher, a report.
+    Bench(Box<BenchArgs>),
 }
 
 /// Errors of the client subcommands.

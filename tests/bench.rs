@@ -1,0 +1,404 @@
+//! End-to-end tests of `tidings bench` against the real binary: a `tidings serve` child on an
+//! ephemeral loopback port, and `tidings bench <scenario> --json` children pointed at it.
+//!
+//! The assertions are about exactness, never speed (speed targets belong in benchmarks): every
+//! expected delivery arrives once, nothing else arrives, and the report has the fields its
+//! scenario promises. Every child is owned by a [`Proc`] that kills it by PID and reaps it when
+//! dropped; every wait has a deadline; children get no `TIDINGS_*` variable of the test's own
+//! environment.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Longest wait for the broker to print its address.
+const START: Duration = Duration::from_secs(10);
+/// Longest a small bench run may take on a loaded machine (a debug build, shared cores).
+const RUN: Duration = Duration::from_secs(120);
+
+/// Lines of one output stream of a child, read by a background thread.
+struct Lines {
+    rx: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Lines {
+    fn spawn(stream: impl Read + Send + 'static) -> Lines {
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The next line; `Ok(None)` at end of stream, `Err(())` when `deadline` passes first.
+    fn next_line(&mut self, deadline: Instant) -> Result<Option<String>, ()> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.rx.recv_timeout(left) {
+            Ok(line) => {
+                self.seen.push(line.clone());
+                Ok(Some(line))
+            }
+            Err(RecvTimeoutError::Disconnected) => Ok(None),
+            Err(RecvTimeoutError::Timeout) => Err(()),
+        }
+    }
+
+    fn read_to_end(&mut self, deadline: Instant) -> Result<(), ()> {
+        while self.next_line(deadline)?.is_some() {}
+        Ok(())
+    }
+
+    fn drain_now(&mut self) {
+        while let Ok(line) = self.rx.try_recv() {
+            self.seen.push(line);
+        }
+    }
+}
+
+/// A running `tidings` child, killed (by PID) and reaped when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+    stdout: Lines,
+    stderr: Lines,
+    done: bool,
+}
+
+impl Proc {
+    fn spawn(args: &[&str]) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidings"));
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("TIDINGS_") {
+                cmd.env_remove(&key);
+            }
+        }
+        cmd.env("NO_COLOR", "1")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start tidings {args:?}: {e}"));
+        let stdout = Lines::spawn(child.stdout.take().expect("piped stdout"));
+        let stderr = Lines::spawn(child.stderr.take().expect("piped stderr"));
+        Proc {
+            name: format!("tidings {}", args.join(" ")),
+            child,
+            stdout,
+            stderr,
+            done: false,
+        }
+    }
+
+    fn transcript(&mut self) -> String {
+        self.stdout.drain_now();
+        self.stderr.drain_now();
+        format!(
+            "`{}`\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.name,
+            self.stdout.seen.join("\n"),
+            self.stderr.seen.join("\n")
+        )
+    }
+
+    /// Waits (at most `timeout`) for the child to exit and its pipes to close.
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                Ok(None) => panic!("still running after {timeout:?}: {}", self.transcript()),
+                Err(e) => panic!("waiting for {}: {e}", self.name),
+            }
+        };
+        self.done = true;
+        let deadline = Instant::now() + START;
+        let closed =
+            self.stdout.read_to_end(deadline).is_ok() && self.stderr.read_to_end(deadline).is_ok();
+        assert!(closed, "pipes still open after exit: {}", self.transcript());
+        status
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if !self.done && matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `tidings serve --listen 127.0.0.1:0 ARGS…`, with the address it printed.
+struct Server {
+    proc: Proc,
+    url: String,
+}
+
+impl Server {
+    fn start(args: &[&str]) -> Server {
+        let mut argv = vec!["serve", "--listen", "127.0.0.1:0"];
+        argv.extend_from_slice(args);
+        let mut proc = Proc::spawn(&argv);
+        let line = match proc.stdout.next_line(Instant::now() + START) {
+            Ok(Some(line)) => line,
+            _ => panic!("serve printed no address: {}", proc.transcript()),
+        };
+        // "tidings listening on http://ADDR (WebSocket ws://ADDR/websocket)"
+        let addr = line
+            .strip_prefix("tidings listening on http://")
+            .and_then(|rest| rest.split_once(' '))
+            .map(|(addr, _)| addr.to_string())
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}: {}", proc.transcript()));
+        Server {
+            url: format!("http://{addr}"),
+            proc,
+        }
+    }
+
+    fn pid(&self) -> String {
+        self.proc.child.id().to_string()
+    }
+}
+
+/// Runs `tidings bench SCENARIO --json --url … --broker-pid … EXTRA…` and parses its report.
+fn bench_json(server: &Server, scenario: &str, extra: &[&str]) -> Value {
+    let pid = server.pid();
+    let mut args = vec![
+        "bench",
+        scenario,
+        "--json",
+        "--url",
+        &server.url,
+        "--broker-pid",
+        &pid,
+    ];
+    args.extend_from_slice(extra);
+    let mut proc = Proc::spawn(&args);
+    let status = proc.wait_exit(RUN);
+    assert!(status.success(), "bench failed: {}", proc.transcript());
+    let last = proc.stdout.seen.last().cloned().unwrap_or_default();
+    serde_json::from_str(&last)
+        .unwrap_or_else(|e| panic!("stdout is not one JSON report ({e}): {}", proc.transcript()))
+}
+
+fn u(report: &Value, field: &str) -> u64 {
+    report[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} is not an unsigned integer in {report}"))
+}
+
+fn f(report: &Value, field: &str) -> f64 {
+    report[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{field} is not a number in {report}"))
+}
+
+/// Every expected delivery arrived exactly once and nothing else did.
+fn assert_exact(report: &Value, expected: u64) {
+    assert_eq!(u(report, "expected_deliveries"), expected, "{report}");
+    assert_eq!(u(report, "received_deliveries"), expected, "{report}");
+    assert_eq!(u(report, "frames"), expected, "{report}");
+    for zero in [
+        "loss",
+        "duplicates",
+        "unexpected",
+        "error_frames",
+        "subscribers_with_loss",
+        "closed_connections",
+        "publish_errors",
+    ] {
+        assert_eq!(u(report, zero), 0, "{zero} in {report}");
+    }
+}
+
+/// The resource fields every run with `--broker-pid` has.
+fn assert_resources(report: &Value, server: &Server) {
+    assert_eq!(report["broker_pid"].to_string(), server.pid(), "{report}");
+    for field in [
+        "broker_rss_start_bytes",
+        "broker_rss_end_bytes",
+        "broker_rss_peak_bytes",
+        "generator_rss_bytes",
+    ] {
+        assert!(u(report, field) > 0, "{field} in {report}");
+    }
+    assert!(u(report, "broker_rss_peak_bytes") >= u(report, "broker_rss_end_bytes"));
+    for field in [
+        "broker_cpu_seconds",
+        "broker_cpu_percent",
+        "generator_cpu_seconds",
+        "generator_cpu_percent",
+    ] {
+        assert!(f(report, field) >= 0.0, "{field} in {report}");
+    }
+}
+
+/// Latency percentiles are present, positive and ordered.
+fn assert_latencies(report: &Value) {
+    let names = [
+        "latency_p50_ms",
+        "latency_p90_ms",
+        "latency_p99_ms",
+        "latency_p999_ms",
+        "latency_max_ms",
+    ];
+    let values: Vec<f64> = names.iter().map(|n| f(report, n)).collect();
+    assert!(values[0] > 0.0, "{report}");
+    assert!(values.windows(2).all(|w| w[0] <= w[1]), "{report}");
+    assert!(f(report, "latency_mean_ms") > 0.0, "{report}");
+    assert!(f(report, "elapsed_seconds") > 0.0, "{report}");
+    assert!(f(report, "deliveries_per_second") > 0.0, "{report}");
+}
+
+#[test]
+fn broadcast_delivers_every_event_to_every_subscriber() {
+    let server = Server::start(&[]);
+    let report = bench_json(&server, "broadcast", &["-s", "20", "-n", "300"]);
+    assert_eq!(report["scenario"], "broadcast");
+    assert_eq!(u(&report, "subscribers"), 20);
+    assert_eq!(u(&report, "events_published"), 300);
+    // 300 events in batches of 50.
+    assert_eq!(u(&report, "publish_requests"), 6);
+    assert_exact(&report, 20 * 300);
+    assert_eq!(u(&report, "fields"), 20);
+    assert_latencies(&report);
+    assert_resources(&report, &server);
+    assert!(report["broker_bytes_per_connection"].is_null());
+}
+
+#[test]
+fn filtered_subscribers_get_only_their_group() {
+    let server = Server::start(&[]);
+    let report = bench_json(
+        &server,
+        "filtered",
+        &["-s", "20", "-n", "301", "--groups", "4", "--batch", "7"],
+    );
+    assert_eq!(u(&report, "groups"), 4);
+    // seq 0..301 over 4 groups: 76 events for group 0, 75 for groups 1–3; 5 subscribers each.
+    assert_exact(&report, 5 * (76 + 75 + 75 + 75));
+    assert_eq!(u(&report, "publish_requests"), 301u64.div_ceil(7));
+    assert_latencies(&report);
+    assert_resources(&report, &server);
+}
+
+#[test]
+fn projection_delivers_every_event() {
+    let server = Server::start(&[]);
+    let report = bench_json(&server, "projection", &["-s", "20", "-n", "300"]);
+    assert_eq!(report["scenario"], "projection");
+    assert_exact(&report, 20 * 300);
+    assert_latencies(&report);
+    assert_resources(&report, &server);
+}
+
+#[test]
+fn connections_report_memory_per_connection() {
+    let server = Server::start(&[]);
+    let report = bench_json(&server, "connections", &["-s", "50", "--settle", "0.3"]);
+    assert_eq!(report["scenario"], "connections");
+    assert_eq!(u(&report, "subscribers"), 50);
+    assert_eq!(u(&report, "events_published"), 0);
+    assert_exact(&report, 0);
+    assert_eq!(f(&report, "settle_seconds"), 0.3);
+    assert!(
+        report["broker_bytes_per_connection"].is_number(),
+        "{report}"
+    );
+    assert!(
+        report["generator_bytes_per_connection"].is_number(),
+        "{report}"
+    );
+    assert!(report["latency_p50_ms"].is_null(), "{report}");
+    assert_resources(&report, &server);
+}
+
+#[test]
+fn latency_publishes_at_a_fixed_rate() {
+    let server = Server::start(&[]);
+    let report = bench_json(
+        &server,
+        "latency",
+        &["-s", "20", "--rate", "200", "--duration", "1"],
+    );
+    assert_eq!(f(&report, "rate"), 200.0);
+    let published = u(&report, "events_published");
+    // One event is due at once, then one every 5 ms for a second.
+    assert!((1..=201).contains(&published), "{report}");
+    assert_exact(&report, 20 * published);
+    assert_latencies(&report);
+    assert_resources(&report, &server);
+}
+
+#[test]
+fn table_output_names_the_numbers() {
+    let server = Server::start(&[]);
+    let mut proc = Proc::spawn(&[
+        "bench",
+        "broadcast",
+        "--url",
+        &server.url,
+        "-s",
+        "3",
+        "-n",
+        "10",
+    ]);
+    let status = proc.wait_exit(RUN);
+    assert!(status.success(), "{}", proc.transcript());
+    let table = proc.stdout.seen.join("\n");
+    assert!(table.contains("30 of 30 expected"), "{table}");
+    assert!(table.contains("latency ms"), "{table}");
+    assert!(!table.contains("broker RSS"), "no --broker-pid: {table}");
+}
+
+#[test]
+fn a_refused_subscribe_aborts_with_the_brokers_reason() {
+    let server = Server::start(&["--public-permissions", r#"{"other":{}}"#]);
+    let mut proc = Proc::spawn(&["bench", "broadcast", "--url", &server.url, "-s", "5"]);
+    let status = proc.wait_exit(RUN);
+    assert!(!status.success(), "{}", proc.transcript());
+    let stderr = proc.stderr.seen.join("\n");
+    assert!(stderr.contains("subscribe refused: FORBIDDEN"), "{stderr}");
+    assert!(
+        stderr.contains("of 5 were connected and subscribed"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bad_flags_and_unreachable_brokers_are_clear_errors() {
+    let mut proc = Proc::spawn(&["bench", "broadcast", "--fields", "2"]);
+    assert!(!proc.wait_exit(RUN).success());
+    let stderr = proc.stderr.seen.join("\n");
+    assert!(stderr.contains("--fields must be at least 4"), "{stderr}");
+
+    // Port 9 (discard) on loopback: nothing listens there in a test sandbox.
+    let mut proc = Proc::spawn(&[
+        "bench",
+        "broadcast",
+        "--url",
+        "http://127.0.0.1:9",
+        "-s",
+        "2",
+    ]);
+    assert!(!proc.wait_exit(RUN).success());
+    let stderr = proc.stderr.seen.join("\n");
+    assert!(stderr.contains("cannot connect to 127.0.0.1:9"), "{stderr}");
+    assert!(stderr.contains("0 of 2"), "{stderr}");
+}
