@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::PublishKeys;
+use crate::auth::{Principal, PublishKeys};
 use crate::backplane::memory::MemoryBackplane;
 use crate::backplane::{Backplane, EngineContext};
 use crate::config::{Config, ConfigError, Engine};
@@ -39,6 +39,8 @@ pub struct AppState {
     pub backplane: Arc<dyn Backplane>,
     /// Publisher API keys.
     pub publish_keys: PublishKeys,
+    /// The identity of unauthenticated connections in public mode, shared by all of them.
+    pub anonymous: Arc<Principal>,
     /// False once shutdown began.
     pub ready: AtomicBool,
     /// Cancelled when shutdown begins; every session watches it.
@@ -112,6 +114,7 @@ impl App {
             }
         };
         let publish_keys = PublishKeys::new(config.publish_keys.clone());
+        let anonymous = Arc::new(Principal::anonymous(config.public_permissions.clone()));
         Ok(App {
             state: Arc::new(AppState {
                 config: Arc::new(config),
@@ -120,6 +123,7 @@ impl App {
                 hub,
                 backplane,
                 publish_keys,
+                anonymous,
                 ready: AtomicBool::new(true),
                 shutdown,
                 sessions: TaskTracker::new(),

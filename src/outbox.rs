@@ -145,7 +145,9 @@ impl Outbox {
         if state.overflowed {
             return Drained::Overflowed;
         }
-        out.extend(state.queue.drain(..));
+        // The queue's buffer goes with its frames: an idle connection holds none, and a burst
+        // does not pin its peak size.
+        out.extend(std::mem::take(&mut state.queue));
         state.bytes = 0;
         state.extra_messages = 0;
         state.extra_bytes = 0;

@@ -20,12 +20,21 @@ use crate::auth::Principal;
 use crate::config::AuthMode;
 use crate::http::ApiError;
 
-/// Initial read buffer per connection. tungstenite's default (128 KiB) would dominate the
-/// memory of an idle connection; subscribe messages are small and the buffer grows on demand.
-const READ_BUFFER: usize = 4 * 1024;
+/// Initial read buffer per connection, allocated up front. tungstenite's default (128 KiB)
+/// would dominate the memory of an idle connection; client messages are small and the buffer
+/// grows on demand for a larger one (up to `--max-frame-bytes`).
+const READ_BUFFER: usize = 512;
+/// Frames queued for a connection are encoded into tungstenite's write buffer and written
+/// through once it holds this much, then flushed once. The buffer keeps its capacity, so this
+/// also caps what a connection that once took a burst holds on to (tungstenite's default,
+/// 128 KiB, would cost 128 MiB across 1,000 busy connections).
+const WRITE_BUFFER: usize = 8 * 1024;
 
 /// Releases a connection slot when the session (or a refused upgrade) ends.
-struct ConnectionSlot(Arc<AppState>);
+/// One counted connection against `--max-connections`; released when dropped (the session
+/// owns it for its whole life).
+#[derive(Debug)]
+pub struct ConnectionSlot(Arc<AppState>);
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
@@ -96,14 +105,15 @@ pub async fn upgrade_handler(
     let session_state = state.clone();
     upgrade
         .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
         .max_message_size(config.max_frame_bytes)
         .max_frame_size(config.max_frame_bytes)
         .on_upgrade(move |socket| {
-            tracker.track_future(async move {
-                let _slot = slot;
-                session::Session::new(session_state, principal, peer)
-                    .run(socket)
-                    .await;
-            })
+            // The session future is handed over as is: wrapping it in another async block
+            // would store it twice in the task (once captured, once awaited), doubling the
+            // memory of every idle connection.
+            tracker.track_future(
+                session::Session::new(session_state, principal, peer, slot).run(socket),
+            )
         })
 }

@@ -16,6 +16,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::SinkExt;
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 
+use super::ConnectionSlot;
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::config::AuthMode;
@@ -55,6 +56,15 @@ enum AuthState {
     Authed(Arc<Principal>),
 }
 
+/// What woke the session loop.
+enum Wake {
+    Shutdown,
+    Outbox,
+    Inbound(Option<Result<Message, axum::Error>>),
+    HandshakeDeadline,
+    Heartbeat,
+}
+
 /// What the loop does after handling something.
 enum Flow {
     Continue,
@@ -82,20 +92,25 @@ pub struct Session {
     pinged: bool,
     heartbeat: Option<Interval>,
     handshake_deadline: Option<Pin<Box<Sleep>>>,
+    /// Frees this connection's place under `--max-connections` when the session ends.
+    _slot: ConnectionSlot,
 }
 
 impl Session {
     /// A session for a freshly upgraded connection. `principal` is the identity from the
     /// upgrade URL, if any.
-    pub fn new(state: Arc<AppState>, principal: Option<Arc<Principal>>, peer: SocketAddr) -> Self {
+    pub fn new(
+        state: Arc<AppState>,
+        principal: Option<Arc<Principal>>,
+        peer: SocketAddr,
+        slot: ConnectionSlot,
+    ) -> Self {
         let config = &state.config;
         let outbox = Arc::new(Outbox::new(config.outbox_messages, config.outbox_bytes));
         let auth = match (principal, config.auth_mode) {
             (Some(p), _) => AuthState::Authed(p),
             (None, AuthMode::Handshake) => AuthState::Pending,
-            (None, _) => AuthState::Authed(Arc::new(Principal::anonymous(
-                config.public_permissions.clone(),
-            ))),
+            (None, _) => AuthState::Authed(state.anonymous.clone()),
         };
         let handshake_deadline = match auth {
             AuthState::Pending => Some(Box::pin(tokio::time::sleep(config.auth_timeout))),
@@ -111,6 +126,7 @@ impl Session {
             pinged: false,
             heartbeat: None,
             handshake_deadline,
+            _slot: slot,
         };
         if matches!(session.auth, AuthState::Authed(_)) {
             session.start_heartbeat();
@@ -145,63 +161,70 @@ impl Session {
     async fn serve(&mut self, socket: &mut WebSocket) -> CloseReason {
         let shutdown = self.state.shutdown.clone();
         let outbox = self.outbox.clone();
-        let mut batch: Vec<Frame> = Vec::new();
         loop {
             let pending = matches!(self.auth, AuthState::Pending);
-            tokio::select! {
+            // The wait is kept apart from the handling: an idle connection's task holds only
+            // the small state of this select; handling (writes with timeouts, subscribe) is
+            // boxed for the moment it runs. That keeps idle connections small.
+            let wake = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
-                    self.close_with(socket, Some((close::GOING_AWAY, "server shutting down"))).await;
-                    return CloseReason::Shutdown;
+                _ = shutdown.cancelled() => Wake::Shutdown,
+                _ = outbox.ready() => Wake::Outbox,
+                message = socket.recv() => Wake::Inbound(message),
+                _ = async { if let Some(d) = self.handshake_deadline.as_mut() { d.await } }, if pending => Wake::HandshakeDeadline,
+                _ = async { if let Some(h) = self.heartbeat.as_mut() { h.tick().await; } }, if self.heartbeat.is_some() && !pending => Wake::Heartbeat,
+            };
+            if let Flow::Close(reason) = Box::pin(self.on_wake(socket, wake)).await {
+                return reason;
+            }
+        }
+    }
+
+    async fn on_wake(&mut self, socket: &mut WebSocket, wake: Wake) -> Flow {
+        match wake {
+            Wake::Shutdown => {
+                self.close_with(socket, Some((close::GOING_AWAY, "server shutting down")))
+                    .await;
+                Flow::Close(CloseReason::Shutdown)
+            }
+            Wake::Outbox => match self.flush_outbox(socket).await {
+                Ok(Drained::Frames) => Flow::Continue,
+                Ok(Drained::Overflowed) | Err(WriteError::Timeout) => {
+                    tracing::info!(peer = %self.peer, "closing slow consumer");
+                    self.close_with(
+                        socket,
+                        Some((close::SLOW_CONSUMER, "slow consumer: outbox full")),
+                    )
+                    .await;
+                    Flow::Close(CloseReason::SlowConsumer)
                 }
-                _ = outbox.ready() => {
-                    match self.flush_outbox(socket, &mut batch).await {
-                        Ok(Drained::Frames) => {}
-                        Ok(Drained::Overflowed) | Err(WriteError::Timeout) => {
-                            tracing::info!(peer = %self.peer, "closing slow consumer");
-                            self.close_with(socket, Some((close::SLOW_CONSUMER, "slow consumer: outbox full"))).await;
-                            return CloseReason::SlowConsumer;
-                        }
-                        Err(WriteError::Socket) => return CloseReason::Error,
-                    }
+                Err(WriteError::Socket) => Flow::Close(CloseReason::Error),
+            },
+            Wake::Inbound(None) => Flow::Close(CloseReason::Client),
+            Wake::Inbound(Some(Ok(message))) => self.on_message(socket, message).await,
+            Wake::Inbound(Some(Err(e))) => self.on_socket_error(socket, e).await,
+            Wake::HandshakeDeadline => Flow::Close(self.fail_handshake(socket).await),
+            Wake::Heartbeat => {
+                if self.pinged && !self.heard {
+                    // Directus closes a silent client without a close code.
+                    self.close_with(socket, None).await;
+                    return Flow::Close(CloseReason::HeartbeatTimeout);
                 }
-                message = socket.recv() => {
-                    let flow = match message {
-                        None => Flow::Close(CloseReason::Client),
-                        Some(Ok(message)) => self.on_message(socket, message).await,
-                        Some(Err(e)) => self.on_socket_error(socket, e).await,
-                    };
-                    if let Flow::Close(reason) = flow {
-                        return reason;
-                    }
-                }
-                _ = async { if let Some(d) = self.handshake_deadline.as_mut() { d.await } }, if pending => {
-                    return self.fail_handshake(socket).await;
-                }
-                _ = async { if let Some(h) = self.heartbeat.as_mut() { h.tick().await; } }, if self.heartbeat.is_some() && !pending => {
-                    if self.pinged && !self.heard {
-                        // Directus closes a silent client without a close code.
-                        self.close_with(socket, None).await;
-                        return CloseReason::HeartbeatTimeout;
-                    }
-                    self.pinged = true;
-                    self.heard = false;
-                    if self.send(socket, server_ping().into()).await.is_err() {
-                        return CloseReason::Error;
-                    }
+                self.pinged = true;
+                self.heard = false;
+                match self.send(socket, server_ping().into()).await {
+                    Ok(()) => Flow::Continue,
+                    Err(_) => Flow::Close(CloseReason::Error),
                 }
             }
         }
     }
 
-    /// Writes everything queued, then flushes once.
-    async fn flush_outbox(
-        &self,
-        socket: &mut WebSocket,
-        batch: &mut Vec<Frame>,
-    ) -> Result<Drained, WriteError> {
-        batch.clear();
-        if self.outbox.drain(batch) == Drained::Overflowed {
+    /// Writes everything queued, then flushes once. The batch lives only for the write, so an
+    /// idle connection holds no frame buffer.
+    async fn flush_outbox(&self, socket: &mut WebSocket) -> Result<Drained, WriteError> {
+        let mut batch: Vec<Frame> = Vec::new();
+        if self.outbox.drain(&mut batch) == Drained::Overflowed {
             return Ok(Drained::Overflowed);
         }
         if batch.is_empty() {
@@ -239,7 +262,6 @@ impl Session {
         }
         metrics.deliveries.inc_by(live);
         metrics.delivered_bytes.inc_by(bytes as u64);
-        batch.clear();
         Ok(Drained::Frames)
     }
 
@@ -248,7 +270,7 @@ impl Session {
     /// its `unsubscribe` ack or after the `init` of the subscription replacing it).
     async fn send(&self, socket: &mut WebSocket, text: Utf8Bytes) -> Result<(), WriteError> {
         // An overflow found here is left to the loop: the outbox keeps it and its wake-up.
-        self.flush_outbox(socket, &mut Vec::new()).await?;
+        self.flush_outbox(socket).await?;
         let result = tokio::time::timeout(
             self.state.config.write_timeout,
             socket.send(Message::Text(text)),
@@ -419,8 +441,7 @@ impl Session {
                     return Flow::Close(CloseReason::AuthFailed);
                 }
                 // Public mode: the connection goes on with public rights only.
-                let public = Principal::anonymous(self.state.config.public_permissions.clone());
-                self.auth = AuthState::Authed(Arc::new(public));
+                self.auth = AuthState::Authed(self.state.anonymous.clone());
             }
         }
         self.recompile_subscriptions(socket).await
@@ -558,6 +579,8 @@ impl Session {
             .subscriptions
             .with_label_values(&[&*label])
             .inc();
+        // Most connections hold one or two subscriptions: grow one at a time, not to four.
+        self.subs.reserve_exact(1);
         self.subs.push(LocalSub {
             request,
             uid_str,
