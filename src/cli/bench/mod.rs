@@ -1,9 +1,9 @@
 //! `tidings bench`: a load generator for a running broker, in the spirit of `nats bench`. This
 //! module owns the scenarios, their flags and defaults, and the course of a run: open and
 //! subscribe the connections, publish, wait for the deliveries to drain, and report. The
-//! pieces live in submodules: [`publisher`] (items, batching, pacing), [`subscriber`]
-//! (connections and cheap receivers), [`seen`] (exact duplicate detection), [`procstat`] (CPU
-//! and memory from `/proc`) and [`report`] (the numbers, as a table or JSON).
+//! pieces live in submodules: `publisher` (items, batching, pacing), `subscriber`
+//! (connections and cheap receivers), `seen` (exact duplicate detection), `procstat` (CPU
+//! and memory from `/proc`) and `report` (the numbers, as a table or JSON).
 //!
 //! # Scenarios
 //!
@@ -23,12 +23,18 @@
 //! generator raises its own open-file soft limit to the hard limit at start.
 //!
 //! Correctness is checked exactly: every item carries `seq`; a subscriber counts an item it has
-//! already received as a duplicate, one its filter excludes as unexpected, and `loss` is what it
-//! should have received minus what it did. Items arriving after a higher `seq` are counted as
-//! `reordered`, not as errors: the broker keeps each connection in its publish (offset) order,
-//! but with `--in-flight` above 1 it may sequence concurrent requests in another order than the
-//! generator numbered them. Latency is `receive time - ts`, both read from the same monotonic clock, since the
-//! publisher and the receivers are the same process.
+//! already received as a duplicate, one its filter excludes as unexpected, and `loss` is what
+//! it should have received minus what it did. Items arriving after a higher `seq` are counted
+//! as `reordered`, not as errors: the broker keeps each connection in its publish (offset)
+//! order, but with `--in-flight` above 1 it may sequence concurrent requests in another order
+//! than the generator numbered them. Latency is `receive time - ts`, both read from the same
+//! monotonic clock, since the publisher and the receivers are the same process.
+//!
+//! The generator is not free: receiving a small WebSocket frame costs it about as much CPU
+//! (mostly syscalls and wakeups) as sending it costs the broker. On a machine the two share,
+//! throughput is bounded by both; `broker_cpu_seconds` per delivery is the number to compare
+//! across runs, and `generator_cpu_percent` near 100 per generator core means the generator
+//! was (also) the limit.
 //!
 //! # Examples
 //!
@@ -44,22 +50,22 @@
 //! # Output
 //!
 //! A table, or with `--json` one JSON object on stdout whose fields are those of
-//! [`report::Report`] (documented there), with these names: `scenario`, `subscribers`,
+//! [`Report`] (documented there), with these names: `scenario`, `subscribers`,
 //! `groups`, `fields`, `item_bytes`, `batch`, `in_flight`, `rate`, `source_addrs`,
 //! `connect_seconds`, `connects_per_second`, `events_published`, `publish_requests`,
 //! `publish_errors`, `publish_first_error`, `publish_seconds`, `publish_events_per_second`,
 //! `expected_deliveries`, `received_deliveries`, `frames`, `loss`, `duplicates`, `reordered`,
-//! `unexpected`,
-//! `error_frames`, `subscribers_with_loss`, `closed_connections`, `closes`, `elapsed_seconds`,
-//! `deliveries_per_second`, `latency_p50_ms`, `latency_p90_ms`, `latency_p99_ms`,
-//! `latency_p999_ms`, `latency_max_ms`, `latency_mean_ms`, `measured_seconds`,
-//! `generator_cpu_seconds`, `generator_cpu_percent`, `generator_rss_bytes`,
-//! `generator_rss_peak_bytes`, `broker_pid`, `broker_cpu_seconds`, `broker_cpu_percent`,
-//! `broker_rss_start_bytes`, `broker_rss_end_bytes`, `broker_rss_peak_bytes`, `settle_seconds`,
-//! `broker_bytes_per_connection`, `generator_bytes_per_connection`. Numbers that do not apply
-//! are `null`. The exit status is 0 whenever the run completed, even with loss or publish
-//! errors (they are in the report); it is non-zero when a subscriber cannot connect or
-//! subscribe, or a flag is invalid.
+//! `unexpected`, `error_frames`, `subscribers_with_loss`, `closed_connections`, `closes`,
+//! `elapsed_seconds`, `deliveries_per_second`, `latency_p50_ms`, `latency_p90_ms`,
+//! `latency_p99_ms`, `latency_p999_ms`, `latency_max_ms`, `latency_mean_ms`,
+//! `measured_seconds`, `generator_cpu_seconds`, `generator_cpu_percent`,
+//! `generator_rss_bytes`, `generator_rss_peak_bytes`, `broker_pid`, `broker_cpu_seconds`,
+//! `broker_cpu_percent`, `broker_rss_start_bytes`, `broker_rss_end_bytes`,
+//! `broker_rss_peak_bytes`, `settle_seconds`, `broker_bytes_per_connection`,
+//! `generator_bytes_per_connection`. Numbers that do not apply are `null`. Progress goes to
+//! stderr. The exit status is 0 whenever the run completed, even with loss or publish errors
+//! (they are in the report); it is non-zero when a flag is invalid or a subscriber cannot
+//! connect or subscribe.
 
 mod procstat;
 mod publisher;
@@ -288,8 +294,9 @@ impl Run {
             if value.is_finite() && (value > 0.0 || (zero_ok && value == 0.0)) {
                 Ok(Duration::from_secs_f64(value))
             } else {
+                let least = if zero_ok { "0 or more" } else { "more than 0" };
                 Err(BenchError::Usage(format!(
-                    "--{flag} must be a positive number of seconds, not {value}"
+                    "--{flag} must be {least} seconds, not {value}"
                 )))
             }
         };
@@ -357,8 +364,9 @@ impl Run {
             groups,
             fields: args.fields,
             item_bytes: {
+                // A typical item: seq 10000, stamped a second into the run.
                 let mut item = String::new();
-                shape.write_item(&mut item, 0, 0);
+                shape.write_item(&mut item, 10_000, 1_000_000_000);
                 item.len()
             },
             connect_concurrency: args.connect_concurrency,
