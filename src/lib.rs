@@ -26,7 +26,8 @@
 //! - [`metrics`]: Prometheus metrics over an owned registry.
 //! - [`app`]: the composition root, [`app::run`].
 //! - [`shutdown`]: signal handling.
-//! - [`cli`]: the `tidings` command line (serve, tail, publish).
+//! - [`history`]: recent events per collection, so clients resume with `since`.
+//! - [`cli`]: the `tidings` command line (serve, tail, publish, bench).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
