@@ -84,11 +84,12 @@ impl App {
         config.validate()?;
         let metrics = Arc::new(Metrics::new(config.metrics_max_collections)?);
         let registry = Arc::new(Registry::new());
-        // The memory engine's history starts with its epoch; other engines' logs predate us.
+        // The memory engine's history starts with its epoch; the Redis engine restores the
+        // tail of every collection it holds; other engines' logs predate us.
         let history = Arc::new(History::new(
             config.history,
             Arc::from(""),
-            config.engine == Engine::Memory,
+            matches!(config.engine, Engine::Memory | Engine::Redis),
         ));
         let hub = Arc::new(Hub::new(registry.clone(), metrics.clone(), history));
         let shutdown = CancellationToken::new();

@@ -504,22 +504,27 @@ impl Reader {
                 let page = reply::entries(page).map_err(LinkError::Reply)?;
                 let full = page.len() == RESTORE_PAGE;
                 for entry in page {
+                    end = format!("({}", entry.id);
                     let Some(offset) = entry.offset() else {
                         continue;
                     };
-                    if *tail == 0 {
+                    // The newest event is always restored, whatever its age and the history
+                    // size: it tells the history where the log ends, so a fresh subscription
+                    // starts at the right position and a log with no restored event is known
+                    // to be empty (the history is built complete-from-start for this engine).
+                    let newest = *tail == 0;
+                    if newest {
                         *tail = offset;
                     }
-                    if events.len() >= self.history.max_events {
+                    if !newest && events.len() >= self.history.max_events {
                         break 'pages;
                     }
                     let Some(wire) = decode(&entry) else { continue };
                     // Newest first: once one is too old, so are the rest.
-                    if wire.accepted_ms < oldest_ms {
+                    if !newest && wire.accepted_ms < oldest_ms {
                         break 'pages;
                     }
                     events.push(Arc::new(wire.into_event(offset, epoch.clone())));
-                    end = format!("({}", entry.id);
                 }
                 if !full {
                     break;
