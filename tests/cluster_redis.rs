@@ -601,3 +601,127 @@ async fn dropped_connections_lose_nothing_when_redis_keeps_its_data() {
         );
     }
 }
+
+/// Waits until `series` on `server` reaches `value` (at most 20 s).
+async fn wait_metric(server: &TestServer, series: &str, value: f64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = server.metric(series).await.unwrap_or(0.0);
+        if got >= value {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} stayed at {got}, wanted {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_log_that_went_back_or_was_flushed_gets_a_new_epoch() {
+    let Some(redis) = PrivateRedis::start().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let a = node(config(&redis.url(), &prefix)).await;
+    let b = node(config(&redis.url(), &prefix)).await;
+    let mut on_a = a.ws().await;
+    let mut on_b = b.ws().await;
+    subscribe(&mut on_a, false, None).await;
+    subscribe(&mut on_b, false, None).await;
+    let first = publish_orders(&a, 1, 5).await[0].0.clone();
+    assert_eq!(receive(&mut on_a, 5).await.len(), 5);
+    assert_eq!(receive(&mut on_b, 5).await.len(), 5);
+
+    // As if Redis came back from a snapshot taken after offset 2: same epoch, shorter log.
+    let mut conn = admin(&redis.url()).await.expect("admin");
+    let log = format!("{prefix}:log:orders");
+    let kept: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(&log)
+        .arg("-")
+        .arg("2-0")
+        .query_async(&mut conn)
+        .await
+        .expect("xrange");
+    let _: i64 = redis::cmd("DEL")
+        .arg(&log)
+        .query_async(&mut conn)
+        .await
+        .expect("del");
+    for (id, fields) in kept {
+        let _: String = redis::cmd("XADD")
+            .arg(&log)
+            .arg(id)
+            .arg(&fields[0].0)
+            .arg(&fields[0].1)
+            .query_async(&mut conn)
+            .await
+            .expect("xadd");
+    }
+    let _: i64 = redis::cmd("HSET")
+        .arg(format!("{prefix}:offsets"))
+        .arg("orders")
+        .arg(2)
+        .query_async(&mut conn)
+        .await
+        .expect("hset");
+    redis.kill_clients("all").await;
+    for server in [&a, &b] {
+        wait_metric(server, "tidings_backplane_epoch_changes_total", 1.0).await;
+        wait_ready(server, true).await;
+    }
+    let second = publish_orders(&b, 6, 1).await;
+    assert_ne!(second[0].0, first);
+    assert_eq!(second[0].1, 1, "the new log starts empty");
+    let expected = vec![(6, second[0].0.clone(), 1)];
+    assert_eq!(receive(&mut on_a, 1).await, expected);
+    assert_eq!(receive(&mut on_b, 1).await, expected);
+
+    // Flushed under live connections: the nodes notice within a read and agree on a new one.
+    let mut conn = admin(&redis.url()).await.expect("admin");
+    let () = redis::cmd("FLUSHALL")
+        .query_async(&mut conn)
+        .await
+        .expect("flushall");
+    for server in [&a, &b] {
+        wait_metric(server, "tidings_backplane_epoch_changes_total", 2.0).await;
+        wait_ready(server, true).await;
+    }
+    let third = publish_orders(&a, 7, 1).await;
+    assert_ne!(third[0].0, second[0].0);
+    let expected = vec![(7, third[0].0.clone(), 1)];
+    assert_eq!(receive(&mut on_a, 1).await, expected);
+    assert_eq!(receive(&mut on_b, 1).await, expected);
+    on_a.expect_silence(Duration::from_millis(200)).await;
+    on_b.expect_silence(Duration::from_millis(10)).await;
+}
+
+#[tokio::test]
+async fn a_collection_without_events_resumes_from_zero_on_any_node() {
+    let Some(url) = shared_redis().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let a = node(config(&url, &prefix)).await;
+    // Some other collection has events; `orders` has none yet.
+    a.publish(json!({"collection":"items","event":"create","data":{"id":1}}))
+        .await;
+    let b = node(config(&url, &prefix)).await;
+    let mut first = a.ws().await;
+    let init = subscribe(&mut first, false, None).await;
+    let position = init["position"].clone();
+    assert_eq!(position["offset"], 0);
+    first.close().await;
+    let mut on_b = b.ws().await;
+    let init = subscribe(&mut on_b, false, Some(&position)).await;
+    assert_eq!(init["recovered"], true, "{init}");
+    let mut on_a = a.ws().await;
+    let init = subscribe(&mut on_a, false, Some(&position)).await;
+    assert_eq!(init["recovered"], true, "{init}");
+    let epoch = position["epoch"].as_str().expect("epoch").to_string();
+    publish_orders(&a, 1, 1).await;
+    assert_eq!(receive(&mut on_b, 1).await, [(1, epoch.clone(), 1)]);
+    assert_eq!(receive(&mut on_a, 1).await, [(1, epoch, 1)]);
+    cleanup(&url, &prefix).await;
+}
