@@ -194,6 +194,35 @@ async fn a_bad_redis_url_is_a_config_error_naming_the_flag() {
     }
 }
 
+#[test]
+fn the_binary_exits_2_naming_redis_url_for_a_bad_url() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tidings"))
+        .args(["serve", "--engine", "redis", "--redis-url", "nope://x"])
+        .args(["--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tidings");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tidings kept running with a bad --redis-url");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        std::io::Read::read_to_string(&mut pipe, &mut stderr).expect("stderr");
+    }
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--redis-url"), "{stderr}");
+}
+
 #[tokio::test]
 async fn every_node_delivers_every_event_in_the_order_the_publisher_was_answered() {
     let Some(url) = shared_redis().await else {

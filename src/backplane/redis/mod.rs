@@ -236,12 +236,16 @@ async fn connect(
     let mut conn = client
         .get_multiplexed_async_connection_with_config(&config)
         .await?;
-    // Named, so operators (and tests) can tell the engine's connections apart.
-    let () = ::redis::cmd("CLIENT")
+    // Named, so operators (and tests) can tell the engine's connections apart. Best effort:
+    // an ACL may forbid it, which must not keep the engine from working.
+    let named: Result<(), _> = ::redis::cmd("CLIENT")
         .arg("SETNAME")
         .arg(name)
         .query_async(&mut conn)
-        .await?;
+        .await;
+    if let Err(e) = named {
+        tracing::debug!(error = %e, "CLIENT SETNAME refused");
+    }
     Ok(conn)
 }
 
