@@ -294,9 +294,11 @@ async fn supervise(shared: Arc<Shared>, client: Client, ctx: EngineContext) {
             was_live = true;
             backoff = BACKOFF_MIN;
         }
+        // An epoch change also waits (100 ms after a live connection), so a log that keeps
+        // changing under the node cannot make it spin.
         match ended {
             Ok(Ended::Shutdown) => break,
-            Ok(Ended::EpochChanged) => continue,
+            Ok(Ended::EpochChanged) => {}
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "redis backplane disconnected")
             }
@@ -416,9 +418,9 @@ impl Reader {
                 tracing::warn!(old = %mine, new = %epoch, "the redis log was lost (new epoch): history reset, reading every log from the start");
                 self.metrics.backplane_epoch_changes.inc();
                 self.sink.reset(epoch.clone());
-                for last in self.last.values_mut() {
-                    *last = 0;
-                }
+                // The collections stream, read from its start, announces every collection of
+                // the new log; each is then read from its start.
+                self.last.clear();
                 self.announced = "0-0".into();
             }
             Some(_) => {
