@@ -14,6 +14,10 @@
 //! - **Delivery** is one task per node: `XREAD BLOCK` over the collections stream and every
 //!   collection's log, each from the last id seen, then the entries to the sink in stream
 //!   order. That task is the only caller of the sink, so order per collection holds.
+//! - **Restore.** A node starting reads, per announced collection, the newest events within
+//!   the history limits (`--history-size`, `--history-age` by the events' `t`) into the
+//!   history, and always the newest one, so it knows where each log ends. It is ready only
+//!   after that, and reads live from there.
 //! - **Epoch.** On connect a node proposes a random epoch with `SET NX` and adopts whatever
 //!   is there. A Redis that lost its data (restart without persistence, flush) has no epoch:
 //!   the first node back sets a new one, and every node, seeing it differ from its own,
