@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{Principal, PublishKeys};
 use crate::backplane::memory::MemoryBackplane;
+use crate::backplane::redis::RedisBackplane;
 use crate::backplane::{Backplane, EngineContext};
 use crate::config::{Config, ConfigError, Engine};
 use crate::history::History;
@@ -85,11 +86,12 @@ impl App {
         config.validate()?;
         let metrics = Arc::new(Metrics::new(config.metrics_max_collections)?);
         let registry = Arc::new(Registry::new());
-        // The memory engine's history starts with its epoch; other engines' logs predate us.
+        // The memory engine's history starts with its epoch; the Redis engine restores the
+        // tail of every collection it holds; other engines' logs predate us.
         let history = Arc::new(History::new(
             config.history,
             Arc::from(""),
-            config.engine == Engine::Memory,
+            matches!(config.engine, Engine::Memory | Engine::Redis),
         ));
         let hub = Arc::new(Hub::new(registry.clone(), metrics.clone(), history));
         let shutdown = CancellationToken::new();
@@ -106,7 +108,15 @@ impl App {
                 metrics.backplane_ready.set(1);
                 Arc::new(MemoryBackplane::new(engine.sink, engine.idempotency_window))
             }
-            Engine::Redis | Engine::Nats => {
+            Engine::Redis => {
+                Arc::new(RedisBackplane::new(&config.redis_url, engine).map_err(|e| {
+                    ConfigError {
+                        flag: "redis-url",
+                        message: e.to_string(),
+                    }
+                })?)
+            }
+            Engine::Nats => {
                 return Err(AppError::Config(ConfigError {
                     flag: "engine",
                     message: "this engine is not available yet".into(),

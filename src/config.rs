@@ -349,6 +349,10 @@ impl Config {
                 "must be 1 to 64 letters, digits, `_` or `-`",
             ));
         }
+        if self.engine == Engine::Redis {
+            crate::backplane::redis::check_url(&self.redis_url)
+                .map_err(|message| err("redis-url", message))?;
+        }
         if self.auth_mode == AuthMode::Strict && self.tokens.is_empty() {
             return Err(err(
                 "auth-mode",

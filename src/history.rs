@@ -60,8 +60,12 @@ impl CollectionLog {
     }
 
     fn record(&mut self, event: Arc<Event>, limits: &HistoryLimits, now: Instant) {
-        if self.covers_after.is_none() {
-            self.covers_after = Some(event.offset.saturating_sub(1));
+        // Unknown so far, or a gap (events this log never saw: restored after a subscription
+        // created the log, or trimmed from an engine's stream before this node read them):
+        // the log is complete only from this event on.
+        let before = event.offset.saturating_sub(1);
+        if self.covers_after.is_none() || self.last != before {
+            self.covers_after = Some(self.covers_after.unwrap_or(0).max(before));
         }
         self.last = event.offset;
         self.events.push_back((now, event));
@@ -99,8 +103,10 @@ impl CollectionLog {
 #[derive(Debug)]
 pub struct History {
     limits: HistoryLimits,
-    /// True when a log that has seen no event is complete (the memory engine: its history
-    /// starts with its epoch). False for engines whose log predates this node.
+    /// True when a log that has seen no event is complete: the memory engine (its history
+    /// starts with its epoch), and engines that restore at least the last event of every
+    /// collection their log holds (Redis), so a collection with no restored event has none.
+    /// False for engines whose log predates this node otherwise.
     complete_from_start: bool,
     epoch: RwLock<Arc<str>>,
     logs: DashMap<Arc<str>, Arc<Mutex<CollectionLog>>>,
@@ -280,6 +286,25 @@ mod tests {
         h.record(&mut log, ev(42));
         assert_eq!(offsets(h.replay(&log, &pos(40))), Some(vec![41, 42]));
         assert!(matches!(h.replay(&log, &pos(39)), Replay::Lost));
+    }
+
+    #[test]
+    fn a_gap_makes_the_log_complete_only_after_it() {
+        let h = History::new(limits(10), Arc::from("e"), true);
+        let log = h.log(&Arc::from("c"));
+        let mut log = log.lock();
+        h.record(&mut log, ev(1));
+        h.record(&mut log, ev(2));
+        h.record(&mut log, ev(5));
+        h.record(&mut log, ev(6));
+        assert_eq!(offsets(h.replay(&log, &pos(4))), Some(vec![5, 6]));
+        assert!(matches!(h.replay(&log, &pos(2)), Replay::Lost));
+        // A log created empty, then restored from the middle of an engine's log.
+        let late = h.log(&Arc::from("d"));
+        let mut late = late.lock();
+        h.record(&mut late, ev(40));
+        assert!(matches!(h.replay(&late, &pos(0)), Replay::Lost));
+        assert_eq!(offsets(h.replay(&late, &pos(39))), Some(vec![40]));
     }
 
     #[test]

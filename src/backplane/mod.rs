@@ -7,6 +7,7 @@
 
 mod dedupe;
 pub mod memory;
+pub mod redis;
 
 pub use dedupe::Dedupe;
 
