@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::PublishKeys;
 use crate::backplane::memory::MemoryBackplane;
+use crate::backplane::nats::NatsBackplane;
 use crate::backplane::{Backplane, EngineContext};
 use crate::config::{Config, ConfigError, Engine};
 use crate::history::History;
@@ -104,7 +105,13 @@ impl App {
                 metrics.backplane_ready.set(1);
                 Arc::new(MemoryBackplane::new(engine.sink, engine.idempotency_window))
             }
-            Engine::Redis | Engine::Nats => {
+            Engine::Nats => Arc::new(NatsBackplane::new(engine, &config.nats_url).map_err(
+                |e| ConfigError {
+                    flag: "nats-url",
+                    message: e.to_string(),
+                },
+            )?),
+            Engine::Redis => {
                 return Err(AppError::Config(ConfigError {
                     flag: "engine",
                     message: "this engine is not available yet".into(),
