@@ -172,13 +172,16 @@ impl History {
         if *current == epoch {
             return;
         }
+        // The first epoch of an engine whose log predates this node: logs created before it
+        // (subscriptions made while the engine connected) know nothing yet.
+        let joined_late = current.is_empty() && !self.complete_from_start;
         *current = epoch;
         for log in self.logs.iter() {
             let mut log = log.value().lock();
             log.events.clear();
             log.last = 0;
-            // The new log starts empty: complete from its start.
-            log.covers_after = Some(0);
+            // Otherwise the new log starts empty: complete from its start.
+            log.covers_after = (!joined_late).then_some(0);
         }
     }
 
@@ -296,6 +299,32 @@ mod tests {
         let log = log.lock();
         assert_eq!(log.last(), 0);
         assert!(matches!(h.replay(&log, &pos(1)), Replay::Lost));
+        let fresh = WirePosition {
+            epoch: Arc::from("f"),
+            offset: 0,
+        };
+        assert_eq!(offsets(h.replay(&log, &fresh)), Some(vec![]));
+    }
+
+    #[test]
+    fn the_first_epoch_of_a_log_joined_late_covers_nothing_yet() {
+        let h = History::new(limits(10), Arc::from(""), false);
+        let c: Arc<str> = Arc::from("c");
+        h.log(&c);
+        h.reset(Arc::from("e"));
+        {
+            let log = h.log(&c);
+            let mut log = log.lock();
+            assert!(matches!(h.replay(&log, &pos(0)), Replay::Lost));
+            // Restored from the engine's log: earlier events may have been trimmed.
+            h.record(&mut log, ev(41));
+            assert!(matches!(h.replay(&log, &pos(10)), Replay::Lost));
+            assert_eq!(offsets(h.replay(&log, &pos(40))), Some(vec![41]));
+        }
+        // A later epoch is a new, empty log: complete from its start.
+        h.reset(Arc::from("f"));
+        let log = h.log(&c);
+        let log = log.lock();
         let fresh = WirePosition {
             epoch: Arc::from("f"),
             offset: 0,
