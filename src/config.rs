@@ -349,6 +349,9 @@ impl Config {
                 "must be 1 to 64 letters, digits, `_` or `-`",
             ));
         }
+        if self.engine == Engine::Nats {
+            crate::backplane::nats::check_url(&self.nats_url).map_err(|m| err("nats-url", m))?;
+        }
         if self.auth_mode == AuthMode::Strict && self.tokens.is_empty() {
             return Err(err(
                 "auth-mode",

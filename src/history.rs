@@ -95,6 +95,14 @@ impl CollectionLog {
     }
 }
 
+/// The epoch positions are handed out in.
+#[derive(Debug)]
+struct EpochState {
+    epoch: Arc<str>,
+    /// False until the engine named its log's lifetime (the first [`History::reset`]).
+    named: bool,
+}
+
 /// Every collection's log, and the epoch they belong to.
 #[derive(Debug)]
 pub struct History {
@@ -102,24 +110,32 @@ pub struct History {
     /// True when a log that has seen no event is complete (the memory engine: its history
     /// starts with its epoch). False for engines whose log predates this node.
     complete_from_start: bool,
-    epoch: RwLock<Arc<str>>,
+    epoch: RwLock<EpochState>,
     logs: DashMap<Arc<str>, Arc<Mutex<CollectionLog>>>,
 }
 
 impl History {
-    /// An empty history for `epoch`.
+    /// An empty history for `epoch`. An empty `epoch` means the engine has not named its
+    /// log's lifetime yet (it is still connecting): until it does, positions carry a random
+    /// epoch of this node's own, which no log will ever match, so they resume as lost.
     pub fn new(limits: HistoryLimits, epoch: Arc<str>, complete_from_start: bool) -> Self {
+        let named = !epoch.is_empty();
+        let epoch = if named {
+            epoch
+        } else {
+            crate::backplane::memory::random_epoch()
+        };
         History {
             limits,
             complete_from_start,
-            epoch: RwLock::new(epoch),
+            epoch: RwLock::new(EpochState { epoch, named }),
             logs: DashMap::new(),
         }
     }
 
     /// The epoch current positions belong to.
     pub fn epoch(&self) -> Arc<str> {
-        self.epoch.read().clone()
+        self.epoch.read().epoch.clone()
     }
 
     /// The log of `collection`, created empty if needed.
@@ -169,13 +185,13 @@ impl History {
     /// position of the old epoch can be resumed against the new one.
     pub fn reset(&self, epoch: Arc<str>) {
         let mut current = self.epoch.write();
-        if *current == epoch {
+        if current.epoch == epoch {
             return;
         }
         // The first epoch of an engine whose log predates this node: logs created before it
         // (subscriptions made while the engine connected) know nothing yet.
-        let joined_late = current.is_empty() && !self.complete_from_start;
-        *current = epoch;
+        let joined_late = !current.named && !self.complete_from_start;
+        *current = EpochState { epoch, named: true };
         for log in self.logs.iter() {
             let mut log = log.value().lock();
             log.events.clear();
@@ -309,6 +325,8 @@ mod tests {
     #[test]
     fn the_first_epoch_of_a_log_joined_late_covers_nothing_yet() {
         let h = History::new(limits(10), Arc::from(""), false);
+        let provisional = h.epoch();
+        assert!(!provisional.is_empty() && provisional.bytes().all(|b| b.is_ascii_alphanumeric()));
         let c: Arc<str> = Arc::from("c");
         h.log(&c);
         h.reset(Arc::from("e"));

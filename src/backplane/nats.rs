@@ -120,6 +120,11 @@ impl Names {
     }
 }
 
+/// Checks `--nats-url` (one URL, or several comma-separated): the reason it is unusable.
+pub fn check_url(url: &str) -> Result<(), String> {
+    parse_servers(url).map(drop)
+}
+
 /// The `Nats-Msg-Id` of an idempotency key: scoped by collection, as keys are.
 fn message_id(collection: &str, key: &str) -> String {
     format!("{collection}/{key}")
