@@ -561,9 +561,9 @@ impl Delivery {
         let info = match self.stream_info().await? {
             Some(info) => info,
             None => match self.js.create_stream(limits.new_stream(names)).await {
-                Ok(mut stream) => {
+                Ok(stream) => {
                     tracing::info!(stream = %names.stream, "NATS backplane: created the stream");
-                    stream.info().await.map_err(|e| request(&e))?.clone()
+                    stream.cached_info().clone()
                 }
                 // Another node may have created it first.
                 Err(create) => self.stream_info().await?.ok_or_else(|| request(&create))?,
