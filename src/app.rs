@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{Principal, PublishKeys};
 use crate::backplane::memory::MemoryBackplane;
+use crate::backplane::nats::NatsBackplane;
 use crate::backplane::redis::RedisBackplane;
 use crate::backplane::{Backplane, EngineContext};
 use crate::config::{Config, ConfigError, Engine};
@@ -91,6 +92,7 @@ impl App {
         let history = Arc::new(History::new(
             config.history,
             Arc::from(""),
+            // NATS offsets are the stream sequence, shared by all collections: sparse.
             matches!(config.engine, Engine::Memory | Engine::Redis),
         ));
         let hub = Arc::new(Hub::new(registry.clone(), metrics.clone(), history));
@@ -116,12 +118,12 @@ impl App {
                     }
                 })?)
             }
-            Engine::Nats => {
-                return Err(AppError::Config(ConfigError {
-                    flag: "engine",
-                    message: "this engine is not available yet".into(),
-                }))
-            }
+            Engine::Nats => Arc::new(NatsBackplane::new(engine, &config.nats_url).map_err(
+                |e| ConfigError {
+                    flag: "nats-url",
+                    message: e.to_string(),
+                },
+            )?),
         };
         let publish_keys = PublishKeys::new(config.publish_keys.clone());
         let anonymous = Arc::new(Principal::anonymous(config.public_permissions.clone()));

@@ -353,6 +353,9 @@ impl Config {
             crate::backplane::redis::check_url(&self.redis_url)
                 .map_err(|message| err("redis-url", message))?;
         }
+        if self.engine == Engine::Nats {
+            crate::backplane::nats::check_url(&self.nats_url).map_err(|m| err("nats-url", m))?;
+        }
         if self.auth_mode == AuthMode::Strict && self.tokens.is_empty() {
             return Err(err(
                 "auth-mode",

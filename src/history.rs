@@ -59,12 +59,19 @@ impl CollectionLog {
         self.last
     }
 
-    fn record(&mut self, event: Arc<Event>, limits: &HistoryLimits, now: Instant) {
-        // Unknown so far, or a gap (events this log never saw: restored after a subscription
-        // created the log, or trimmed from an engine's stream before this node read them):
-        // the log is complete only from this event on.
+    fn record(
+        &mut self,
+        event: Arc<Event>,
+        limits: &HistoryLimits,
+        contiguous: bool,
+        now: Instant,
+    ) {
+        // Unknown so far, or (with contiguous offsets) a gap — events this log never saw:
+        // restored after a subscription created the log, or trimmed from an engine's stream
+        // before this node read them: the log is complete only from this event on. With
+        // sparse offsets (NATS: one sequence for all collections) gaps are normal.
         let before = event.offset.saturating_sub(1);
-        if self.covers_after.is_none() || self.last != before {
+        if self.covers_after.is_none() || (contiguous && self.last != before) {
             self.covers_after = Some(self.covers_after.unwrap_or(0).max(before));
         }
         self.last = event.offset;
@@ -99,33 +106,51 @@ impl CollectionLog {
     }
 }
 
+/// The epoch positions are handed out in.
+#[derive(Debug)]
+struct EpochState {
+    epoch: Arc<str>,
+    /// False until the engine named its log's lifetime (the first [`History::reset`]).
+    named: bool,
+}
+
 /// Every collection's log, and the epoch they belong to.
 #[derive(Debug)]
 pub struct History {
     limits: HistoryLimits,
-    /// True when a log that has seen no event is complete: the memory engine (its history
-    /// starts with its epoch), and engines that restore at least the last event of every
-    /// collection their log holds (Redis), so a collection with no restored event has none.
-    /// False for engines whose log predates this node otherwise.
-    complete_from_start: bool,
-    epoch: RwLock<Arc<str>>,
+    /// Offsets are contiguous per collection (memory, Redis): a log that has seen no event
+    /// is complete (the memory engine's history starts with its epoch; Redis restores at
+    /// least the last event of every collection it holds, so a collection with no restored
+    /// event has none), and a gap in offsets means events this log never saw. False for
+    /// sparse offsets (NATS: the stream sequence), where a log is complete only from the
+    /// first event it recorded.
+    contiguous: bool,
+    epoch: RwLock<EpochState>,
     logs: DashMap<Arc<str>, Arc<Mutex<CollectionLog>>>,
 }
 
 impl History {
-    /// An empty history for `epoch`.
-    pub fn new(limits: HistoryLimits, epoch: Arc<str>, complete_from_start: bool) -> Self {
+    /// An empty history for `epoch`. An empty `epoch` means the engine has not named its
+    /// log's lifetime yet (it is still connecting): until it does, positions carry a random
+    /// epoch of this node's own, which no log will ever match, so they resume as lost.
+    pub fn new(limits: HistoryLimits, epoch: Arc<str>, contiguous: bool) -> Self {
+        let named = !epoch.is_empty();
+        let epoch = if named {
+            epoch
+        } else {
+            crate::backplane::memory::random_epoch()
+        };
         History {
             limits,
-            complete_from_start,
-            epoch: RwLock::new(epoch),
+            contiguous,
+            epoch: RwLock::new(EpochState { epoch, named }),
             logs: DashMap::new(),
         }
     }
 
     /// The epoch current positions belong to.
     pub fn epoch(&self) -> Arc<str> {
-        self.epoch.read().clone()
+        self.epoch.read().epoch.clone()
     }
 
     /// The log of `collection`, created empty if needed.
@@ -137,7 +162,7 @@ impl History {
             .entry(collection.clone())
             .or_insert_with(|| {
                 Arc::new(Mutex::new(CollectionLog {
-                    covers_after: self.complete_from_start.then_some(0),
+                    covers_after: self.contiguous.then_some(0),
                     ..CollectionLog::default()
                 }))
             })
@@ -152,7 +177,7 @@ impl History {
             log.covers_after = Some(event.offset);
             return;
         }
-        log.record(event, &self.limits, Instant::now());
+        log.record(event, &self.limits, self.contiguous, Instant::now());
     }
 
     /// The position a subscription registered now starts after.
@@ -175,16 +200,19 @@ impl History {
     /// position of the old epoch can be resumed against the new one.
     pub fn reset(&self, epoch: Arc<str>) {
         let mut current = self.epoch.write();
-        if *current == epoch {
+        if current.epoch == epoch {
             return;
         }
-        *current = epoch;
+        // The first epoch of an engine whose log predates this node: logs created before it
+        // (subscriptions made while the engine connected) know nothing yet.
+        let joined_late = !current.named && !self.contiguous;
+        *current = EpochState { epoch, named: true };
         for log in self.logs.iter() {
             let mut log = log.value().lock();
             log.events.clear();
             log.last = 0;
-            // The new log starts empty: complete from its start.
-            log.covers_after = Some(0);
+            // Otherwise the new log starts empty: complete from its start.
+            log.covers_after = (!joined_late).then_some(0);
         }
     }
 
@@ -308,6 +336,22 @@ mod tests {
     }
 
     #[test]
+    fn sparse_offsets_are_not_gaps() {
+        let h = History::new(limits(10), Arc::from("e"), false);
+        let log = h.log(&Arc::from("c"));
+        let mut log = log.lock();
+        for o in [41, 45, 52, 60] {
+            h.record(&mut log, ev(o));
+        }
+        assert_eq!(offsets(h.replay(&log, &pos(45))), Some(vec![52, 60]));
+        assert_eq!(
+            offsets(h.replay(&log, &pos(40))),
+            Some(vec![41, 45, 52, 60])
+        );
+        assert!(matches!(h.replay(&log, &pos(39)), Replay::Lost));
+    }
+
+    #[test]
     fn reset_forgets_the_old_epoch() {
         let h = History::new(limits(10), Arc::from("e"), true);
         let c: Arc<str> = Arc::from("c");
@@ -321,6 +365,34 @@ mod tests {
         let log = log.lock();
         assert_eq!(log.last(), 0);
         assert!(matches!(h.replay(&log, &pos(1)), Replay::Lost));
+        let fresh = WirePosition {
+            epoch: Arc::from("f"),
+            offset: 0,
+        };
+        assert_eq!(offsets(h.replay(&log, &fresh)), Some(vec![]));
+    }
+
+    #[test]
+    fn the_first_epoch_of_a_log_joined_late_covers_nothing_yet() {
+        let h = History::new(limits(10), Arc::from(""), false);
+        let provisional = h.epoch();
+        assert!(!provisional.is_empty() && provisional.bytes().all(|b| b.is_ascii_alphanumeric()));
+        let c: Arc<str> = Arc::from("c");
+        h.log(&c);
+        h.reset(Arc::from("e"));
+        {
+            let log = h.log(&c);
+            let mut log = log.lock();
+            assert!(matches!(h.replay(&log, &pos(0)), Replay::Lost));
+            // Restored from the engine's log: earlier events may have been trimmed.
+            h.record(&mut log, ev(41));
+            assert!(matches!(h.replay(&log, &pos(10)), Replay::Lost));
+            assert_eq!(offsets(h.replay(&log, &pos(40))), Some(vec![41]));
+        }
+        // A later epoch is a new, empty log: complete from its start.
+        h.reset(Arc::from("f"));
+        let log = h.log(&c);
+        let log = log.lock();
         let fresh = WirePosition {
             epoch: Arc::from("f"),
             offset: 0,

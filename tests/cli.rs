@@ -610,7 +610,7 @@ fn unparsable_flag_values_exit_2_naming_the_flag() {
     assert_config_error(&["--auth-mode", "bogus"], &[], "auth-mode");
     assert_config_error(&["--heartbeat-period=-1"], &[], "heartbeat-period");
     assert_config_error(&["--max-frame-bytes", "lots"], &[], "max-frame-bytes");
-    // Only the `memory` engine exists today.
+    // Not an engine at all.
     assert_config_error(&["--engine", "etcd"], &[], "engine");
 }
 

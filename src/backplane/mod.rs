@@ -2,11 +2,12 @@
 //!
 //! A [`Backplane`] gives each event its position (per-collection offset within an epoch) and
 //! hands it, in order, to the [`EventSink`] of every node. The in-process [`memory`] engine
-//! is the embedded default; engines over Redis or NATS plug in behind the same trait without
-//! touching ingest or the hub.
+//! is the embedded default; [`nats`] shares one JetStream stream between nodes; engines plug
+//! in behind the same trait without touching ingest or the hub.
 
 mod dedupe;
 pub mod memory;
+pub mod nats;
 pub mod redis;
 
 pub use dedupe::Dedupe;
