@@ -142,6 +142,10 @@ pub struct BenchArgs {
         default_value = "http://127.0.0.1:8080"
     )]
     pub url: String,
+    /// Publish to this broker instead (`http://host:port`): with a cluster, subscribers on one
+    /// node (`--url`) and the publisher on another measure the backplane in between.
+    #[arg(long, env = "TIDINGS_BENCH_PUBLISH_URL")]
+    pub publish_url: Option<String>,
     /// Path of the broker's WebSocket endpoint.
     #[arg(long, env = "TIDINGS_WS_PATH", default_value = "/websocket")]
     pub ws_path: String,
@@ -332,6 +336,10 @@ impl Run {
         let shape = ItemShape::new(args.fields, args.item_bytes, groups)?;
 
         let (authority, base) = parse_http_url(&args.url)?;
+        let publish_base = match &args.publish_url {
+            Some(url) => parse_http_url(url)?.1,
+            None => base,
+        };
         let addr = resolve(&authority).await?;
         if args.source_addrs > 1 && !(addr.is_ipv4() && addr.ip().is_loopback()) {
             return usage(format!(
@@ -379,7 +387,7 @@ impl Run {
                 source_addrs: args.source_addrs,
             }),
             publish: PublishPlan {
-                uri: format!("{base}/v1/publish"),
+                uri: format!("{publish_base}/v1/publish"),
                 publish_key: args.publish_key.clone(),
                 collection_json,
                 shape,
