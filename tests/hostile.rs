@@ -448,16 +448,10 @@ async fn row_rule_bypass_attempts() {
     )
     .await;
     assert_eq!(c.recv().await["event"], "init");
+    // Each of the ten rows above published alice's order 2 once; bob's orders (1 and 3)
+    // and the hidden field never come back.
     for _ in 0..10 {
-        let frame = c.recv().await;
-        assert_eq!(frame["data"][0]["owner"], "alice", "{frame}");
-        assert!(frame["data"][0].get("secret").is_none(), "{frame}");
-        if frame
-            == json!({"type":"subscription","event":"create","data":[{"id":2,"owner":"alice","status":"paid","total":5}],"uid":"h"})
-        {
-            // The last matching create of each row; the first nine rows published it too.
-            continue;
-        }
+        assert_eq!(c.recv_text().await, alice_create);
     }
     c.expect_silence(Duration::from_millis(200)).await;
     canary.check(&server, "resume").await;
