@@ -34,10 +34,7 @@ const COLLECTION: &str = "orders";
 const SIZES: [usize; 3] = [1_000, 10_000, 100_000];
 
 fn principal() -> Principal {
-    Principal {
-        sub: None,
-        permissions: Permissions::all(),
-    }
+    Principal::new(None, Permissions::all())
 }
 
 fn spec(filter: Option<Value>, fields: Option<Value>, uid: &str) -> Spec {

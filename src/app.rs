@@ -26,6 +26,7 @@ use crate::history::History;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::ws::PerIpConnections;
 
 /// State shared by every handler and session.
 pub struct AppState {
@@ -51,6 +52,8 @@ pub struct AppState {
     pub sessions: TaskTracker,
     /// Open WebSocket connections, against `max_connections`.
     pub connections: AtomicUsize,
+    /// Open WebSocket connections per client address, against `max_connections_per_ip`.
+    pub per_ip: PerIpConnections,
 }
 
 impl std::fmt::Debug for AppState {
@@ -125,7 +128,7 @@ impl App {
                 },
             )?),
         };
-        let publish_keys = PublishKeys::new(config.publish_keys.clone());
+        let publish_keys: PublishKeys = config.publish_keys.clone();
         let anonymous = Arc::new(Principal::anonymous(config.public_permissions.clone()));
         Ok(App {
             state: Arc::new(AppState {
@@ -140,6 +143,7 @@ impl App {
                 shutdown,
                 sessions: TaskTracker::new(),
                 connections: AtomicUsize::new(0),
+                per_ip: PerIpConnections::default(),
             }),
         })
     }
@@ -170,10 +174,19 @@ impl App {
     ) -> Result<(), AppError> {
         let state = self.state.clone();
         let local = listener.local_addr()?;
-        if !local.ip().is_loopback() && !state.publish_keys.required() {
+        if !local.ip().is_loopback()
+            && !state.publish_keys.required()
+            && !state.config.trust_loopback_publishers
+        {
             tracing::warn!(
                 %local,
                 "publishing is open to anyone who can reach this address: set --publish-key"
+            );
+        }
+        if !local.ip().is_loopback() && state.config.trust_loopback_publishers {
+            tracing::warn!(
+                %local,
+                "--trust-loopback-publishers: requests relayed by a proxy on this host arrive from loopback and need no publish key"
             );
         }
         tracing::info!(%local, ws_path = %state.config.ws_path, engine = state.backplane.engine(), "tidings listening");

@@ -8,11 +8,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-use crate::auth::{Permissions, Principal, TokenStore};
+use crate::auth::jwt::{JwtSettings, JwtVerifier};
+use crate::auth::{Permissions, Principal, PublishKeys, TokenStore};
 use crate::filter::FilterLimits;
 use crate::history::HistoryLimits;
 
@@ -72,14 +74,43 @@ pub struct ServeArgs {
         default_value = r#"{"*":{}}"#
     )]
     pub public_permissions: String,
-    /// An API key publishers must send as `Authorization: Bearer <key>`. Repeatable.
-    /// Without any, publishing is open (fine on loopback; a warning is logged otherwise).
+    /// An API key publishers must send as `Authorization: Bearer <key>`: `KEY`, or `NAME=KEY`
+    /// to name it in metrics. Repeatable. Without any, publishing is open (fine on loopback;
+    /// a warning is logged otherwise).
     #[arg(
         long = "publish-key",
         env = "TIDINGS_PUBLISH_KEY",
         value_delimiter = ';'
     )]
     pub publish_keys: Vec<String>,
+    /// JSON file of named publish keys: {"<name>": "<key>"}.
+    #[arg(long, env = "TIDINGS_PUBLISH_KEYS_FILE")]
+    pub publish_keys_file: Option<PathBuf>,
+    /// Publishers connecting from a loopback address (127.0.0.0/8, ::1) need no key.
+    #[arg(long, env = "TIDINGS_TRUST_LOOPBACK_PUBLISHERS")]
+    pub trust_loopback_publishers: bool,
+    /// HS256 secret for subscriber JWTs (at least 32 bytes).
+    #[arg(long, env = "TIDINGS_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM file of an RS256 (RSA) or ES256 (EC P-256) public key for subscriber JWTs. Repeatable.
+    #[arg(
+        long = "jwt-public-key",
+        env = "TIDINGS_JWT_PUBLIC_KEY",
+        value_delimiter = ';'
+    )]
+    pub jwt_public_keys: Vec<PathBuf>,
+    /// JWKS file ({"keys":[…]}) of RS256/ES256 public keys for subscriber JWTs, matched by `kid`.
+    #[arg(long, env = "TIDINGS_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+    /// Required `iss` of subscriber JWTs.
+    #[arg(long, env = "TIDINGS_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` of subscriber JWTs.
+    #[arg(long, env = "TIDINGS_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Seconds of clock skew allowed on a JWT's `exp` and `nbf` (at most 300).
+    #[arg(long, env = "TIDINGS_JWT_LEEWAY", default_value = "30", value_parser = parse_secs)]
+    pub jwt_leeway: Duration,
     /// Backplane engine: memory (one node), redis or nats (several nodes).
     #[arg(long, env = "TIDINGS_ENGINE", value_enum, default_value = "memory")]
     pub engine: Engine,
@@ -140,6 +171,13 @@ pub struct ServeArgs {
     /// Most concurrent WebSocket connections.
     #[arg(long, env = "TIDINGS_MAX_CONNECTIONS", default_value = "10000")]
     pub max_connections: usize,
+    /// Most concurrent WebSocket connections from one client address (0: no limit).
+    #[arg(long, env = "TIDINGS_MAX_CONNECTIONS_PER_IP", default_value = "0")]
+    pub max_connections_per_ip: usize,
+    /// Most messages a connection may send per second, with bursts of as many plus
+    /// --max-subscriptions (0: no limit).
+    #[arg(long, env = "TIDINGS_MAX_MESSAGES_PER_SECOND", default_value = "50")]
+    pub max_messages_per_second: u32,
     /// Most frames waiting in one connection's outbox before it is closed as a slow consumer.
     #[arg(long, env = "TIDINGS_OUTBOX_MESSAGES", default_value = "1024")]
     pub outbox_messages: usize,
@@ -208,8 +246,12 @@ pub struct Config {
     pub tokens: TokenStore,
     /// What an unauthenticated connection may read (public mode only).
     pub public_permissions: Permissions,
-    /// Publisher API keys; empty means publishing is open.
-    pub publish_keys: Vec<String>,
+    /// Publisher API keys; none means publishing is open.
+    pub publish_keys: PublishKeys,
+    /// Publishers on a loopback address need no key.
+    pub trust_loopback_publishers: bool,
+    /// Subscriber JWT verification; `None`: JWTs are refused.
+    pub jwt: Option<Arc<JwtVerifier>>,
     /// Backplane engine.
     pub engine: Engine,
     /// Redis URL (redis engine).
@@ -242,6 +284,10 @@ pub struct Config {
     pub max_subscriptions: usize,
     /// Most concurrent connections.
     pub max_connections: usize,
+    /// Most concurrent connections per client address; 0 = no limit.
+    pub max_connections_per_ip: usize,
+    /// Inbound message rate per connection; 0 = no limit.
+    pub max_messages_per_second: u32,
     /// Outbox bound in frames.
     pub outbox_messages: usize,
     /// Outbox bound in bytes.
@@ -260,7 +306,9 @@ impl Default for Config {
             auth_mode: AuthMode::Public,
             tokens: TokenStore::default(),
             public_permissions: Permissions::all(),
-            publish_keys: Vec::new(),
+            publish_keys: PublishKeys::default(),
+            trust_loopback_publishers: false,
+            jwt: None,
             engine: Engine::Memory,
             redis_url: "redis://127.0.0.1:6379".into(),
             nats_url: "nats://127.0.0.1:4222".into(),
@@ -280,6 +328,8 @@ impl Default for Config {
             max_publish_events: 1000,
             max_subscriptions: 100,
             max_connections: 10_000,
+            max_connections_per_ip: 0,
+            max_messages_per_second: 50,
             outbox_messages: 1024,
             outbox_bytes: 1024 * 1024,
             filter_limits: FilterLimits::default(),
@@ -356,10 +406,10 @@ impl Config {
         if self.engine == Engine::Nats {
             crate::backplane::nats::check_url(&self.nats_url).map_err(|m| err("nats-url", m))?;
         }
-        if self.auth_mode == AuthMode::Strict && self.tokens.is_empty() {
+        if self.auth_mode == AuthMode::Strict && self.tokens.is_empty() && self.jwt.is_none() {
             return Err(err(
                 "auth-mode",
-                "strict mode needs at least one token (--token or --tokens-file)",
+                "strict mode needs at least one token (--token or --tokens-file) or a JWT key",
             ));
         }
         Ok(())
@@ -394,15 +444,40 @@ impl ServeArgs {
                 .ok_or_else(|| err("key-field", format!("`{spec}` is not COLLECTION=FIELD")))?;
             key_fields.insert(collection.trim().to_string(), field.trim().to_string());
         }
-        if self.publish_keys.iter().any(|k| k.trim().is_empty()) {
-            return Err(err("publish-key", "a publish key must not be empty"));
+        let mut publish_keys = PublishKeys::default();
+        publish_keys
+            .add_flags(&self.publish_keys)
+            .map_err(|e| err("publish-key", e.to_string()))?;
+        if let Some(path) = &self.publish_keys_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                err(
+                    "publish-keys-file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            publish_keys
+                .add_json(&text)
+                .map_err(|e| err("publish-keys-file", format!("{}: {e}", path.display())))?;
         }
+        let jwt = JwtSettings {
+            secret: self.jwt_secret,
+            public_keys: self.jwt_public_keys,
+            jwks_file: self.jwks_file,
+            issuer: self.jwt_issuer,
+            audience: self.jwt_audience,
+            leeway: self.jwt_leeway,
+        }
+        .build()
+        .map_err(|e| err(e.flag, e.message))?
+        .map(Arc::new);
         let config = Config {
             ws_path: self.ws_path,
             auth_mode: self.auth_mode,
             tokens,
             public_permissions,
-            publish_keys: self.publish_keys,
+            publish_keys,
+            trust_loopback_publishers: self.trust_loopback_publishers,
+            jwt,
             engine: self.engine,
             redis_url: self.redis_url,
             nats_url: self.nats_url,
@@ -422,6 +497,8 @@ impl ServeArgs {
             max_publish_events: self.max_publish_events,
             max_subscriptions: self.max_subscriptions,
             max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+            max_messages_per_second: self.max_messages_per_second,
             outbox_messages: self.outbox_messages,
             outbox_bytes: self.outbox_bytes,
             filter_limits: FilterLimits {
@@ -460,13 +537,7 @@ fn parse_token_flag(spec: &str) -> Result<(String, Principal), String> {
             Permissions::collections(names)
         }
     };
-    Ok((
-        token.to_string(),
-        Principal {
-            sub: None,
-            permissions,
-        },
-    ))
+    Ok((token.to_string(), Principal::new(None, permissions)))
 }
 
 #[cfg(test)]
@@ -539,6 +610,75 @@ mod tests {
         assert_eq!(c.auth_timeout, Duration::from_millis(250));
         assert!(parse_secs("-1").is_err());
         assert!(parse_secs("NaN").is_err());
+    }
+
+    #[test]
+    fn auth_flags() {
+        let c = parse(&[
+            "--publish-key",
+            "k1",
+            "--publish-key",
+            "ci=k2",
+            "--trust-loopback-publishers",
+            "--jwt-secret",
+            "0123456789abcdef0123456789abcdef",
+            "--max-connections-per-ip",
+            "3",
+            "--max-messages-per-second",
+            "0",
+            "--auth-mode",
+            "strict",
+        ])
+        .unwrap();
+        assert_eq!(c.publish_keys.accepts("k2").as_deref(), Some("ci"));
+        assert!(c.trust_loopback_publishers);
+        assert!(c.jwt.is_some());
+        assert_eq!(c.max_connections_per_ip, 3);
+        assert_eq!(c.max_messages_per_second, 0);
+        let d = parse(&[]).unwrap();
+        assert!(!d.trust_loopback_publishers && d.jwt.is_none());
+        assert_eq!(d.max_messages_per_second, 50);
+        assert_eq!(
+            parse(&["--jwt-secret", "short"]).unwrap_err().flag,
+            "jwt-secret"
+        );
+        assert_eq!(
+            parse(&[
+                "--jwt-leeway",
+                "301",
+                "--jwt-secret",
+                "0123456789abcdef0123456789abcdef"
+            ])
+            .unwrap_err()
+            .flag,
+            "jwt-leeway"
+        );
+        assert_eq!(
+            parse(&["--jwt-public-key", "/nonexistent.pem"])
+                .unwrap_err()
+                .flag,
+            "jwt-public-key"
+        );
+        assert_eq!(
+            parse(&["--jwks-file", "/nonexistent"]).unwrap_err().flag,
+            "jwks-file"
+        );
+        assert_eq!(
+            parse(&["--jwt-issuer", "x"]).unwrap_err().flag,
+            "jwt-issuer"
+        );
+        assert_eq!(
+            parse(&["--publish-key", "a=k", "--publish-key", "a=j"])
+                .unwrap_err()
+                .flag,
+            "publish-key"
+        );
+        assert_eq!(
+            parse(&["--publish-keys-file", "/nonexistent"])
+                .unwrap_err()
+                .flag,
+            "publish-keys-file"
+        );
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //! - [`event`]: events, event kinds, item keys; normalization of publish payloads.
 //! - [`protocol`]: wire types of the WebSocket protocol (client and server messages).
 //! - [`filter`], [`projection`]: compile a subscriber's filter and field list once; evaluate them.
-//! - [`auth`]: static tokens and the permissions they grant.
+//! - [`auth`]: subscriber credentials (static tokens, JWTs), the permissions they grant,
+//!   publisher keys.
 //! - [`registry`]: live subscriptions, grouped by identical (filter, projection, permission).
 //! - [`hub`]: one event → matching groups → one encoding per group → outboxes.
 //! - [`outbox`]: the bounded per-connection queue between the hub and a session.

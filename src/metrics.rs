@@ -11,6 +11,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::auth::{AuthError, JwtError};
 use crate::protocol::ErrorCode;
 
 /// Why a connection closed (the `reason` label of `tidings_connections_closed_total`).
@@ -59,6 +60,39 @@ impl CloseReason {
             CloseReason::FrameTooBig => "frame_too_big",
             CloseReason::Error => "error",
         }
+    }
+}
+
+/// Every `reason` of `tidings_auth_rejections_total`.
+pub const AUTH_REJECTION_REASONS: [&str; 11] = [
+    "unknown_token",
+    "jwt_not_configured",
+    "malformed",
+    "algorithm",
+    "no_key",
+    "bad_signature",
+    "expired",
+    "not_yet_valid",
+    "issuer",
+    "audience",
+    "claims",
+];
+
+fn auth_rejection_reason(error: &AuthError) -> &'static str {
+    match error {
+        AuthError::UnknownToken => "unknown_token",
+        AuthError::JwtNotConfigured => "jwt_not_configured",
+        AuthError::Jwt(e) => match e {
+            JwtError::Malformed(_) => "malformed",
+            JwtError::AlgorithmNotAllowed(_) => "algorithm",
+            JwtError::NoKey { .. } => "no_key",
+            JwtError::BadSignature => "bad_signature",
+            JwtError::Expired => "expired",
+            JwtError::NotYetValid => "not_yet_valid",
+            JwtError::WrongIssuer => "issuer",
+            JwtError::WrongAudience => "audience",
+            JwtError::InvalidClaims(_) => "claims",
+        },
     }
 }
 
@@ -118,6 +152,11 @@ pub struct Metrics {
     pub published_items: IntCounterVec,
     /// Publish requests, by HTTP status.
     pub publish_requests: IntCounterVec,
+    /// Publish requests that passed authentication, by the publish key's name (`_loopback`:
+    /// trusted loopback publisher without a key; `_open`: no key configured).
+    pub publish_requests_by_key: IntCounterVec,
+    /// Subscriber credentials refused, by why (the client only sees AUTH_FAILED / 401).
+    pub auth_rejections: IntCounterVec,
     /// Frames written to sockets.
     pub deliveries: IntCounter,
     /// Bytes of frames written to sockets.
@@ -212,6 +251,16 @@ impl Metrics {
                 &["reason"],
             )?,
             subscriptions,
+            publish_requests_by_key: counter_vec(
+                "tidings_publish_requests_by_key_total",
+                "Publish requests that passed authentication, by publish key name.",
+                &["key"],
+            )?,
+            auth_rejections: counter_vec(
+                "tidings_auth_rejections_total",
+                "Subscriber tokens refused, by reason.",
+                &["reason"],
+            )?,
             published_events: counter_vec(
                 "tidings_published_events_total",
                 "Events accepted for publishing, by collection and event.",
@@ -308,13 +357,23 @@ impl Metrics {
                 .connections_closed
                 .with_label_values(&[reason.as_str()]);
         }
-        for reason in ["limit", "unauthorized"] {
+        for reason in ["limit", "per_ip_limit", "unauthorized"] {
             metrics.connections_refused.with_label_values(&[reason]);
         }
         for code in ErrorCode::ALL {
             metrics.protocol_errors.with_label_values(&[code.as_str()]);
         }
+        for reason in AUTH_REJECTION_REASONS {
+            metrics.auth_rejections.with_label_values(&[reason]);
+        }
         Ok(metrics)
+    }
+
+    /// Counts a refused subscriber credential.
+    pub fn auth_rejected(&self, error: &AuthError) {
+        self.auth_rejections
+            .with_label_values(&[auth_rejection_reason(error)])
+            .inc();
     }
 
     /// Counts a protocol error frame.

@@ -264,6 +264,24 @@ pub struct Projection {
     canonical: String,
 }
 
+impl Default for Projection {
+    /// Every field: the projection of an empty field list.
+    fn default() -> Self {
+        let mut sel = Sel {
+            all: true,
+            ..Sel::default()
+        };
+        sel.normalize();
+        let mut canonical = String::new();
+        sel.write_canonical(&mut canonical);
+        Projection {
+            sel,
+            json: BTreeMap::new(),
+            canonical,
+        }
+    }
+}
+
 impl Projection {
     /// Compiles a field list that the caller has already split on commas. An empty list means
     /// all fields, like `["*"]`. Entries are trimmed; errors name the offending entry.
@@ -540,6 +558,14 @@ mod tests {
             "editor": 12,
             "reviewer": null
         })
+    }
+
+    #[test]
+    fn default_is_every_field() {
+        let p = Projection::default();
+        let q = Projection::compile(&[]).unwrap();
+        assert!(p.is_all());
+        assert_eq!(p.canonical(), q.canonical());
     }
 
     #[test]

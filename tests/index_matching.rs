@@ -61,10 +61,7 @@ fn request(uid: &str, item: Option<&str>, filter: Option<&Value>) -> SubscribeRe
 impl World {
     /// Registers one subscription per entry (`(item, filter)`), uid `s<i>`, own outbox.
     fn new(specs: &[(Option<&str>, Option<Value>)]) -> World {
-        let principal = Principal {
-            sub: None,
-            permissions: Permissions::all(),
-        };
+        let principal = Principal::new(None, Permissions::all());
         let limits = FilterLimits::default();
         let ctx = SpecContext {
             principal: &principal,

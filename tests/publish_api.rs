@@ -152,7 +152,11 @@ async fn bad_inputs_get_clear_errors_and_publish_nothing() {
 #[tokio::test]
 async fn publish_keys_are_required_when_configured() {
     let config = Config {
-        publish_keys: vec!["k1".into(), "k2".into()],
+        publish_keys: {
+            let mut keys = tidings::auth::PublishKeys::default();
+            keys.add_flags(&["k1", "k2"]).expect("keys");
+            keys
+        },
         ..Config::default()
     };
     let server = start(config).await;

@@ -236,6 +236,9 @@ impl Compiler<'_> {
                 )),
             };
         }
+        if let Some(name) = s.strip_prefix("$CLAIMS.") {
+            return self.claim(name, path).map(Resolved::Value);
+        }
         if s.starts_with("$CURRENT_") {
             return Err(err(
                 path,
@@ -250,6 +253,31 @@ impl Compiler<'_> {
                 format!(
                     "Invalid \"$NOW\" expression \"{s}\" at \"{path}\"; write $NOW or $NOW(<+|-><number> <unit>) with a unit of second, minute, hour, day, week, month or year."
                 ),
+            )),
+        }
+    }
+
+    /// The value of `$CLAIMS.<name>` (a dotted path into the claims). Claim values are used
+    /// as they are, never read as placeholders themselves.
+    fn claim(&self, name: &str, path: &str) -> Result<Value, FilterError> {
+        let Some(claims) = &self.ctx.claims else {
+            return Err(err(
+                path,
+                format!(
+                    "\"$CLAIMS.{name}\" at \"{path}\" needs a subscriber authenticated with a JWT."
+                ),
+            ));
+        };
+        let mut parts = name.split('.');
+        let first = parts.next().unwrap_or_default();
+        let found = parts.try_fold(claims.get(first), |v, part| {
+            Ok::<_, ()>(v.and_then(|v| v.get(part)))
+        });
+        match found {
+            Ok(Some(v)) => Ok(v.clone()),
+            _ => Err(err(
+                path,
+                format!("Claim \"{name}\" at \"{path}\" is not in the subscriber's token."),
             )),
         }
     }
@@ -293,6 +321,14 @@ impl Compiler<'_> {
             "_gt" => Op::Gt(self.ordered(val, path, key)?),
             "_gte" => Op::Gte(self.ordered(val, path, key)?),
             "_in" | "_nin" => {
+                // A whole list may come from a claim: `{"_in": "$CLAIMS.tenants"}`.
+                let from_claim = match val {
+                    Value::String(s) if s.starts_with("$CLAIMS.") => {
+                        Some(self.claim(&s["$CLAIMS.".len()..], path)?)
+                    }
+                    _ => None,
+                };
+                let val = from_claim.as_ref().unwrap_or(val);
                 let Value::Array(items) = val else {
                     return Err(err(
                         path,
@@ -309,11 +345,14 @@ impl Compiler<'_> {
                         ),
                     ));
                 }
-                let list = items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| self.literal(v, &format!("{path}.{i}")))
-                    .collect::<Result<Vec<_>, _>>()?;
+                let list = match from_claim {
+                    Some(_) => items.iter().map(|v| Lit::new(v.clone())).collect(),
+                    None => items
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| self.literal(v, &format!("{path}.{i}")))
+                        .collect::<Result<Vec<_>, _>>()?,
+                };
                 if key == "_in" {
                     Op::In(list)
                 } else {

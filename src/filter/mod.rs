@@ -3,7 +3,7 @@
 //!
 //! This module owns the filter language: operator parsing and validation (with errors that name
 //! the offending path), compile-time limits ([`FilterLimits`]), placeholder resolution
-//! (`$CURRENT_USER` at compile time, `$NOW` at match time), the comparison rules between JSON
+//! (`$CURRENT_USER` and `$CLAIMS.<name>` at compile time, `$NOW` at match time), the comparison rules between JSON
 //! values of different types (see `protocol/filters.md`), the canonical identity used to group
 //! identical subscriptions, and the equality terms a future index can use. It is free of tokio
 //! and axum.
@@ -55,11 +55,13 @@ impl Default for FilterLimits {
     }
 }
 
-/// Values that compile-time placeholders resolve to (`$CURRENT_USER`).
+/// Values that compile-time placeholders resolve to (`$CURRENT_USER`, `$CLAIMS.<name>`).
 #[derive(Debug, Clone, Default)]
 pub struct CompileContext {
     /// Subject of the subscriber's token, if any.
     pub current_user: Option<String>,
+    /// Verified claims of the subscriber's JWT, if it has one.
+    pub claims: Option<std::sync::Arc<serde_json::Map<String, Value>>>,
 }
 
 /// A compile error; `path` names where in the filter the problem is, e.g. `status._nope`.

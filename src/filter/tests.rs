@@ -7,6 +7,7 @@ use serde_json::json;
 fn ctx() -> CompileContext {
     CompileContext {
         current_user: Some("u1".to_owned()),
+        ..CompileContext::default()
     }
 }
 
@@ -698,6 +699,7 @@ fn current_user() {
         &FilterLimits::default(),
         &CompileContext {
             current_user: Some("u2".to_owned()),
+            ..CompileContext::default()
         },
     )
     .ok();
@@ -723,6 +725,45 @@ fn current_user() {
         &anon,
     );
     assert_eq!(e.path, "_and.0.owner._in.1");
+}
+
+#[test]
+fn claims_placeholders() {
+    let claims: serde_json::Map<String, Value> = serde_json::from_value(json!({
+        "sub": "u1", "tenant": "t1", "org": {"id": 7}, "tenants": ["t1", "t2", "$CURRENT_USER"],
+        "tricky": "$NOW"
+    }))
+    .unwrap();
+    let ctx = CompileContext {
+        current_user: Some("u1".to_owned()),
+        claims: Some(std::sync::Arc::new(claims)),
+    };
+    let compile = |f: Value| Filter::compile(&f, &FilterLimits::default(), &ctx);
+    let f = compile(json!({"tenant": {"_eq": "$CLAIMS.tenant"}})).unwrap();
+    assert!(f.matches(&json!({"tenant": "t1"})));
+    assert!(!f.matches(&json!({"tenant": "t2"})));
+    let f = compile(json!({"org": {"_eq": "$CLAIMS.org.id"}})).unwrap();
+    assert!(f.matches(&json!({"org": 7})));
+    let f = compile(json!({"tenant": {"_in": "$CLAIMS.tenants"}})).unwrap();
+    assert!(f.matches(&json!({"tenant": "t2"})));
+    // Claim values are data, never placeholders.
+    assert!(f.matches(&json!({"tenant": "$CURRENT_USER"})));
+    assert!(!f.matches(&json!({"tenant": "u1"})));
+    let f = compile(json!({"x": {"_eq": "$CLAIMS.tricky"}})).unwrap();
+    assert!(f.matches(&json!({"x": "$NOW"})));
+    let e = compile(json!({"tenant": {"_eq": "$CLAIMS.nope"}})).unwrap_err();
+    assert_eq!(e.path, "tenant._eq");
+    assert_eq!(
+        e.message,
+        r#"Claim "nope" at "tenant._eq" is not in the subscriber's token."#
+    );
+    let e = compile(json!({"tenant": {"_in": "$CLAIMS.tenant"}})).unwrap_err();
+    assert_eq!(e.message, r#""_in" at "tenant._in" expects an array."#);
+    let e = cerr(json!({"tenant": {"_eq": "$CLAIMS.tenant"}}));
+    assert_eq!(
+        e.message,
+        r#""$CLAIMS.tenant" at "tenant._eq" needs a subscriber authenticated with a JWT."#
+    );
 }
 
 #[test]

@@ -1,12 +1,13 @@
 //! The publish endpoints: authenticate, check the content type, parse, normalize (all or
 //! nothing), hand to the backplane, answer with the positions.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -14,6 +15,7 @@ use serde_json::{json, Value};
 
 use super::ApiError;
 use crate::app::AppState;
+use crate::auth::PublishKeys;
 use crate::event::{
     idempotency_key, normalize_collection_body, normalize_publish, EventKind, NewEvent,
     NormalizeError,
@@ -22,11 +24,12 @@ use crate::event::{
 /// `POST /v1/publish`.
 pub async fn publish_handler(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
-        let body = read_body(&state, &headers, body)?;
+        let body = read_body(&state, peer, &headers, body)?;
         let config = &state.config;
         let mut events = normalize_publish(
             body,
@@ -44,13 +47,14 @@ pub async fn publish_handler(
 /// `POST /v1/collections/{collection}/{event}`.
 pub async fn collection_handler(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path((collection, event)): Path<(String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
         let kind = EventKind::parse(&event).ok_or(ApiError::NotFound)?;
-        let body = read_body(&state, &headers, body)?;
+        let body = read_body(&state, peer, &headers, body)?;
         let config = &state.config;
         let event = normalize_collection_body(&collection, kind, body, &|c| {
             config.key_field(c).to_string()
@@ -107,28 +111,56 @@ fn count(state: &AppState, result: Result<Response, ApiError>) -> Response {
     response
 }
 
+/// Which credential let a publisher in: a key's name, `_loopback` (a trusted loopback
+/// publisher without a key) or `_open` (no key configured, loopback not singled out).
+fn authorize(
+    keys: &PublishKeys,
+    trust_loopback: bool,
+    peer: IpAddr,
+    authorization: Option<&str>,
+) -> Result<Arc<str>, ApiError> {
+    if !keys.required() && !trust_loopback {
+        return Ok(Arc::from("_open"));
+    }
+    let presented = authorization.and_then(|v| {
+        // The scheme is case-insensitive (RFC 9110).
+        let (scheme, key) = v.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+    });
+    if let Some(name) = presented.and_then(|key| keys.accepts(key)) {
+        return Ok(name);
+    }
+    // A wrong key from loopback is still refused: it is a misconfigured publisher.
+    if presented.is_none() && trust_loopback && peer.to_canonical().is_loopback() {
+        return Ok(Arc::from("_loopback"));
+    }
+    Err(ApiError::Unauthorized)
+}
+
 /// Readiness, publisher key, content type, size and JSON syntax, in that order.
 fn read_body(
     state: &AppState,
+    peer: SocketAddr,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Value, ApiError> {
     if !state.ready.load(Ordering::Acquire) {
         return Err(ApiError::Unavailable("the broker is shutting down".into()));
     }
-    if state.publish_keys.required() {
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim);
-        if !presented.is_some_and(|key| state.publish_keys.accepts(key)) {
-            return Err(ApiError::Unauthorized);
-        }
-    }
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let key = authorize(
+        &state.publish_keys,
+        state.config.trust_loopback_publishers,
+        peer.ip(),
+        authorization,
+    )?;
+    state
+        .metrics
+        .publish_requests_by_key
+        .with_label_values(&[&*key])
+        .inc();
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -202,4 +234,64 @@ async fn accept(state: &AppState, events: Vec<NewEvent>) -> Result<Response, Api
         }));
     }
     Ok((StatusCode::ACCEPTED, Json(json!({ "events": accepted }))).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> PublishKeys {
+        let mut keys = PublishKeys::default();
+        keys.add_flags(&["app=k1"]).unwrap();
+        keys
+    }
+
+    fn name(r: Result<Arc<str>, ApiError>) -> Option<String> {
+        r.ok().map(|n| n.to_string())
+    }
+
+    #[test]
+    fn publisher_authorization() {
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let lo6: IpAddr = "::1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:127.0.0.9".parse().unwrap();
+        let lan: IpAddr = "10.1.2.3".parse().unwrap();
+        let none = PublishKeys::default();
+        // No key, no trust: open to everyone.
+        assert_eq!(
+            name(authorize(&none, false, lan, None)).as_deref(),
+            Some("_open")
+        );
+        // Keys: the right key, any address; case-insensitive scheme.
+        assert_eq!(
+            name(authorize(&keys(), false, lan, Some("Bearer k1"))).as_deref(),
+            Some("app")
+        );
+        assert_eq!(
+            name(authorize(&keys(), false, lan, Some("bEaReR k1"))).as_deref(),
+            Some("app")
+        );
+        assert!(authorize(&keys(), false, lan, Some("Bearer k2")).is_err());
+        assert!(authorize(&keys(), false, lan, Some("k1")).is_err());
+        assert!(authorize(&keys(), false, lo, None).is_err());
+        // Trusted loopback: no key needed from loopback, never from elsewhere.
+        for ip in [lo, lo6, mapped] {
+            assert_eq!(
+                name(authorize(&keys(), true, ip, None)).as_deref(),
+                Some("_loopback")
+            );
+            assert_eq!(
+                name(authorize(&none, true, ip, None)).as_deref(),
+                Some("_loopback")
+            );
+            assert!(authorize(&keys(), true, ip, Some("Bearer wrong")).is_err());
+        }
+        assert!(authorize(&keys(), true, lan, None).is_err());
+        assert!(authorize(&none, true, lan, None).is_err());
+        assert!(authorize(&none, true, lan, Some("Bearer k1")).is_err());
+        assert_eq!(
+            name(authorize(&keys(), true, lan, Some("Bearer k1"))).as_deref(),
+            Some("app")
+        );
+    }
 }

@@ -112,6 +112,9 @@ pub struct Spec {
     pub filter: Option<Filter>,
     /// Lower-cased `search` term.
     pub search: Option<String>,
+    /// The top-level fields `search` looks at when the permission restricts fields (the
+    /// search must not reveal fields the subscriber cannot read); `None` = every field.
+    pub search_fields: Option<Vec<String>>,
     /// Field projection (already narrowed to the permission's fields).
     pub projection: Projection,
     /// sort/offset/limit applied to each message's items.
@@ -134,20 +137,42 @@ impl Spec {
             && self
                 .search
                 .as_deref()
-                .is_none_or(|term| search_matches(item, term))
+                .is_none_or(|term| search_matches(item, term, self.search_fields.as_deref()))
+    }
+
+    /// A placeholder for a subscription whose connection's token expired: it keeps its place
+    /// in the registry (so a re-auth can swap the real spec back in under one lock) but
+    /// receives nothing, because it allows no event.
+    pub fn suspended(collection: &str, key_field: &str) -> Spec {
+        Spec {
+            collection: Arc::from(collection),
+            events: EventSet(0),
+            item: None,
+            filter: None,
+            search: None,
+            search_fields: None,
+            projection: Projection::default(),
+            list: ListShape::default(),
+            dialect: Dialect::Flat,
+            key_only_deletes: false,
+            key_field: Arc::from(key_field),
+            key: Arc::from(format!("suspended|{key_field}")),
+        }
     }
 }
 
-/// Directus' search: a case-insensitive substring of any top-level string field, or equality
-/// with a numeric field when the term is a number.
-fn search_matches(item: &Value, term: &str) -> bool {
+/// Directus' search: a case-insensitive substring of any top-level string field (of `fields`,
+/// when given), or equality with a numeric field when the term is a number.
+fn search_matches(item: &Value, term: &str, fields: Option<&[String]>) -> bool {
     let number: Option<f64> = term.parse().ok();
     item.as_object().is_some_and(|obj| {
-        obj.values().any(|v| match v {
-            Value::String(s) => s.to_lowercase().contains(term),
-            Value::Number(n) => number.is_some_and(|t| n.as_f64() == Some(t)),
-            _ => false,
-        })
+        obj.iter()
+            .filter(|(k, _)| fields.is_none_or(|allowed| allowed.iter().any(|a| a == *k)))
+            .any(|(_, v)| match v {
+                Value::String(s) => s.to_lowercase().contains(term),
+                Value::Number(n) => number.is_some_and(|t| n.as_f64() == Some(t)),
+                _ => false,
+            })
     })
 }
 
@@ -291,6 +316,7 @@ pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, Pr
     let query = req.query.as_ref().unwrap_or(&empty);
     let compile_ctx = CompileContext {
         current_user: ctx.principal.sub.clone(),
+        claims: ctx.principal.claims.clone(),
     };
 
     // Filter: an object, or the JSON string @directus/sdk sends.
@@ -399,6 +425,13 @@ pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, Pr
             if name.is_empty() {
                 return Err(invalid_query("\"sort\" has an empty field.", uid));
             }
+            // Sorting by a field orders the items by it, and `limit` then reveals that order.
+            if let Some(allowed) = &permission.fields {
+                let top = name.split('.').next().unwrap_or(&name);
+                if !allowed.iter().any(|a| a == "*" || a == top) {
+                    return Err(forbidden_field(top, &req.collection, uid));
+                }
+            }
             list.sort.push((name, desc));
         }
     }
@@ -436,6 +469,14 @@ pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, Pr
         Some(_) => return Err(invalid_query("\"search\" must be a string.", uid)),
     };
 
+    // Searching a field the subscriber cannot read would reveal it by probing.
+    let search_fields = match &permission.fields {
+        Some(allowed) if search.is_some() && !allowed.iter().any(|a| a == "*") => {
+            Some(allowed.clone())
+        }
+        _ => None,
+    };
+
     let dialect = if req.nested {
         Dialect::Nested
     } else {
@@ -445,13 +486,14 @@ pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, Pr
     let mut key = String::new();
     let _ = write!(
         key,
-        "{}|{:?}|{}|{}|{:?}|{:?}|{:?}|{}|{}",
+        "{}|{:?}|{}|{}|{:?}|{:?}|{:?}|{:?}|{}|{}",
         events.0,
         req.item,
         filter.as_ref().map_or("", Filter::canonical),
         projection.canonical(),
         list,
         search,
+        search_fields,
         dialect,
         key_only_deletes,
         ctx.key_field
@@ -462,6 +504,7 @@ pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, Pr
         item: req.item.clone(),
         filter,
         search,
+        search_fields,
         projection,
         list,
         dialect,

@@ -1,10 +1,11 @@
 //! The WebSocket endpoint: the upgrade (authentication mode, `?access_token=`, connection
-//! limit, socket limits) and, in [`session`], the per-connection loop.
+//! limits in total and per client address, socket limits) and, in [`session`], the
+//! per-connection loop.
 
 mod session;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -16,7 +17,7 @@ use axum::Json;
 use serde_json::json;
 
 use crate::app::AppState;
-use crate::auth::Principal;
+use crate::auth::{authenticate, Identity};
 use crate::config::AuthMode;
 use crate::http::ApiError;
 
@@ -30,19 +31,62 @@ const READ_BUFFER: usize = 512;
 /// 128 KiB, would cost 128 MiB across 1,000 busy connections).
 const WRITE_BUFFER: usize = 8 * 1024;
 
-/// Releases a connection slot when the session (or a refused upgrade) ends.
-/// One counted connection against `--max-connections`; released when dropped (the session
-/// owns it for its whole life).
-#[derive(Debug)]
-pub struct ConnectionSlot(Arc<AppState>);
+/// Open connections per client address, for `--max-connections-per-ip`. Only addresses with
+/// an open connection have an entry, so its size is bounded by `--max-connections`.
+#[derive(Debug, Default)]
+pub struct PerIpConnections(dashmap::DashMap<IpAddr, usize>);
 
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+impl PerIpConnections {
+    /// Counts one more connection from `ip` unless it already has `limit`.
+    fn try_acquire(&self, ip: IpAddr, limit: usize) -> bool {
+        let mut count = self.0.entry(ip).or_insert(0);
+        if *count >= limit {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    fn release(&self, ip: IpAddr) {
+        if let dashmap::Entry::Occupied(mut entry) = self.0.entry(ip) {
+            *entry.get_mut() -= 1;
+            if *entry.get() == 0 {
+                entry.remove();
+            }
+        }
+    }
+
+    /// Open connections from `ip`.
+    pub fn count(&self, ip: IpAddr) -> usize {
+        self.0.get(&ip).map_or(0, |c| *c)
     }
 }
 
-fn unauthorized(state: &AppState) -> Response {
+/// One counted connection against `--max-connections` (and, when set, against
+/// `--max-connections-per-ip` for its address); released when dropped (the session owns it
+/// for its whole life).
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    state: Arc<AppState>,
+    ip: Option<IpAddr>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.state.connections.fetch_sub(1, Ordering::AcqRel);
+        if let Some(ip) = self.ip {
+            self.state.per_ip.release(ip);
+        }
+    }
+}
+
+fn unauthorized(state: &AppState, error: &crate::auth::AuthError) -> Response {
+    tracing::debug!(%error, "upgrade refused: bad token");
+    state.metrics.auth_rejected(error);
+    refused_unauthorized(state)
+}
+
+fn refused_unauthorized(state: &AppState) -> Response {
     state
         .metrics
         .connections_refused
@@ -77,16 +121,39 @@ pub async fn upgrade_handler(
         return ApiError::Unavailable("the broker is shutting down".into()).into_response();
     }
     // A token in the URL authenticates at upgrade in every mode; a bad one is refused here.
-    let principal: Option<Arc<Principal>> = match params.get("access_token") {
-        Some(token) => match state.config.tokens.get(token) {
-            Some(p) => Some(p),
-            None => return unauthorized(&state),
+    let identity: Option<Identity> = match params.get("access_token") {
+        Some(token) => match authenticate(&state.config.tokens, state.config.jwt.as_deref(), token)
+        {
+            Ok(identity) => Some(identity),
+            Err(error) => return unauthorized(&state, &error),
         },
-        None if state.config.auth_mode == AuthMode::Strict => return unauthorized(&state),
+        None if state.config.auth_mode == AuthMode::Strict => return refused_unauthorized(&state),
         None => None,
     };
+    // The peer address as the socket sees it: behind a proxy that is the proxy's (forwarding
+    // headers are not trusted; see README).
+    let ip = peer.ip().to_canonical();
+    let per_ip_limit = state.config.max_connections_per_ip;
+    if per_ip_limit > 0 && !state.per_ip.try_acquire(ip, per_ip_limit) {
+        state
+            .metrics
+            .connections_refused
+            .with_label_values(&["per_ip_limit"])
+            .inc();
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            Json(json!({"error": {
+                "code": "TOO_MANY_CONNECTIONS",
+                "message": format!("too many connections from this address (the limit is {per_ip_limit})"),
+            }})),
+        )
+            .into_response();
+    }
     let previous = state.connections.fetch_add(1, Ordering::AcqRel);
-    let slot = ConnectionSlot(state.clone());
+    let slot = ConnectionSlot {
+        state: state.clone(),
+        ip: (per_ip_limit > 0).then_some(ip),
+    };
     if previous >= state.config.max_connections {
         state
             .metrics
@@ -113,7 +180,7 @@ pub async fn upgrade_handler(
             // would store it twice in the task (once captured, once awaited), doubling the
             // memory of every idle connection.
             tracker.track_future(
-                session::Session::new(session_state, principal, peer, slot).run(socket),
+                session::Session::new(session_state, identity, peer, slot).run(socket),
             )
         })
 }

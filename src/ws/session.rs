@@ -1,16 +1,24 @@
 //! One WebSocket connection: the only task that writes to its socket.
 //!
-//! The loop waits on five things at once: shutdown, the outbox (frames from the hub),
-//! inbound messages, the handshake deadline and the heartbeat. Replies to requests are
-//! written directly, in request order; event frames come through the bounded outbox and go
-//! out in one flush per wake-up. A subscription's `init` is written before anything the hub
-//! queued for it, because the session writes `init` right after registering the
-//! subscription and only then goes back to draining the outbox.
+//! The loop waits on seven things at once: shutdown, the outbox (frames from the hub),
+//! inbound messages, the handshake deadline, the heartbeat, the expiry of the connection's
+//! JWT and the re-auth deadline after it. Replies to requests are written directly, in
+//! request order; event frames come through the bounded outbox and go out in one flush per
+//! wake-up. A subscription's `init` is written before anything the hub queued for it,
+//! because the session writes `init` right after registering the subscription and only then
+//! goes back to draining the outbox.
+//!
+//! Token lifecycle (as Directus): when the JWT expires, the client gets `TOKEN_EXPIRED`, its
+//! subscriptions are suspended (they stay registered with a spec that receives nothing) and
+//! it has `--auth-timeout` to send a new `auth`. A valid one recompiles the subscriptions
+//! under the new token; otherwise `AUTH_TIMEOUT`, then the socket closes (in `public` mode
+//! it goes on with the public permissions instead). Every inbound message also passes a
+//! per-connection token bucket (`--max-messages-per-second`).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::SinkExt;
@@ -18,7 +26,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 
 use super::ConnectionSlot;
 use crate::app::AppState;
-use crate::auth::Principal;
+use crate::auth::{authenticate, AuthError, Identity, Permissions, Principal};
 use crate::config::AuthMode;
 use crate::hub::{NewSubscription, Resume, SubscribeError};
 use crate::metrics::CloseReason;
@@ -27,7 +35,7 @@ use crate::protocol::{
     auth_ok, close, error_frame, parse_client, pong, server_ping, unsubscribe_ack, AuthRequest,
     ClientMessage, Credentials, ErrorCode, ProtocolError, SubscribeRequest, Uid,
 };
-use crate::registry::{compile, Dialect, SpecContext, SubHandle};
+use crate::registry::{compile, Dialect, Spec, SpecContext, SubHandle};
 
 /// How long a closing frame may take to go out before the socket is dropped anyway.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -36,6 +44,46 @@ const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 const RESUME_CATCH_UP: Duration = Duration::from_secs(2);
 /// How often that wait checks.
 const RESUME_POLL: Duration = Duration::from_millis(10);
+
+/// Expiries further away than this are not armed (a timer that far out would never fire in
+/// the life of a connection, and tokio's timers have an upper bound).
+const MAX_EXPIRY_TIMER: Duration = Duration::from_secs(365 * 86400);
+
+/// A token bucket over a connection's inbound messages: `rate` tokens per second, holding at
+/// most `burst`. The burst is a second's worth plus `--max-subscriptions`, so a client that
+/// reconnects and re-sends all its subscriptions at once (as @directus/sdk does) is not cut
+/// off.
+struct RateLimit {
+    tokens: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(rate: u32, max_subscriptions: usize) -> Self {
+        let burst = f64::from(rate) + max_subscriptions as f64;
+        RateLimit {
+            tokens: burst,
+            burst,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes a token, or says how long until the next one.
+    fn take(&mut self, rate: u32) -> Result<(), Duration> {
+        let rate = f64::from(rate);
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
+        }
+    }
+}
 
 /// One live subscription of this connection.
 struct LocalSub {
@@ -63,6 +111,8 @@ enum Wake {
     Inbound(Option<Result<Message, axum::Error>>),
     HandshakeDeadline,
     Heartbeat,
+    TokenExpired,
+    ReauthDeadline,
 }
 
 /// What the loop does after handling something.
@@ -92,26 +142,35 @@ pub struct Session {
     pinged: bool,
     heartbeat: Option<Interval>,
     handshake_deadline: Option<Pin<Box<Sleep>>>,
+    /// Fires when the connection's JWT expires; `None` for static tokens and anonymous.
+    expiry: Option<Pin<Box<Sleep>>>,
+    /// After `TOKEN_EXPIRED`: the end of the window for a new `auth`.
+    reauth_deadline: Option<Pin<Box<Sleep>>>,
+    /// Inbound message rate limit; `None` when `--max-messages-per-second` is 0.
+    rate: Option<RateLimit>,
     /// Frees this connection's place under `--max-connections` when the session ends.
     _slot: ConnectionSlot,
 }
 
 impl Session {
-    /// A session for a freshly upgraded connection. `principal` is the identity from the
-    /// upgrade URL, if any.
+    /// A session for a freshly upgraded connection. `identity` is the one from the upgrade
+    /// URL's token, if any.
     pub fn new(
         state: Arc<AppState>,
-        principal: Option<Arc<Principal>>,
+        identity: Option<Identity>,
         peer: SocketAddr,
         slot: ConnectionSlot,
     ) -> Self {
         let config = &state.config;
         let outbox = Arc::new(Outbox::new(config.outbox_messages, config.outbox_bytes));
-        let auth = match (principal, config.auth_mode) {
-            (Some(p), _) => AuthState::Authed(p),
+        let expires_at = identity.as_ref().and_then(|i| i.expires_at);
+        let auth = match (identity, config.auth_mode) {
+            (Some(identity), _) => AuthState::Authed(identity.principal),
             (None, AuthMode::Handshake) => AuthState::Pending,
             (None, _) => AuthState::Authed(state.anonymous.clone()),
         };
+        let rate = (config.max_messages_per_second > 0)
+            .then(|| RateLimit::new(config.max_messages_per_second, config.max_subscriptions));
         let handshake_deadline = match auth {
             AuthState::Pending => Some(Box::pin(tokio::time::sleep(config.auth_timeout))),
             AuthState::Authed(_) => None,
@@ -126,12 +185,26 @@ impl Session {
             pinged: false,
             heartbeat: None,
             handshake_deadline,
+            expiry: None,
+            reauth_deadline: None,
+            rate,
             _slot: slot,
         };
+        session.arm_expiry(expires_at);
         if matches!(session.auth, AuthState::Authed(_)) {
             session.start_heartbeat();
         }
         session
+    }
+
+    /// Arms (or, with `None`, disarms) the timer for the credential's expiry.
+    fn arm_expiry(&mut self, expires_at: Option<SystemTime>) {
+        self.expiry = expires_at.and_then(|at| {
+            let left = at
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            (left <= MAX_EXPIRY_TIMER).then(|| Box::pin(tokio::time::sleep(left)))
+        });
     }
 
     fn start_heartbeat(&mut self) {
@@ -173,6 +246,8 @@ impl Session {
                 message = socket.recv() => Wake::Inbound(message),
                 _ = async { if let Some(d) = self.handshake_deadline.as_mut() { d.await } }, if pending => Wake::HandshakeDeadline,
                 _ = async { if let Some(h) = self.heartbeat.as_mut() { h.tick().await; } }, if self.heartbeat.is_some() && !pending => Wake::Heartbeat,
+                _ = async { if let Some(d) = self.expiry.as_mut() { d.await } }, if self.expiry.is_some() => Wake::TokenExpired,
+                _ = async { if let Some(d) = self.reauth_deadline.as_mut() { d.await } }, if self.reauth_deadline.is_some() => Wake::ReauthDeadline,
             };
             if let Flow::Close(reason) = Box::pin(self.on_wake(socket, wake)).await {
                 return reason;
@@ -204,6 +279,8 @@ impl Session {
             Wake::Inbound(Some(Ok(message))) => self.on_message(socket, message).await,
             Wake::Inbound(Some(Err(e))) => self.on_socket_error(socket, e).await,
             Wake::HandshakeDeadline => Flow::Close(self.fail_handshake(socket).await),
+            Wake::TokenExpired => self.on_token_expired(socket).await,
+            Wake::ReauthDeadline => self.on_reauth_deadline(socket).await,
             Wake::Heartbeat => {
                 if self.pinged && !self.heard {
                     // Directus closes a silent client without a close code.
@@ -351,6 +428,21 @@ impl Session {
             Message::Ping(_) | Message::Pong(_) => return Flow::Continue,
             Message::Close(_) => return Flow::Close(CloseReason::Client),
         };
+        // Checked before parsing: parsing is the work the limit protects.
+        if let Some(rate) = self.rate.as_mut() {
+            if let Err(wait) = rate.take(self.state.config.max_messages_per_second) {
+                let error = ProtocolError::new(
+                    "server",
+                    ErrorCode::RequestsExceeded,
+                    format!(
+                        "Too many messages, retry after {}ms.",
+                        wait.as_millis().max(1)
+                    ),
+                    None,
+                );
+                return self.reply_error(socket, &error).await;
+            }
+        }
         let parsed = parse_client(text.as_str());
         if matches!(self.auth, AuthState::Pending) {
             return match parsed {
@@ -403,27 +495,106 @@ impl Session {
         }
     }
 
-    fn lookup(&self, credentials: &Credentials) -> Option<Arc<Principal>> {
-        match credentials {
-            Credentials::AccessToken(token) => self.state.config.tokens.get(token),
-            Credentials::Unsupported | Credentials::Missing => None,
+    /// Authenticates an `auth` message's credentials. Refusals are logged and counted here;
+    /// the client only ever learns `AUTH_FAILED`.
+    fn lookup(&self, credentials: &Credentials) -> Option<Identity> {
+        let result = match credentials {
+            Credentials::AccessToken(token) => authenticate(
+                &self.state.config.tokens,
+                self.state.config.jwt.as_deref(),
+                token,
+            ),
+            Credentials::Unsupported | Credentials::Missing => Err(AuthError::UnknownToken),
+        };
+        match result {
+            Ok(identity) => Some(identity),
+            Err(error) => {
+                tracing::debug!(peer = %self.peer, %error, "auth refused");
+                self.state.metrics.auth_rejected(&error);
+                None
+            }
         }
     }
 
+    /// Makes `identity` the connection's: its permissions, and its expiry timer. Ends a
+    /// pending re-auth window.
+    fn set_identity(&mut self, identity: Identity) {
+        self.auth = AuthState::Authed(identity.principal);
+        self.arm_expiry(identity.expires_at);
+        self.reauth_deadline = None;
+    }
+
+    /// Public rights (anonymous), no expiry: where a `public`-mode connection falls back to.
+    fn become_anonymous(&mut self) {
+        self.auth = AuthState::Authed(self.state.anonymous.clone());
+        self.expiry = None;
+        self.reauth_deadline = None;
+    }
+
     async fn on_handshake(&mut self, socket: &mut WebSocket, request: AuthRequest) -> Flow {
-        let Some(principal) = self.lookup(&request.credentials) else {
+        let Some(identity) = self.lookup(&request.credentials) else {
             return Flow::Close(self.fail_handshake(socket).await);
         };
-        self.auth = AuthState::Authed(principal);
+        self.set_identity(identity);
         self.handshake_deadline = None;
         self.start_heartbeat();
         self.reply(socket, auth_ok(request.uid.as_ref())).await
     }
 
+    /// The JWT expired: suspend every subscription (before telling the client, so no event
+    /// frame follows the notice), drop to the rights of an unauthenticated connection, send
+    /// `TOKEN_EXPIRED` and open the re-auth window.
+    async fn on_token_expired(&mut self, socket: &mut WebSocket) -> Flow {
+        self.expiry = None;
+        tracing::debug!(peer = %self.peer, "token expired");
+        for sub in &mut self.subs {
+            let spec = Spec::suspended(
+                &sub.request.collection,
+                self.state.config.key_field(&sub.request.collection),
+            );
+            sub.handle = self.state.registry.replace(
+                &sub.handle,
+                spec,
+                sub.uid_str.clone(),
+                self.outbox.clone(),
+            );
+        }
+        self.auth = AuthState::Authed(match self.state.config.auth_mode {
+            AuthMode::Public => self.state.anonymous.clone(),
+            AuthMode::Handshake | AuthMode::Strict => {
+                Arc::new(Principal::anonymous(Permissions::default()))
+            }
+        });
+        self.reauth_deadline = Some(Box::pin(tokio::time::sleep(self.state.config.auth_timeout)));
+        let error = ProtocolError::new("auth", ErrorCode::TokenExpired, "Token expired.", None);
+        self.reply_error(socket, &error).await
+    }
+
+    /// No valid `auth` within the window after `TOKEN_EXPIRED`: `AUTH_TIMEOUT`, then close,
+    /// or in `public` mode go on with the public permissions.
+    async fn on_reauth_deadline(&mut self, socket: &mut WebSocket) -> Flow {
+        self.reauth_deadline = None;
+        let error = ProtocolError::new(
+            "auth",
+            ErrorCode::AuthTimeout,
+            "Authentication timed out.",
+            None,
+        );
+        if let Flow::Close(reason) = self.reply_error(socket, &error).await {
+            return Flow::Close(reason);
+        }
+        if self.state.config.auth_mode != AuthMode::Public {
+            self.close_with(socket, None).await;
+            return Flow::Close(CloseReason::AuthTimeout);
+        }
+        self.become_anonymous();
+        self.recompile_subscriptions(socket).await
+    }
+
     async fn on_reauth(&mut self, socket: &mut WebSocket, request: AuthRequest) -> Flow {
         match self.lookup(&request.credentials) {
-            Some(principal) => {
-                self.auth = AuthState::Authed(principal);
+            Some(identity) => {
+                self.set_identity(identity);
                 if let Flow::Close(reason) = self.reply(socket, auth_ok(request.uid.as_ref())).await
                 {
                     return Flow::Close(reason);
@@ -444,7 +615,7 @@ impl Session {
                     return Flow::Close(CloseReason::AuthFailed);
                 }
                 // Public mode: the connection goes on with public rights only.
-                self.auth = AuthState::Authed(self.state.anonymous.clone());
+                self.become_anonymous();
             }
         }
         self.recompile_subscriptions(socket).await
