@@ -126,6 +126,10 @@ pub struct History {
     /// first event it recorded.
     contiguous: bool,
     epoch: RwLock<EpochState>,
+    /// A random epoch of this node's own, for positions handed out while the history cannot
+    /// be trusted (the engine is restoring or disconnected): no log ever matches it, so a
+    /// resume from such a position is answered as lost instead of replaying the wrong thing.
+    provisional: Arc<str>,
     logs: DashMap<Arc<str>, Arc<Mutex<CollectionLog>>>,
 }
 
@@ -144,6 +148,7 @@ impl History {
             limits,
             contiguous,
             epoch: RwLock::new(EpochState { epoch, named }),
+            provisional: crate::backplane::memory::random_epoch(),
             logs: DashMap::new(),
         }
     }
@@ -185,6 +190,14 @@ impl History {
         WirePosition {
             epoch: self.epoch(),
             offset: log.last,
+        }
+    }
+
+    /// The position to hand out while the history cannot be trusted (see `provisional`).
+    pub fn provisional_position(&self) -> WirePosition {
+        WirePosition {
+            epoch: self.provisional.clone(),
+            offset: 0,
         }
     }
 

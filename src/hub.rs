@@ -53,6 +53,10 @@ pub struct NewSubscription<'a> {
     pub init_data: Option<&'a str>,
     /// Where it starts.
     pub resume: Resume,
+    /// False while the backplane is not ready (a shared engine restoring its history or
+    /// disconnected): the node's history may be incomplete, so `init` gets a provisional
+    /// position and `since` is answered as lost rather than trusted.
+    pub history_trusted: bool,
 }
 
 /// Why a subscription could not be registered yet.
@@ -91,6 +95,7 @@ impl Hub {
         let (recovered, missed) = match &sub.resume {
             Resume::Fresh => (None, Vec::new()),
             Resume::Lost => (Some(false), Vec::new()),
+            Resume::After(_) if !sub.history_trusted => (Some(false), Vec::new()),
             Resume::After(since) => match self.history.replay(&log, since) {
                 Replay::Events(events) => (Some(true), events),
                 Replay::Lost => (Some(false), Vec::new()),
@@ -104,7 +109,10 @@ impl Hub {
             let outcome = if recovered { "recovered" } else { "lost" };
             self.metrics.resumes.with_label_values(&[outcome]).inc();
         }
-        let position = self.history.position(&log);
+        let position = match sub.history_trusted {
+            true => self.history.position(&log),
+            false => self.history.provisional_position(),
+        };
         let uid = sub.uid.as_deref();
         let mut frames = vec![Frame {
             text: init_frame(sub.init_data, uid, &position, recovered).into(),

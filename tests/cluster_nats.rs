@@ -440,9 +440,19 @@ async fn a_node_without_nats_serves_but_is_not_ready_and_refuses_publishes() {
         "refused at once"
     );
     assert_eq!(server.metric("tidings_backplane_ready").await, Some(0.0));
-    // Subscriptions still work (they will get events once NATS is back).
+    // Subscriptions still work (they will get events once NATS is back), but the node's
+    // history cannot be trusted yet: the init position is a provisional one, and a resume is
+    // answered as lost rather than replayed from an incomplete history.
     let mut c = server.ws().await;
-    subscribe(&mut c, None, None).await;
+    let init = subscribe(&mut c, None, None).await;
+    assert_ne!(
+        init["position"]["epoch"],
+        server.state.hub.history().epoch().as_ref()
+    );
+    let mut again = server.ws().await;
+    let since = json!({"epoch": server.state.hub.history().epoch().as_ref(), "offset": 0});
+    let init = subscribe(&mut again, None, Some(&since)).await;
+    assert_eq!(init["recovered"], false, "{init}");
     server.shutdown().await;
 }
 

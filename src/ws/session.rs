@@ -725,6 +725,7 @@ impl Session {
             outbox: self.outbox.clone(),
             init_data,
             resume: Resume::Fresh,
+            history_trusted: self.state.backplane.is_ready(),
         });
         let mut waited = Duration::ZERO;
         let handle = loop {
