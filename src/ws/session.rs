@@ -4,9 +4,9 @@
 //! inbound messages, the handshake deadline, the heartbeat, the expiry of the connection's
 //! JWT and the re-auth deadline after it. Replies to requests are written directly, in
 //! request order; event frames come through the bounded outbox and go out in one flush per
-//! wake-up. A subscription's `init` is written before anything the hub queued for it,
-//! because the session writes `init` right after registering the subscription and only then
-//! goes back to draining the outbox.
+//! wake-up. A subscription's `init` (and the replay of a resume) goes through the outbox too,
+//! queued by `Hub::subscribe` under the collection's log lock, so nothing the hub queues for
+//! the subscription can precede it.
 //!
 //! Token lifecycle (as Directus): when the JWT expires, the client gets `TOKEN_EXPIRED`, its
 //! subscriptions are suspended (they stay registered with a spec that receives nothing) and
