@@ -1,9 +1,9 @@
 //! One WebSocket connection: the only task that writes to its socket.
 //!
-//! The loop waits on seven things at once: shutdown, the outbox (frames from the hub),
-//! inbound messages, the handshake deadline, the heartbeat, the expiry of the connection's
-//! JWT and the re-auth deadline after it. Replies to requests are written directly, in
-//! request order; event frames come through the bounded outbox and go out in one flush per
+//! The loop waits on five things at once: shutdown, the outbox (frames from the hub),
+//! inbound messages, the heartbeat, and the auth timer (the handshake window, the expiry of
+//! the connection's JWT, or the re-auth window after it). Replies to requests are written
+//! directly, in request order; event frames come through the bounded outbox and go out in one flush per
 //! wake-up. A subscription's `init` (and the replay of a resume) goes through the outbox too,
 //! queued by `Hub::subscribe` under the collection's log lock, so nothing the hub queues for
 //! the subscription can precede it.
@@ -109,10 +109,19 @@ enum Wake {
     Shutdown,
     Outbox,
     Inbound(Option<Result<Message, axum::Error>>),
-    HandshakeDeadline,
     Heartbeat,
-    TokenExpired,
-    ReauthDeadline,
+    Deadline(Deadline),
+}
+
+/// What the session's auth timer stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Deadline {
+    /// Handshake mode: the first message must be `auth` before it.
+    Handshake,
+    /// The connection's JWT expires.
+    TokenExpiry,
+    /// After `TOKEN_EXPIRED`: the end of the window for a new `auth`.
+    Reauth,
 }
 
 /// What the loop does after handling something.
@@ -141,11 +150,10 @@ pub struct Session {
     /// A heartbeat ping was sent and not yet followed by a full silent period.
     pinged: bool,
     heartbeat: Option<Interval>,
-    handshake_deadline: Option<Pin<Box<Sleep>>>,
-    /// Fires when the connection's JWT expires; `None` for static tokens and anonymous.
-    expiry: Option<Pin<Box<Sleep>>>,
-    /// After `TOKEN_EXPIRED`: the end of the window for a new `auth`.
-    reauth_deadline: Option<Pin<Box<Sleep>>>,
+    /// The one timer of the auth state, whichever applies (they never overlap): the handshake
+    /// window, the JWT's expiry, or the re-auth window after `TOKEN_EXPIRED`. One field and one
+    /// `select!` branch rather than three keeps every idle connection smaller.
+    deadline: Option<(Deadline, Pin<Box<Sleep>>)>,
     /// Inbound message rate limit; `None` when `--max-messages-per-second` is 0.
     rate: Option<RateLimit>,
     /// Frees this connection's place under `--max-connections` when the session ends.
@@ -171,8 +179,11 @@ impl Session {
         };
         let rate = (config.max_messages_per_second > 0)
             .then(|| RateLimit::new(config.max_messages_per_second, config.max_subscriptions));
-        let handshake_deadline = match auth {
-            AuthState::Pending => Some(Box::pin(tokio::time::sleep(config.auth_timeout))),
+        let handshake = match auth {
+            AuthState::Pending => Some((
+                Deadline::Handshake,
+                Box::pin(tokio::time::sleep(config.auth_timeout)),
+            )),
             AuthState::Authed(_) => None,
         };
         let mut session = Session {
@@ -184,26 +195,28 @@ impl Session {
             heard: false,
             pinged: false,
             heartbeat: None,
-            handshake_deadline,
-            expiry: None,
-            reauth_deadline: None,
+            deadline: handshake,
             rate,
             _slot: slot,
         };
-        session.arm_expiry(expires_at);
+        if expires_at.is_some() {
+            session.arm_expiry(expires_at);
+        }
         if matches!(session.auth, AuthState::Authed(_)) {
             session.start_heartbeat();
         }
         session
     }
 
-    /// Arms (or, with `None`, disarms) the timer for the credential's expiry.
+    /// Arms the timer for the credential's expiry (with `None`: no timer at all). Replaces any
+    /// other auth timer: a new identity ends the handshake or re-auth window.
     fn arm_expiry(&mut self, expires_at: Option<SystemTime>) {
-        self.expiry = expires_at.and_then(|at| {
+        self.deadline = expires_at.and_then(|at| {
             let left = at
                 .duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO);
-            (left <= MAX_EXPIRY_TIMER).then(|| Box::pin(tokio::time::sleep(left)))
+            (left <= MAX_EXPIRY_TIMER)
+                .then(|| (Deadline::TokenExpiry, Box::pin(tokio::time::sleep(left))))
         });
     }
 
@@ -244,10 +257,8 @@ impl Session {
                 _ = shutdown.cancelled() => Wake::Shutdown,
                 _ = outbox.ready() => Wake::Outbox,
                 message = socket.recv() => Wake::Inbound(message),
-                _ = async { if let Some(d) = self.handshake_deadline.as_mut() { d.await } }, if pending => Wake::HandshakeDeadline,
+                kind = async { match self.deadline.as_mut() { Some((kind, d)) => { d.await; *kind } None => std::future::pending().await } }, if self.deadline.is_some() => Wake::Deadline(kind),
                 _ = async { if let Some(h) = self.heartbeat.as_mut() { h.tick().await; } }, if self.heartbeat.is_some() && !pending => Wake::Heartbeat,
-                _ = async { if let Some(d) = self.expiry.as_mut() { d.await } }, if self.expiry.is_some() => Wake::TokenExpired,
-                _ = async { if let Some(d) = self.reauth_deadline.as_mut() { d.await } }, if self.reauth_deadline.is_some() => Wake::ReauthDeadline,
             };
             if let Flow::Close(reason) = Box::pin(self.on_wake(socket, wake)).await {
                 return reason;
@@ -278,9 +289,9 @@ impl Session {
             Wake::Inbound(None) => Flow::Close(CloseReason::Client),
             Wake::Inbound(Some(Ok(message))) => self.on_message(socket, message).await,
             Wake::Inbound(Some(Err(e))) => self.on_socket_error(socket, e).await,
-            Wake::HandshakeDeadline => Flow::Close(self.fail_handshake(socket).await),
-            Wake::TokenExpired => self.on_token_expired(socket).await,
-            Wake::ReauthDeadline => self.on_reauth_deadline(socket).await,
+            Wake::Deadline(Deadline::Handshake) => Flow::Close(self.fail_handshake(socket).await),
+            Wake::Deadline(Deadline::TokenExpiry) => self.on_token_expired(socket).await,
+            Wake::Deadline(Deadline::Reauth) => self.on_reauth_deadline(socket).await,
             Wake::Heartbeat => {
                 if self.pinged && !self.heard {
                     // Directus closes a silent client without a close code.
@@ -521,22 +532,20 @@ impl Session {
     fn set_identity(&mut self, identity: Identity) {
         self.auth = AuthState::Authed(identity.principal);
         self.arm_expiry(identity.expires_at);
-        self.reauth_deadline = None;
     }
 
     /// Public rights (anonymous), no expiry: where a `public`-mode connection falls back to.
     fn become_anonymous(&mut self) {
         self.auth = AuthState::Authed(self.state.anonymous.clone());
-        self.expiry = None;
-        self.reauth_deadline = None;
+        self.deadline = None;
     }
 
     async fn on_handshake(&mut self, socket: &mut WebSocket, request: AuthRequest) -> Flow {
         let Some(identity) = self.lookup(&request.credentials) else {
             return Flow::Close(self.fail_handshake(socket).await);
         };
+        // Also ends the handshake window.
         self.set_identity(identity);
-        self.handshake_deadline = None;
         self.start_heartbeat();
         self.reply(socket, auth_ok(request.uid.as_ref())).await
     }
@@ -545,7 +554,7 @@ impl Session {
     /// frame follows the notice), drop to the rights of an unauthenticated connection, send
     /// `TOKEN_EXPIRED` and open the re-auth window.
     async fn on_token_expired(&mut self, socket: &mut WebSocket) -> Flow {
-        self.expiry = None;
+        self.deadline = None;
         tracing::debug!(peer = %self.peer, "token expired");
         for sub in &mut self.subs {
             let spec = Spec::suspended(
@@ -565,7 +574,10 @@ impl Session {
                 Arc::new(Principal::anonymous(Permissions::default()))
             }
         });
-        self.reauth_deadline = Some(Box::pin(tokio::time::sleep(self.state.config.auth_timeout)));
+        self.deadline = Some((
+            Deadline::Reauth,
+            Box::pin(tokio::time::sleep(self.state.config.auth_timeout)),
+        ));
         let error = ProtocolError::new("auth", ErrorCode::TokenExpired, "Token expired.", None);
         self.reply_error(socket, &error).await
     }
@@ -573,7 +585,7 @@ impl Session {
     /// No valid `auth` within the window after `TOKEN_EXPIRED`: `AUTH_TIMEOUT`, then close,
     /// or in `public` mode go on with the public permissions.
     async fn on_reauth_deadline(&mut self, socket: &mut WebSocket) -> Flow {
-        self.reauth_deadline = None;
+        self.deadline = None;
         let error = ProtocolError::new(
             "auth",
             ErrorCode::AuthTimeout,
