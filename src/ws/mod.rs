@@ -24,7 +24,7 @@ use crate::http::ApiError;
 /// Initial read buffer per connection, allocated up front. tungstenite's default (128 KiB)
 /// would dominate the memory of an idle connection; client messages are small and the buffer
 /// grows on demand for a larger one (up to `--max-frame-bytes`).
-const READ_BUFFER: usize = 512;
+const READ_BUFFER: usize = 256;
 /// Frames queued for a connection are encoded into tungstenite's write buffer and written
 /// through once it holds this much, then flushed once. The buffer keeps its capacity, so this
 /// also caps what a connection that once took a burst holds on to (tungstenite's default,
