@@ -111,7 +111,11 @@ impl App {
         let backplane: Arc<dyn Backplane> = match config.engine {
             Engine::Memory => {
                 metrics.backplane_ready.set(1);
-                Arc::new(MemoryBackplane::new(engine.sink, engine.idempotency_window))
+                Arc::new(MemoryBackplane::new(
+                    engine.sink,
+                    engine.idempotency_window,
+                    metrics.idempotency_evictions.clone(),
+                ))
             }
             Engine::Redis => {
                 Arc::new(RedisBackplane::new(&config.redis_url, engine).map_err(|e| {

@@ -119,9 +119,6 @@ impl Hub {
             live: None,
         }];
         for event in &missed {
-            if !sub.spec.events.contains(event.kind) {
-                continue;
-            }
             let at = WirePosition {
                 epoch: event.epoch.clone(),
                 offset: event.offset,
@@ -174,10 +171,10 @@ impl Hub {
     /// Delivers to one group; returns the number of frames queued.
     fn deliver_group(&self, group: &Group, event: &Event) -> usize {
         let spec = &group.spec;
-        if !spec.events.contains(event.kind) {
+        let payloads = payloads(spec, event);
+        if payloads.is_empty() {
             return 0;
         }
-        let payloads = payloads(spec, event);
         let mut queued = 0;
         let live = Some(Live {
             received: event.received,
@@ -230,8 +227,11 @@ impl EventSink for Hub {
 }
 
 /// The `data` of every message `spec` gets for `event`, encoded as JSON, in order.
-/// Empty when nothing matches.
+/// Empty when nothing matches (including an event kind the spec does not receive).
 pub fn payloads(spec: &Spec, event: &Event) -> Vec<String> {
+    if !spec.events.contains(event.kind) {
+        return Vec::new();
+    }
     match event.kind {
         EventKind::Create | EventKind::Update => item_payloads(spec, event),
         EventKind::Delete => delete_payloads(spec, event),

@@ -171,6 +171,8 @@ pub struct Metrics {
     pub resumes: IntCounterVec,
     /// Published events that were duplicates of an idempotency key seen in the window.
     pub publish_duplicates: IntCounter,
+    /// Idempotency keys forgotten before their window ended, to bound memory (memory engine).
+    pub idempotency_evictions: IntCounter,
     /// 1 while the backplane can take publishes and delivers live events, else 0.
     pub backplane_ready: IntGauge,
     /// Times the backplane connection was lost and re-established.
@@ -314,6 +316,10 @@ impl Metrics {
             backplane_restored: counter(
                 "tidings_backplane_restored_events_total",
                 "Events read back from the engine's log into the history on start.",
+            )?,
+            idempotency_evictions: counter(
+                "tidings_idempotency_evictions_total",
+                "Idempotency keys forgotten before their window ended, to keep at most 1,000,000 (memory engine).",
             )?,
             publish_duplicates: counter(
                 "tidings_publish_duplicates_total",

@@ -51,22 +51,26 @@ impl Dedupe {
             })
     }
 
-    /// Remembers the position `key` got.
-    pub fn insert(&self, collection: Arc<str>, key: Arc<str>, accepted: &Accepted) {
+    /// Remembers the position `key` got. Returns how many keys still inside the window had
+    /// to be forgotten early to stay within [`MAX_KEYS`] (the caller counts them).
+    pub fn insert(&self, collection: Arc<str>, key: Arc<str>, accepted: &Accepted) -> usize {
         if self.window.is_zero() {
-            return;
+            return 0;
         }
         let now = Instant::now();
         let mut inner = self.inner.lock();
         self.expire(&mut inner, now);
+        let mut evicted = 0;
         while inner.order.len() >= MAX_KEYS {
             if let Some((_, old)) = inner.order.pop_front() {
                 inner.seen.remove(&old);
+                evicted += 1;
             }
         }
         let id = (collection, key);
         inner.seen.insert(id.clone(), accepted.clone());
         inner.order.push_back((now, id));
+        evicted
     }
 
     fn expire(&self, inner: &mut Inner, now: Instant) {

@@ -29,6 +29,8 @@ pub struct MemoryBackplane {
     /// collection reach the hub one at a time, in offset order.
     logs: DashMap<Arc<str>, Arc<Mutex<u64>>>,
     dedupe: Dedupe,
+    /// Counts idempotency keys forgotten early (`tidings_idempotency_evictions_total`).
+    evictions: prometheus::IntCounter,
 }
 
 impl std::fmt::Debug for MemoryBackplane {
@@ -40,8 +42,13 @@ impl std::fmt::Debug for MemoryBackplane {
 }
 
 impl MemoryBackplane {
-    /// A backplane delivering to `sink`, deduplicating idempotency keys over `window`.
-    pub fn new(sink: Arc<dyn EventSink>, window: Duration) -> Self {
+    /// A backplane delivering to `sink`, deduplicating idempotency keys over `window`;
+    /// keys forgotten early (past `dedupe::MAX_KEYS`) are counted in `evictions`.
+    pub fn new(
+        sink: Arc<dyn EventSink>,
+        window: Duration,
+        evictions: prometheus::IntCounter,
+    ) -> Self {
         let epoch = random_epoch();
         sink.reset(epoch.clone());
         MemoryBackplane {
@@ -49,6 +56,7 @@ impl MemoryBackplane {
             epoch,
             logs: DashMap::new(),
             dedupe: Dedupe::new(window),
+            evictions,
         }
     }
 
@@ -79,7 +87,10 @@ impl MemoryBackplane {
             duplicate: false,
         };
         if let Some(key) = new.idempotency_key {
-            self.dedupe.insert(new.collection.clone(), key, &accepted);
+            let evicted = self.dedupe.insert(new.collection.clone(), key, &accepted);
+            if evicted > 0 {
+                self.evictions.inc_by(evicted as u64);
+            }
         }
         self.sink.deliver(Arc::new(Event {
             collection: new.collection,
@@ -145,14 +156,22 @@ mod tests {
     #[tokio::test]
     async fn offsets_are_per_collection_and_monotonic() {
         let rec = Arc::new(Recorder(Mutex::new(Vec::new())));
-        let bp = MemoryBackplane::new(rec.clone(), Duration::from_secs(60));
+        let bp = MemoryBackplane::new(
+            rec.clone(),
+            Duration::from_secs(60),
+            prometheus::IntCounter::new("e", "e").unwrap(),
+        );
         let pos = bp.publish(vec![ev("a"), ev("b"), ev("a")]).await.unwrap();
         assert_eq!(pos.iter().map(|p| p.offset).collect::<Vec<_>>(), [1, 1, 2]);
         assert_eq!(
             *rec.0.lock(),
             [("a".into(), 1), ("b".into(), 1), ("a".into(), 2)]
         );
-        let other = MemoryBackplane::new(rec.clone(), Duration::ZERO);
+        let other = MemoryBackplane::new(
+            rec.clone(),
+            Duration::ZERO,
+            prometheus::IntCounter::new("e", "e").unwrap(),
+        );
         assert_ne!(bp.epoch(), other.epoch());
 
         let keyed = |k: &str| NewEvent {

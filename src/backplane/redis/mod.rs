@@ -254,6 +254,25 @@ async fn connect(
 }
 
 /// Proposes a fresh epoch and returns the one Redis holds (ours if there was none).
+/// One page (`RESTORE_PAGE` entries) of `XRANGE`/`XREVRANGE key from to`.
+async fn restore_page(
+    conn: &mut MultiplexedConnection,
+    command: &str,
+    key: &str,
+    from: &str,
+    to: &str,
+) -> Result<Vec<reply::Entry>, LinkError> {
+    let page: Value = ::redis::cmd(command)
+        .arg(key)
+        .arg(from)
+        .arg(to)
+        .arg("COUNT")
+        .arg(RESTORE_PAGE)
+        .query_async(conn)
+        .await?;
+    reply::entries(page).map_err(LinkError::Reply)
+}
+
 async fn agree_epoch(conn: &mut MultiplexedConnection, keys: &Keys) -> Result<Arc<str>, LinkError> {
     let (_, epoch): (Value, Option<String>) = ::redis::pipe()
         .cmd("SET")
@@ -474,15 +493,7 @@ impl Reader {
         let mut seen = std::collections::HashSet::new();
         let mut start = "-".to_string();
         loop {
-            let page: Value = ::redis::cmd("XRANGE")
-                .arg(&self.keys.collections)
-                .arg(&start)
-                .arg("+")
-                .arg("COUNT")
-                .arg(RESTORE_PAGE)
-                .query_async(conn)
-                .await?;
-            let page = reply::entries(page).map_err(LinkError::Reply)?;
+            let page = restore_page(conn, "XRANGE", &self.keys.collections, &start, "+").await?;
             let full = page.len() == RESTORE_PAGE;
             for entry in page {
                 if let Some(c) = entry.field(b"c").and_then(|c| std::str::from_utf8(c).ok()) {
@@ -503,15 +514,7 @@ impl Reader {
             let key = self.keys.log(collection);
             let mut end = "+".to_string();
             'pages: loop {
-                let page: Value = ::redis::cmd("XREVRANGE")
-                    .arg(&key)
-                    .arg(&end)
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(RESTORE_PAGE)
-                    .query_async(conn)
-                    .await?;
-                let page = reply::entries(page).map_err(LinkError::Reply)?;
+                let page = restore_page(conn, "XREVRANGE", &key, &end, "-").await?;
                 let full = page.len() == RESTORE_PAGE;
                 for entry in page {
                     end = format!("({}", entry.id);
