@@ -28,7 +28,7 @@
 //! - [`app`]: the composition root, [`app::run`].
 //! - [`shutdown`]: signal handling.
 //! - [`history`]: recent events per collection, so clients resume with `since`.
-//! - [`cli`]: the `tidings` command line (serve, tail, publish, bench).
+//! - [`cli`]: the `tidings` command line (serve, tail, publish; bench from `tidings-bench`).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 

@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         Command::Publish(args) => runtime
             .block_on(tidings::cli::publish(args))
             .map_err(anyhow::Error::from),
+        #[cfg(feature = "bench")]
         Command::Bench(args) => runtime
             .block_on(tidings::cli::bench(*args))
             .map_err(anyhow::Error::from),

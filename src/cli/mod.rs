@@ -1,7 +1,7 @@
 //! The `tidings` command line: `serve` runs the broker; `tail` and `publish` are small
-//! clients for trying it out and scripting; `bench` is a load generator for a running broker.
+//! clients for trying it out and scripting; `bench` (cargo feature `bench`, on by default) is
+//! the load generator of the `tidings-bench` crate, for a running broker.
 
-pub mod bench;
 mod publish;
 mod tail;
 
@@ -9,9 +9,10 @@ use clap::{Parser, Subcommand};
 
 use crate::config::ServeArgs;
 
-pub use bench::{bench, BenchArgs};
 pub use publish::{publish, PublishArgs};
 pub use tail::{tail, TailArgs};
+#[cfg(feature = "bench")]
+pub use tidings_bench::{bench, BenchArgs};
 
 /// Tidings: a realtime broker for collection events, speaking the Directus realtime protocol.
 #[derive(Debug, Parser)]
@@ -32,6 +33,7 @@ pub enum Command {
     /// Publish one event over HTTP.
     Publish(PublishArgs),
     /// Load-test a running broker: many subscribers, a publisher, a report.
+    #[cfg(feature = "bench")]
     Bench(Box<BenchArgs>),
 }
 

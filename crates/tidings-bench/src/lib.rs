@@ -1,5 +1,6 @@
-//! `tidings bench`: a load generator for a running broker, in the spirit of `nats bench`. This
-//! module owns the scenarios, their flags and defaults, and the course of a run: open and
+//! `tidings bench` (also the `tidings-bench` binary): a load generator for a running broker,
+//! in the spirit of `nats bench`. It is a crate of its own, importing nothing from the broker,
+//! and speaks to it only over HTTP and WebSocket. This crate owns the scenarios, their flags and defaults, and the course of a run: open and
 //! subscribe the connections, publish, wait for the deliveries to drain, and report. The
 //! pieces live in submodules: `publisher` (items, batching, pacing), `subscriber`
 //! (connections and cheap receivers), `seen` (exact duplicate detection), `procstat` (CPU
