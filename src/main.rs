@@ -8,7 +8,7 @@ use tidings::cli::{Cli, Command};
 use tidings::config::LogFormat;
 use tracing_subscriber::EnvFilter;
 
-/// Exit code for invalid configuration (as clap uses for usage errors).
+/// Exit code for invalid configuration or usage (as clap uses for usage errors).
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
@@ -30,25 +30,45 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            runtime.block_on(serve(args.listen, config))
+            runtime
+                .block_on(serve(args.listen, config))
+                .map_err(Failure::Other)
         }
-        Command::Tail(args) => runtime
-            .block_on(tidings::cli::tail(args))
-            .map_err(anyhow::Error::from),
+        Command::Tail(args) => runtime.block_on(tidings::cli::tail(args)).map_err(client),
         Command::Publish(args) => runtime
             .block_on(tidings::cli::publish(args))
-            .map_err(anyhow::Error::from),
+            .map_err(client),
         #[cfg(feature = "bench")]
         Command::Bench(args) => runtime
             .block_on(tidings::cli::bench(*args))
-            .map_err(anyhow::Error::from),
+            .map_err(|e| match e {
+                tidings_bench::BenchError::Usage(_) => Failure::Usage(e.into()),
+                e => Failure::Other(e.into()),
+            }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(Failure::Usage(e)) => {
+            eprintln!("tidings: {e:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(Failure::Other(e)) => {
             eprintln!("tidings: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Why a subcommand failed: a usage error exits 2 (like clap's), anything else 1.
+enum Failure {
+    Usage(anyhow::Error),
+    Other(anyhow::Error),
+}
+
+fn client(e: tidings::cli::CliError) -> Failure {
+    match e {
+        tidings::cli::CliError::Usage(_) => Failure::Usage(e.into()),
+        e => Failure::Other(e.into()),
     }
 }
 

@@ -346,18 +346,23 @@ fn latency_publishes_at_a_fixed_rate() {
     assert_resources(&report, &server);
 }
 
+/// Also: `--url` may be the WebSocket URL (the HTTP base is derived from it), and the table
+/// says what the `reordered` count means.
 #[test]
 fn table_output_names_the_numbers() {
     let server = Server::start(&[]);
+    let ws_url = format!("{}/websocket", server.url.replacen("http://", "ws://", 1));
     let mut proc = Proc::spawn(&[
         "bench",
         "broadcast",
         "--url",
-        &server.url,
+        &ws_url,
         "-s",
         "3",
         "-n",
         "10",
+        "--in-flight",
+        "1",
     ]);
     let status = proc.wait_exit(RUN);
     assert!(status.success(), "{}", proc.transcript());
@@ -365,6 +370,12 @@ fn table_output_names_the_numbers() {
     assert!(table.contains("30 of 30 expected"), "{table}");
     assert!(table.contains("latency ms"), "{table}");
     assert!(!table.contains("broker RSS"), "no --broker-pid: {table}");
+    // One request in flight: publish order is seq order, so nothing may arrive reordered.
+    assert!(
+        table.lines().any(|l| l.starts_with("reordered ")
+            && l.ends_with(" 0 (every connection got the items in seq order)")),
+        "{table}"
+    );
 }
 
 #[test]
@@ -384,7 +395,7 @@ fn a_refused_subscribe_aborts_with_the_brokers_reason() {
 #[test]
 fn bad_flags_and_unreachable_brokers_are_clear_errors() {
     let mut proc = Proc::spawn(&["bench", "broadcast", "--fields", "2"]);
-    assert!(!proc.wait_exit(RUN).success());
+    assert_eq!(proc.wait_exit(RUN).code(), Some(2), "a usage error exits 2");
     let stderr = proc.stderr.seen.join("\n");
     assert!(stderr.contains("--fields must be at least 4"), "{stderr}");
 

@@ -783,12 +783,81 @@ fn publish_rejects_invalid_json_without_contacting_the_broker() {
         ],
         &[],
     );
-    assert!(!out.status.success(), "{}", out.describe("publish"));
+    assert_eq!(out.status.code(), Some(2), "{}", out.describe("publish"));
     assert!(
         out.stderr.contains("not JSON"),
         "{}",
         out.describe("publish")
     );
+}
+
+/// `tail --url` takes the HTTP URL and `publish --url` the WebSocket URL: each derives the
+/// other, since one broker serves both on one port.
+#[test]
+fn tail_and_publish_accept_either_url() {
+    let server = Server::start(&[]);
+    let http_url = server.http_url();
+    let mut tail = Proc::spawn(
+        &[
+            "tail", "messages", "--url", &http_url, "--count", "1", "--event", "create",
+        ],
+        &[],
+    );
+    tail.wait_stderr("subscribed to messages", WAIT);
+    let ws_url = server.ws_url();
+    let argv = [
+        "publish",
+        "messages",
+        "create",
+        r#"{"id":7}"#,
+        "--url",
+        &ws_url,
+    ];
+    let out = run(&argv, &[]);
+    assert!(out.status.success(), "{}", out.describe(&argv.join(" ")));
+    let status = tail.wait_exit(WAIT);
+    assert!(status.success(), "{}", tail.transcript());
+    let frame: Value = serde_json::from_str(tail.stdout.seen[0].trim()).expect("JSON line");
+    assert_eq!(frame["data"][0]["id"], 7, "{frame}");
+
+    // Neither scheme: a usage error (exit 2) that says what to give.
+    let out = run(&["tail", "messages", "--url", "127.0.0.1:1"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.describe("tail"));
+    assert!(
+        out.stderr
+            .contains("give http://host:port or ws://host:port/websocket"),
+        "{}",
+        out.describe("tail")
+    );
+}
+
+#[test]
+fn publish_of_an_unknown_event_kind_fails_locally_naming_the_kinds() {
+    // Nothing listens here: the check must not need the broker.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let argv = ["publish", "orders", "upsert", r#"{"id":1}"#, "--url", &url];
+    let out = run(&argv, &[]);
+    let what = argv.join(" ");
+    assert_eq!(out.status.code(), Some(2), "{}", out.describe(&what));
+    assert!(
+        out.stderr
+            .contains("`upsert` is not an event kind; use one of create, update, delete"),
+        "{}",
+        out.describe(&what)
+    );
+    assert!(
+        !out.stderr.contains("cannot reach"),
+        "{}",
+        out.describe(&what)
+    );
+    let out = run(&["tail", "orders", "--event", "upsert"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.describe("tail"));
+    assert!(out.stderr.contains("use one of create, update, delete"));
 }
 
 // ---------------------------------------------------------------------------------------------

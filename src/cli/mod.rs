@@ -4,6 +4,7 @@
 
 mod publish;
 mod tail;
+pub mod url;
 
 use clap::{Parser, Subcommand};
 
@@ -37,10 +38,24 @@ pub enum Command {
     Bench(Box<BenchArgs>),
 }
 
+/// Parses an event kind (`tail --event`, `publish EVENT`), naming the valid ones otherwise.
+pub fn parse_event_kind(s: &str) -> Result<crate::event::EventKind, String> {
+    crate::event::EventKind::parse(s).ok_or_else(|| {
+        let kinds: Vec<&str> = crate::event::EventKind::ALL
+            .iter()
+            .map(|k| k.as_str())
+            .collect();
+        format!(
+            "`{s}` is not an event kind; use one of {}",
+            kinds.join(", ")
+        )
+    })
+}
+
 /// Errors of the client subcommands.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    /// A flag or argument is invalid.
+    /// A flag or argument is invalid (exit status 2, as clap's own usage errors).
     #[error("{0}")]
     Usage(String),
     /// The connection failed.

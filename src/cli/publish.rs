@@ -7,7 +7,9 @@ use hyper::Request;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use super::CliError;
+use super::url::endpoints;
+use super::{parse_event_kind, CliError};
+use crate::event::EventKind;
 
 /// Flags of `tidings publish`.
 #[derive(Debug, Clone, Args)]
@@ -15,10 +17,12 @@ pub struct PublishArgs {
     /// Collection.
     pub collection: String,
     /// Event: create, update or delete.
-    pub event: String,
+    #[arg(value_parser = parse_event_kind)]
+    pub event: EventKind,
     /// The item or array of items as JSON (for delete: an array of keys, or the items).
     pub json: String,
-    /// Base HTTP URL of the broker.
+    /// URL of the broker: `http://host:port`, or its WebSocket URL (`ws://host:port/…`), from
+    /// which the HTTP base is derived.
     #[arg(
         long,
         env = "TIDINGS_HTTP_URL",
@@ -34,11 +38,11 @@ pub struct PublishArgs {
 pub async fn publish(args: PublishArgs) -> Result<(), CliError> {
     let body: serde_json::Value = serde_json::from_str(&args.json)
         .map_err(|e| CliError::Usage(format!("the event data is not JSON: {e}")))?;
+    let base = endpoints(&args.url, "/websocket")?.http;
     let uri = format!(
-        "{}/v1/collections/{}/{}",
-        args.url.trim_end_matches('/'),
+        "{base}/v1/collections/{}/{}",
         args.collection,
-        args.event
+        args.event.as_str()
     );
     let mut request = Request::post(&uri).header("content-type", "application/json");
     if let Some(key) = &args.key {

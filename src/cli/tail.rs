@@ -6,23 +6,29 @@ use serde_json::{json, Map, Value};
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::CliError;
+use super::url::endpoints;
+use super::{parse_event_kind, CliError};
+use crate::event::EventKind;
 
 /// Flags of `tidings tail`.
 #[derive(Debug, Clone, Args)]
 pub struct TailArgs {
     /// Collection to subscribe to.
     pub collection: String,
-    /// WebSocket URL of the broker.
+    /// URL of the broker: its WebSocket endpoint, or `http://host:port`, from which the
+    /// endpoint is derived with `--ws-path`.
     #[arg(
         long,
         env = "TIDINGS_URL",
         default_value = "ws://127.0.0.1:8080/websocket"
     )]
     pub url: String,
+    /// Path of the WebSocket endpoint, when `--url` is an http:// URL or has no path.
+    #[arg(long, env = "TIDINGS_WS_PATH", default_value = "/websocket")]
+    pub ws_path: String,
     /// Only this event kind (create, update or delete).
-    #[arg(long)]
-    pub event: Option<String>,
+    #[arg(long, value_parser = parse_event_kind)]
+    pub event: Option<EventKind>,
     /// Directus filter as JSON, e.g. '{"status":{"_eq":"paid"}}'.
     #[arg(long)]
     pub filter: Option<String>,
@@ -54,7 +60,7 @@ pub async fn tail(args: TailArgs) -> Result<(), CliError> {
     let mut subscribe = json!({"type": "subscribe", "collection": args.collection, "uid": "tail"});
     if let Some(obj) = subscribe.as_object_mut() {
         if let Some(event) = &args.event {
-            obj.insert("event".into(), Value::String(event.clone()));
+            obj.insert("event".into(), Value::String(event.as_str().into()));
         }
         if let Some(item) = &args.item {
             obj.insert("item".into(), Value::String(item.clone()));
@@ -63,14 +69,15 @@ pub async fn tail(args: TailArgs) -> Result<(), CliError> {
             obj.insert("query".into(), Value::Object(query));
         }
     }
-    let mut url = args.url.clone();
+    let endpoint = endpoints(&args.url, &args.ws_path)?.ws;
+    let mut url = endpoint.clone();
     if let Some(token) = &args.token {
         let sep = if url.contains('?') { '&' } else { '?' };
         url = format!("{url}{sep}access_token={}", percent_encode(token));
     }
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
         .await
-        .map_err(|e| CliError::Connect(format!("cannot connect to {}: {e}", args.url)))?;
+        .map_err(|e| CliError::Connect(format!("cannot connect to {endpoint}: {e}")))?;
     ws.send(Message::text(subscribe.to_string()))
         .await
         .map_err(|e| CliError::Connect(e.to_string()))?;

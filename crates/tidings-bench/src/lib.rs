@@ -135,15 +135,16 @@ pub struct BenchArgs {
     /// What to measure.
     #[arg(value_enum)]
     pub scenario: Scenario,
-    /// Base HTTP URL of the broker (`http://host:port`); the WebSocket URL is
-    /// `ws://host:port` + `--ws-path`.
+    /// URL of the broker: `http://host:port`, whose WebSocket endpoint is `ws://host:port` +
+    /// `--ws-path`; or that endpoint itself (`ws://host:port/websocket`), from which the HTTP
+    /// base is derived.
     #[arg(
         long,
         env = "TIDINGS_HTTP_URL",
         default_value = "http://127.0.0.1:8080"
     )]
     pub url: String,
-    /// Publish to this broker instead (`http://host:port`): with a cluster, subscribers on one
+    /// Publish to this broker instead (`http://host:port` or its ws:// URL): with a cluster, subscribers on one
     /// node (`--url`) and the publisher on another measure the backplane in between.
     #[arg(long, env = "TIDINGS_BENCH_PUBLISH_URL")]
     pub publish_url: Option<String>,
@@ -336,21 +337,23 @@ impl Run {
         };
         let shape = ItemShape::new(args.fields, args.item_bytes, groups)?;
 
-        let (authority, base) = parse_http_url(&args.url)?;
+        let broker = parse_broker_url("url", &args.url)?;
         let publish_base = match &args.publish_url {
-            Some(url) => parse_http_url(url)?.1,
-            None => base,
+            Some(url) => parse_broker_url("publish-url", url)?.http,
+            None => broker.http.clone(),
         };
+        let authority = broker.authority;
+        let ws_path = broker.ws_path.as_deref().unwrap_or(&args.ws_path);
         let addr = resolve(&authority).await?;
         if args.source_addrs > 1 && !(addr.is_ipv4() && addr.ip().is_loopback()) {
             return usage(format!(
                 "--source-addrs only works with an IPv4 loopback broker, not {addr}"
             ));
         }
-        if !args.ws_path.starts_with('/') {
-            return usage(format!("--ws-path must start with '/': {}", args.ws_path));
+        if !ws_path.starts_with('/') {
+            return usage(format!("--ws-path must start with '/': {ws_path}"));
         }
-        let mut ws_url = format!("ws://{authority}{}", args.ws_path);
+        let mut ws_url = format!("ws://{authority}{ws_path}");
         if let Some(token) = &args.token {
             let sep = if ws_url.contains('?') { '&' } else { '?' };
             ws_url = format!("{ws_url}{sep}access_token={}", percent_encode(token));
@@ -700,21 +703,43 @@ fn per_second(count: u64, seconds: f64) -> f64 {
     }
 }
 
-/// `(host:port, http://host:port)` of `--url`; only plain `http` is supported.
-fn parse_http_url(url: &str) -> Result<(String, String), BenchError> {
+/// What `--url` (or `--publish-url`) names: `http://host:port`, or the broker's WebSocket URL
+/// `ws://host:port/path`, whose path then overrides `--ws-path`. Only plain HTTP and ws://
+/// are spoken (no TLS).
+#[derive(Debug, PartialEq, Eq)]
+struct BrokerUrl {
+    /// `host:port`.
+    authority: String,
+    /// `http://host:port`.
+    http: String,
+    /// The WebSocket path a ws:// URL gave.
+    ws_path: Option<String>,
+}
+
+fn parse_broker_url(flag: &str, url: &str) -> Result<BrokerUrl, BenchError> {
     let uri: hyper::Uri = url
         .parse()
-        .map_err(|e| BenchError::Usage(format!("--url {url} is not a URL: {e}")))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(BenchError::Usage(format!(
-            "--url must be an http:// URL (the bench speaks plain HTTP and ws://), not {url}"
-        )));
-    }
+        .map_err(|e| BenchError::Usage(format!("--{flag} {url} is not a URL: {e}")))?;
+    let ws = match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
+        Some("http") => false,
+        Some("ws") => true,
+        _ => {
+            return Err(BenchError::Usage(format!(
+                "--{flag} must be http://host:port or ws://host:port/path (the bench speaks plain \
+                 HTTP and WebSocket, no TLS), not {url}"
+            )))
+        }
+    };
     let host = uri
         .host()
-        .ok_or_else(|| BenchError::Usage(format!("--url {url} has no host")))?;
+        .ok_or_else(|| BenchError::Usage(format!("--{flag} {url} has no host")))?;
     let authority = format!("{host}:{}", uri.port_u16().unwrap_or(80));
-    Ok((authority.clone(), format!("http://{authority}")))
+    let path = uri.path().trim_end_matches('/');
+    Ok(BrokerUrl {
+        http: format!("http://{authority}"),
+        authority,
+        ws_path: (ws && !path.is_empty()).then(|| path.to_string()),
+    })
 }
 
 async fn resolve(authority: &str) -> Result<SocketAddr, BenchError> {
@@ -780,15 +805,29 @@ mod tests {
 
     #[test]
     fn urls() {
+        let http = |url: &str| parse_broker_url("url", url).unwrap();
         assert_eq!(
-            parse_http_url("http://127.0.0.1:9000/").unwrap(),
-            ("127.0.0.1:9000".into(), "http://127.0.0.1:9000".into())
+            http("http://127.0.0.1:9000/"),
+            BrokerUrl {
+                authority: "127.0.0.1:9000".into(),
+                http: "http://127.0.0.1:9000".into(),
+                ws_path: None,
+            }
         );
+        assert_eq!(http("http://localhost").authority, "localhost:80");
+        // A WebSocket URL gives the same HTTP base, and its path is the endpoint.
+        let ws = http("ws://127.0.0.1:9000/websocket");
+        assert_eq!(ws.http, "http://127.0.0.1:9000");
+        assert_eq!(ws.ws_path.as_deref(), Some("/websocket"));
+        assert_eq!(http("ws://127.0.0.1:9000").ws_path, None);
         assert_eq!(
-            parse_http_url("http://localhost").unwrap().0,
-            "localhost:80"
+            http("ws://127.0.0.1:9000/rt/").ws_path.as_deref(),
+            Some("/rt")
         );
-        assert!(parse_http_url("https://x:1").is_err());
-        assert!(parse_http_url("nope").is_err());
+        for bad in ["https://x:1", "wss://x:1", "nope"] {
+            let err = parse_broker_url("url", bad).unwrap_err();
+            assert!(matches!(err, BenchError::Usage(_)), "{bad}");
+            assert!(err.to_string().contains("--url"), "{bad}: {err}");
+        }
     }
 }
