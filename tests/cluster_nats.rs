@@ -2,22 +2,20 @@
 //! node, resume across nodes, idempotency across nodes, history restored by a late node, a
 //! node killed with SIGKILL, the NATS connection dropped and restored, the stream recreated.
 //!
-//! NATS comes from `TIDINGS_TEST_NATS_URL` (default `nats://127.0.0.1:4222`, which
-//! `.ci/run` starts); the connection-drop test runs a private `nats-server` it can kill. When
-//! NATS is unreachable (or `nats-server` missing) a test says so loudly and passes without
-//! running, except under `CI=true`, where it fails. Each test uses its own key prefix (so its
-//! own stream) and deletes its stream at the end; every wait is bounded.
+//! Every test starts a private `nats-server -js` on a free port with a store of its own
+//! (`support::services`), and kills only that process. Without `nats-server` a test fails
+//! with `PREREQUISITE MISSING`. Every wait is bounded.
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
 use serde_json::{json, Value};
+use support::process::{Broker, Proc};
+use support::services::{free_port, unique_prefix, PrivateNats};
 use support::{Received, TestServer, WsClient};
 use tidings::config::Engine;
 use tidings::Config;
@@ -28,60 +26,6 @@ const READY_WAIT: Duration = Duration::from_secs(20);
 // ---------------------------------------------------------------------------------------------
 // NATS and nodes
 // ---------------------------------------------------------------------------------------------
-
-fn under_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// Skips the test (loudly), or fails it under `CI=true`.
-fn unavailable(what: &str) {
-    assert!(
-        !under_ci(),
-        "{what} (CI=true: the NATS tests must run; .ci/run starts nats-server)"
-    );
-    eprintln!("\n*** SKIPPED: {what}. Start `nats-server -js` or set TIDINGS_TEST_NATS_URL. ***\n");
-}
-
-/// The shared NATS server's URL, if it answers.
-fn nats_url() -> Option<String> {
-    let url =
-        std::env::var("TIDINGS_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let hostport = url.trim_start_matches("nats://").to_string();
-    let reachable = hostport
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .is_some_and(|addr| TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok());
-    if reachable {
-        Some(url)
-    } else {
-        unavailable(&format!("NATS is not reachable at {url}"));
-        None
-    }
-}
-
-/// The URL of the shared NATS server, or the test returns.
-macro_rules! nats_or_skip {
-    () => {
-        match nats_url() {
-            Some(url) => url,
-            None => return,
-        }
-    };
-}
-
-/// A key prefix (so a stream) of this test alone.
-fn unique_prefix() -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() % 1_000_000_000_000);
-    format!(
-        "t{}_{nanos}_{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 fn nats_config(url: &str, prefix: &str) -> Config {
     Config {
@@ -94,41 +38,17 @@ fn nats_config(url: &str, prefix: &str) -> Config {
 
 /// An in-process node of the cluster `prefix`, once ready.
 async fn node(url: &str, prefix: &str) -> TestServer {
-    let server = support::start(nats_config(url, prefix)).await;
-    wait_ready(&server, true).await;
-    server
-}
-
-/// Waits until the node's backplane readiness is `ready`.
-async fn wait_ready(server: &TestServer, ready: bool) {
-    let deadline = Instant::now() + READY_WAIT;
-    while server.state.backplane.is_ready() != ready {
-        assert!(
-            Instant::now() < deadline,
-            "backplane readiness stayed {} for {READY_WAIT:?}",
-            !ready
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::start_ready(nats_config(url, prefix)).await
 }
 
 /// Waits until a metric reaches `at_least`.
 async fn wait_metric(server: &TestServer, series: &str, at_least: f64) {
-    let deadline = Instant::now() + READY_WAIT;
-    loop {
-        let value = server.metric(series).await.unwrap_or(0.0);
-        if value >= at_least {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{series} stayed at {value} for {READY_WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    server
+        .wait_for_metric_within(series, at_least, READY_WAIT)
+        .await;
 }
 
-/// Deletes the stream of `prefix` (best effort: a leftover stream only holds aged-out data).
+/// Deletes the stream of `prefix` (best effort).
 async fn delete_stream(url: &str, prefix: &str) {
     let cleanup = async {
         let client = async_nats::connect(url).await.ok()?;
@@ -229,7 +149,8 @@ async fn ws_at(url: &str) -> WsClient {
 
 #[tokio::test]
 async fn two_nodes_deliver_every_event_in_one_order_with_the_publishers_offsets() {
-    let url = nats_or_skip!();
+    let nats = PrivateNats::start();
+    let url = nats.url();
     let prefix = unique_prefix();
     let a = node(&url, &prefix).await;
     let b = node(&url, &prefix).await;
@@ -255,12 +176,12 @@ async fn two_nodes_deliver_every_event_in_one_order_with_the_publishers_offsets(
     assert_eq!(ids_and_offsets(&mut on_a, 200).await, expected);
     on_a.expect_silence(Duration::from_millis(200)).await;
     on_b.expect_silence(Duration::from_millis(10)).await;
-    delete_stream(&url, &prefix).await;
 }
 
 #[tokio::test]
 async fn a_subscriber_resumes_on_another_node_with_exactly_its_missed_events() {
-    let url = nats_or_skip!();
+    let nats = PrivateNats::start();
+    let url = nats.url();
     let prefix = unique_prefix();
     let a = node(&url, &prefix).await;
     let b = node(&url, &prefix).await;
@@ -297,12 +218,12 @@ async fn a_subscriber_resumes_on_another_node_with_exactly_its_missed_events() {
     let live = publish_orders(&a, 1011, 3).await;
     assert_eq!(ids_and_offsets(&mut back, 1).await, [(1012, live[1])]);
     back.expect_silence(Duration::from_millis(200)).await;
-    delete_stream(&url, &prefix).await;
 }
 
 #[tokio::test]
 async fn an_idempotency_key_is_deduplicated_across_nodes() {
-    let url = nats_or_skip!();
+    let nats = PrivateNats::start();
+    let url = nats.url();
     let prefix = unique_prefix();
     let a = node(&url, &prefix).await;
     let b = node(&url, &prefix).await;
@@ -346,12 +267,12 @@ async fn an_idempotency_key_is_deduplicated_across_nodes() {
         b.metric("tidings_publish_duplicates_total").await,
         Some(2.0)
     );
-    delete_stream(&url, &prefix).await;
 }
 
 #[tokio::test]
 async fn a_node_started_late_restores_the_history_and_resumes_from_it() {
-    let url = nats_or_skip!();
+    let nats = PrivateNats::start();
+    let url = nats.url();
     let prefix = unique_prefix();
     let a = node(&url, &prefix).await;
     let answer = a.publish(orders(1, 30)).await;
@@ -378,12 +299,12 @@ async fn a_node_started_late_restores_the_history_and_resumes_from_it() {
     // And live events still flow on the late node.
     let live = publish_orders(&a, 31, 1).await;
     assert_eq!(ids_and_offsets(&mut fresh, 1).await, [(31, live[0])]);
-    delete_stream(&url, &prefix).await;
 }
 
 #[tokio::test]
 async fn deleting_the_stream_starts_a_new_epoch_on_every_node() {
-    let url = nats_or_skip!();
+    let nats = PrivateNats::start();
+    let url = nats.url();
     let prefix = unique_prefix();
     let a = node(&url, &prefix).await;
     let b = node(&url, &prefix).await;
@@ -396,7 +317,7 @@ async fn deleting_the_stream_starts_a_new_epoch_on_every_node() {
     // reset their history into the new epoch.
     for server in [&a, &b] {
         wait_metric(server, "tidings_backplane_epoch_changes_total", 1.0).await;
-        wait_ready(server, true).await;
+        server.wait_ready(true).await;
     }
     let deadline = Instant::now() + READY_WAIT;
     let new = loop {
@@ -416,7 +337,6 @@ async fn deleting_the_stream_starts_a_new_epoch_on_every_node() {
         "an old-epoch position is lost: {init}"
     );
     assert_eq!(init["position"]["epoch"], epoch_of(&new).as_str());
-    delete_stream(&url, &prefix).await;
 }
 
 #[tokio::test]
@@ -468,92 +388,7 @@ fn a_bad_nats_url_is_a_configuration_error_naming_the_flag() {
         }
     }
     // The binary exits 2 naming the flag.
-    let out = Command::new(env!("CARGO_BIN_EXE_tidings"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--engine",
-            "nats",
-            "--nats-url",
-            "redis://127.0.0.1:6379",
-        ])
-        .env_remove("TIDINGS_NATS_URL")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run tidings");
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("--nats-url"), "{stderr}");
-}
-
-// ---------------------------------------------------------------------------------------------
-// 5: a node killed with SIGKILL (real processes)
-// ---------------------------------------------------------------------------------------------
-
-/// A child process killed (by its PID) and reaped when dropped.
-struct Proc {
-    child: Child,
-    /// Lines printed on stderr, for failure messages.
-    stderr: std::sync::mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(program: &str, args: &[&str]) -> (Proc, std::sync::mpsc::Receiver<String>) {
-        let mut cmd = Command::new(program);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("TIDINGS_") {
-                cmd.env_remove(&key);
-            }
-        }
-        let mut child = cmd
-            .args(args)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
-        let lines = |stream: Box<dyn std::io::Read + Send>| {
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines() {
-                    let Ok(line) = line else { break };
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-            rx
-        };
-        let stdout = lines(Box::new(child.stdout.take().expect("stdout")));
-        let stderr = lines(Box::new(child.stderr.take().expect("stderr")));
-        (Proc { child, stderr }, stdout)
-    }
-
-    fn transcript(&self) -> String {
-        self.stderr.try_iter().collect::<Vec<_>>().join("\n")
-    }
-
-    /// SIGKILL (std's `Child::kill`), by this child's PID only.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            self.kill();
-        }
-    }
-}
-
-/// `tidings serve` on the cluster `prefix`, with the address it printed.
-fn spawn_node(url: &str, prefix: &str) -> (Proc, SocketAddr) {
-    let (proc, stdout) = Proc::spawn(
-        env!("CARGO_BIN_EXE_tidings"),
+    let mut proc = Proc::spawn(
         &[
             "serve",
             "--listen",
@@ -561,20 +396,32 @@ fn spawn_node(url: &str, prefix: &str) -> (Proc, SocketAddr) {
             "--engine",
             "nats",
             "--nats-url",
-            url,
-            "--key-prefix",
-            prefix,
+            "redis://127.0.0.1:6379",
         ],
+        &[],
     );
-    let line = stdout
-        .recv_timeout(support::WAIT)
-        .unwrap_or_else(|_| panic!("no address printed: {}", proc.transcript()));
-    let addr = line
-        .strip_prefix("tidings listening on http://")
-        .and_then(|rest| rest.split_once(' '))
-        .and_then(|(addr, _)| addr.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-    (proc, addr)
+    let status = proc.wait_exit(support::WAIT);
+    assert_eq!(status.code(), Some(2));
+    let stderr = proc.stderr.seen.join("\n");
+    assert!(stderr.contains("--nats-url"), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5: a node killed with SIGKILL (real processes)
+// ---------------------------------------------------------------------------------------------
+
+/// `tidings serve` on the cluster `prefix`, with the address it printed.
+fn spawn_node(url: &str, prefix: &str) -> (Broker, SocketAddr) {
+    let broker = Broker::start(&[
+        "--engine",
+        "nats",
+        "--nats-url",
+        url,
+        "--key-prefix",
+        prefix,
+    ]);
+    let addr = broker.addr;
+    (broker, addr)
 }
 
 async fn http_status(client: &support::Http, addr: SocketAddr, path: &str) -> Option<u16> {
@@ -597,7 +444,8 @@ async fn wait_process_ready(client: &support::Http, addr: SocketAddr) {
 
 #[tokio::test]
 async fn a_client_of_a_node_killed_with_sigkill_resumes_on_another_without_loss() {
-    let url = nats_or_skip!();
+    let nats = PrivateNats::start();
+    let url = nats.url();
     let prefix = unique_prefix();
     let http = support::http_client();
     let (mut node1, addr1) = spawn_node(&url, &prefix);
@@ -632,7 +480,7 @@ async fn a_client_of_a_node_killed_with_sigkill_resumes_on_another_without_loss(
         epoch = frame["position"]["epoch"].as_str().expect("epoch").into();
         received.push(id_and_offset(&frame));
     }
-    node1.kill();
+    node1.proc.kill();
     // What was already on its way is still read, as a real client would, until the socket
     // ends.
     while let Received::Text(t) = c.next().await {
@@ -668,53 +516,11 @@ async fn a_client_of_a_node_killed_with_sigkill_resumes_on_another_without_loss(
     assert!(received.windows(2).all(|w| w[0].1 < w[1].1));
     back.expect_silence(Duration::from_millis(200)).await;
     drop(node2);
-    delete_stream(&url, &prefix).await;
 }
 
 // ---------------------------------------------------------------------------------------------
 // 6: the NATS server goes away and comes back (a private nats-server)
 // ---------------------------------------------------------------------------------------------
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn nats_server_binary() -> Option<String> {
-    let candidates = [
-        std::env::var("TIDINGS_TEST_NATS_SERVER").ok(),
-        Some("/usr/sbin/nats-server".into()),
-        Some("/usr/bin/nats-server".into()),
-        Some("/usr/local/bin/nats-server".into()),
-    ];
-    candidates
-        .into_iter()
-        .flatten()
-        .find(|p| std::path::Path::new(p).exists())
-}
-
-/// `nats-server -js` on `port` with its store in `dir`, once it accepts connections.
-fn start_nats_server(binary: &str, port: u16, dir: &std::path::Path) -> Proc {
-    let port_arg = port.to_string();
-    let dir_arg = dir.to_string_lossy().into_owned();
-    let (proc, _stdout) = Proc::spawn(
-        binary,
-        &["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd", &dir_arg],
-    );
-    let deadline = Instant::now() + READY_WAIT;
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "nats-server did not start: {}",
-            proc.transcript()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    proc
-}
 
 /// Publishes with idempotency keys, retrying on 503 until accepted (as a client should).
 async fn publish_until_accepted(server: &TestServer, id: u64) -> u64 {
@@ -734,16 +540,9 @@ async fn publish_until_accepted(server: &TestServer, id: u64) -> u64 {
 
 #[tokio::test]
 async fn nodes_survive_a_nats_restart_without_losing_events_published_after_it() {
-    let Some(binary) = nats_server_binary() else {
-        unavailable("nats-server is not installed");
-        return;
-    };
-    let port = free_port();
-    let dir = std::env::temp_dir().join(format!("tidings-nats-{}", unique_prefix()));
-    std::fs::create_dir_all(&dir).expect("store dir");
-    let url = format!("nats://127.0.0.1:{port}");
+    let mut nats = PrivateNats::start();
+    let url = nats.url();
     let prefix = unique_prefix();
-    let mut nats = start_nats_server(&binary, port, &dir);
     let a = node(&url, &prefix).await;
     let b = node(&url, &prefix).await;
     let mut c = b.ws().await;
@@ -754,8 +553,8 @@ async fn nodes_survive_a_nats_restart_without_losing_events_published_after_it()
     assert_eq!(ids_and_offsets(&mut c, 10).await, expected);
 
     nats.kill();
-    wait_ready(&a, false).await;
-    wait_ready(&b, false).await;
+    a.wait_ready(false).await;
+    b.wait_ready(false).await;
     let (status, answer) = a.post("/v1/publish", &orders(11, 1)).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
     let (status, _) = a.get("/readyz").await;
@@ -763,9 +562,9 @@ async fn nodes_survive_a_nats_restart_without_losing_events_published_after_it()
     assert_eq!(a.metric("tidings_backplane_ready").await, Some(0.0));
 
     // Same store: same stream, same epoch.
-    let _nats = start_nats_server(&binary, port, &dir);
-    wait_ready(&a, true).await;
-    wait_ready(&b, true).await;
+    nats.restart();
+    a.wait_ready(true).await;
+    b.wait_ready(true).await;
     let mut after = Vec::new();
     for id in 11..=30 {
         after.push((id, publish_until_accepted(&a, id).await));
@@ -783,6 +582,5 @@ async fn nodes_survive_a_nats_restart_without_losing_events_published_after_it()
     drop(c);
     a.shutdown().await;
     b.shutdown().await;
-    drop(_nats);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(nats);
 }

@@ -2,89 +2,21 @@
 //! node, idempotency across nodes, history restored by a node started late, and what
 //! happens when Redis restarts or drops the connections.
 //!
-//! Tests 1–4 use the Redis on 127.0.0.1:6379 (`TIDINGS_TEST_REDIS_URL` overrides it); the
-//! restart tests start a private `redis-server` on a free port and kill only that process.
-//! Each test uses its own key prefix and deletes its keys at the end. Without Redis the tests
-//! say so loudly and pass, except under `CI=true`, where they fail.
+//! Every test starts a private `redis-server` on a free port (`support::services`), and kills
+//! only that process. Without `redis-server` a test fails with `PREREQUISITE MISSING`.
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper::StatusCode;
 use serde_json::{json, Value};
+use support::process::Proc;
+use support::services::{unique_prefix, PrivateRedis};
 use support::{TestServer, WsClient};
 use tidings::config::Engine;
 use tidings::history::HistoryLimits;
 use tidings::Config;
-
-const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
-
-fn shared_url() -> String {
-    std::env::var("TIDINGS_TEST_REDIS_URL").unwrap_or_else(|_| SHARED_REDIS.into())
-}
-
-/// Skips (loudly) when there is no Redis, unless `CI=true`, where a missing Redis fails.
-fn missing(what: &str) -> bool {
-    let message = format!("cluster_redis: {what}: SKIPPING this test");
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{message} is not allowed under CI=true");
-    }
-    eprintln!("\n!!!!!!!! {message} !!!!!!!!\n");
-    true
-}
-
-/// True when the shared Redis answers; otherwise skips (or fails under CI).
-async fn shared_redis() -> Option<String> {
-    let url = shared_url();
-    match admin(&url).await {
-        Ok(_) => Some(url),
-        Err(e) => {
-            missing(&format!("no Redis at {url} ({e})"));
-            None
-        }
-    }
-}
-
-async fn admin(url: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-    let client = redis::Client::open(url)?;
-    tokio::time::timeout(
-        Duration::from_secs(2),
-        client.get_multiplexed_async_connection(),
-    )
-    .await
-    .map_err(|_| redis::RedisError::from(std::io::Error::other("connect timed out")))?
-}
-
-/// A key prefix no other test (or run) uses.
-fn unique_prefix() -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!(
-        "t{}_{nanos}_{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// Deletes every key under `prefix`.
-async fn cleanup(url: &str, prefix: &str) {
-    let Ok(mut conn) = admin(url).await else {
-        return;
-    };
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap_or_default();
-    if !keys.is_empty() {
-        let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
-    }
-}
 
 fn config(url: &str, prefix: &str) -> Config {
     Config {
@@ -97,30 +29,7 @@ fn config(url: &str, prefix: &str) -> Config {
 
 /// Starts a node and waits until it is ready.
 async fn node(config: Config) -> TestServer {
-    let server = support::start(config).await;
-    wait_ready(&server, true).await;
-    server
-}
-
-/// Polls `/readyz` until it answers 200 (`ready`) or 503, for at most 20 s.
-async fn wait_ready(server: &TestServer, ready: bool) {
-    let want = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, _) = server.get("/readyz").await;
-        if status == want {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "/readyz stayed {status}, wanted {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::start_ready(config).await
 }
 
 /// `n` creates to `orders` with ids `from..from+n`, tenant `id % 3`, one request.
@@ -196,38 +105,28 @@ async fn a_bad_redis_url_is_a_config_error_naming_the_flag() {
 
 #[test]
 fn the_binary_exits_2_naming_redis_url_for_a_bad_url() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tidings"))
-        .args(["serve", "--engine", "redis", "--redis-url", "nope://x"])
-        .args(["--listen", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run tidings");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("tidings kept running with a bad --redis-url");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    if let Some(mut pipe) = child.stderr.take() {
-        std::io::Read::read_to_string(&mut pipe, &mut stderr).expect("stderr");
-    }
+    let mut proc = Proc::spawn(
+        &[
+            "serve",
+            "--engine",
+            "redis",
+            "--redis-url",
+            "nope://x",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    let status = proc.wait_exit(Duration::from_secs(10));
+    let stderr = proc.stderr.seen.join("\n");
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--redis-url"), "{stderr}");
 }
 
 #[tokio::test]
 async fn every_node_delivers_every_event_in_the_order_the_publisher_was_answered() {
-    let Some(url) = shared_redis().await else {
-        return;
-    };
+    let redis = PrivateRedis::start();
+    let url = redis.url();
     let prefix = unique_prefix();
     let a = node(config(&url, &prefix)).await;
     let b = node(config(&url, &prefix)).await;
@@ -260,14 +159,12 @@ async fn every_node_delivers_every_event_in_the_order_the_publisher_was_answered
     on_a.expect_silence(Duration::from_millis(200)).await;
     on_b.expect_silence(Duration::from_millis(10)).await;
     assert_eq!(a.metric("tidings_backplane_ready").await, Some(1.0));
-    cleanup(&url, &prefix).await;
 }
 
 #[tokio::test]
 async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
-    let Some(url) = shared_redis().await else {
-        return;
-    };
+    let redis = PrivateRedis::start();
+    let url = redis.url();
     let prefix = unique_prefix();
     let a = node(config(&url, &prefix)).await;
     let b = node(config(&url, &prefix)).await;
@@ -297,14 +194,12 @@ async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
     publish_orders(&a, 1011, 3).await;
     assert_eq!(receive(&mut back, 1).await, [(1012, epoch.clone(), 1012)]);
     back.expect_silence(Duration::from_millis(200)).await;
-    cleanup(&url, &prefix).await;
 }
 
 #[tokio::test]
 async fn an_idempotency_key_is_shared_by_the_cluster() {
-    let Some(url) = shared_redis().await else {
-        return;
-    };
+    let redis = PrivateRedis::start();
+    let url = redis.url();
     let prefix = unique_prefix();
     let a = node(config(&url, &prefix)).await;
     let b = node(config(&url, &prefix)).await;
@@ -340,14 +235,12 @@ async fn an_idempotency_key_is_shared_by_the_cluster() {
         b.metric("tidings_publish_duplicates_total").await,
         Some(2.0)
     );
-    cleanup(&url, &prefix).await;
 }
 
 #[tokio::test]
 async fn a_node_started_late_restores_the_history_from_redis() {
-    let Some(url) = shared_redis().await else {
-        return;
-    };
+    let redis = PrivateRedis::start();
+    let url = redis.url();
     let prefix = unique_prefix();
     let a = node(config(&url, &prefix)).await;
     let answered = publish_orders(&a, 1, 50).await;
@@ -386,109 +279,11 @@ async fn a_node_started_late_restores_the_history_from_redis() {
     publish_orders(&a, 51, 1).await;
     assert_eq!(receive(&mut early, 1).await, [(51, epoch.clone(), 51)]);
     assert_eq!(receive(&mut fresh, 1).await, [(51, epoch.clone(), 51)]);
-    cleanup(&url, &prefix).await;
-}
-
-/// A `redis-server` of this test only, without persistence, killed only by its pid.
-struct PrivateRedis {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl PrivateRedis {
-    /// Starts one on a free port, or None (skipping) when `redis-server` is missing.
-    async fn start() -> Option<PrivateRedis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let mut redis = PrivateRedis { port, child: None };
-        if let Err(e) = redis.spawn().await {
-            missing(&format!("cannot run redis-server ({e})"));
-            return None;
-        }
-        Some(redis)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn spawn(&mut self) -> std::io::Result<()> {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        self.child = Some(child);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while admin(&self.url()).await.is_err() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the private redis-server did not come up"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(())
-    }
-
-    /// SIGKILL: no save, no goodbye.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Closes every client connection; the data stays.
-    async fn kill_clients(&self, kind: &str) {
-        let mut conn = admin(&self.url()).await.expect("admin connection");
-        if kind == "all" {
-            let _: i64 = redis::cmd("CLIENT")
-                .arg("KILL")
-                .arg("TYPE")
-                .arg("normal")
-                .query_async(&mut conn)
-                .await
-                .expect("client kill");
-            return;
-        }
-        let list: String = redis::cmd("CLIENT")
-            .arg("LIST")
-            .query_async(&mut conn)
-            .await
-            .expect("client list");
-        for line in list.lines() {
-            let field = |name: &str| {
-                line.split(' ')
-                    .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-                    .unwrap_or("")
-                    .to_string()
-            };
-            if field("name").ends_with(kind) {
-                let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
-                    .arg("KILL")
-                    .arg("ID")
-                    .arg(field("id"))
-                    .query_async(&mut conn)
-                    .await;
-            }
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 #[tokio::test]
 async fn a_redis_restart_without_persistence_starts_a_new_epoch_on_every_node() {
-    let Some(mut redis) = PrivateRedis::start().await else {
-        return;
-    };
+    let mut redis = PrivateRedis::start();
     let prefix = unique_prefix();
     let a = node(config(&redis.url(), &prefix)).await;
     let b = node(config(&redis.url(), &prefix)).await;
@@ -502,8 +297,8 @@ async fn a_redis_restart_without_persistence_starts_a_new_epoch_on_every_node() 
     assert_eq!(receive(&mut on_a, 5).await.len(), 5);
 
     redis.kill();
-    wait_ready(&a, false).await;
-    wait_ready(&b, false).await;
+    a.wait_ready(false).await;
+    b.wait_ready(false).await;
     assert_eq!(a.metric("tidings_backplane_ready").await, Some(0.0));
     // Refused at once, not accepted, not hanging (the helper bounds the wait).
     let started = std::time::Instant::now();
@@ -516,9 +311,9 @@ async fn a_redis_restart_without_persistence_starts_a_new_epoch_on_every_node() 
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
     assert!(started.elapsed() < Duration::from_secs(2));
 
-    redis.spawn().await.expect("restart redis-server");
-    wait_ready(&a, true).await;
-    wait_ready(&b, true).await;
+    redis.restart();
+    a.wait_ready(true).await;
+    b.wait_ready(true).await;
     let after = publish_orders(&b, 7, 3).await;
     let new_epoch = after[0].0.clone();
     assert_ne!(new_epoch, old_epoch, "Redis lost the log: a new epoch");
@@ -550,9 +345,7 @@ async fn a_redis_restart_without_persistence_starts_a_new_epoch_on_every_node() 
 
 #[tokio::test]
 async fn dropped_connections_lose_nothing_when_redis_keeps_its_data() {
-    let Some(redis) = PrivateRedis::start().await else {
-        return;
-    };
+    let redis = PrivateRedis::start();
     let prefix = unique_prefix();
     let a = node(config(&redis.url(), &prefix)).await;
     let b = node(config(&redis.url(), &prefix)).await;
@@ -631,27 +424,16 @@ async fn dropped_connections_lose_nothing_when_redis_keeps_its_data() {
     }
 }
 
-/// Waits until `series` on `server` reaches `value` (at most 20 s).
+/// Waits until `series` on `server` reaches `value`.
 async fn wait_metric(server: &TestServer, series: &str, value: f64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let got = server.metric(series).await.unwrap_or(0.0);
-        if got >= value {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{series} stayed at {got}, wanted {value}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    server
+        .wait_for_metric_within(series, value, support::CLUSTER_WAIT)
+        .await;
 }
 
 #[tokio::test]
 async fn a_log_that_went_back_or_was_flushed_gets_a_new_epoch() {
-    let Some(redis) = PrivateRedis::start().await else {
-        return;
-    };
+    let redis = PrivateRedis::start();
     let prefix = unique_prefix();
     let a = node(config(&redis.url(), &prefix)).await;
     let b = node(config(&redis.url(), &prefix)).await;
@@ -664,7 +446,7 @@ async fn a_log_that_went_back_or_was_flushed_gets_a_new_epoch() {
     assert_eq!(receive(&mut on_b, 5).await.len(), 5);
 
     // As if Redis came back from a snapshot taken after offset 2: same epoch, shorter log.
-    let mut conn = admin(&redis.url()).await.expect("admin");
+    let mut conn = redis.admin().await;
     let log = format!("{prefix}:log:orders");
     let kept: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
         .arg(&log)
@@ -698,7 +480,7 @@ async fn a_log_that_went_back_or_was_flushed_gets_a_new_epoch() {
     redis.kill_clients("all").await;
     for server in [&a, &b] {
         wait_metric(server, "tidings_backplane_epoch_changes_total", 1.0).await;
-        wait_ready(server, true).await;
+        server.wait_ready(true).await;
     }
     let second = publish_orders(&b, 6, 1).await;
     assert_ne!(second[0].0, first);
@@ -708,14 +490,14 @@ async fn a_log_that_went_back_or_was_flushed_gets_a_new_epoch() {
     assert_eq!(receive(&mut on_b, 1).await, expected);
 
     // Flushed under live connections: the nodes notice within a read and agree on a new one.
-    let mut conn = admin(&redis.url()).await.expect("admin");
+    let mut conn = redis.admin().await;
     let () = redis::cmd("FLUSHALL")
         .query_async(&mut conn)
         .await
         .expect("flushall");
     for server in [&a, &b] {
         wait_metric(server, "tidings_backplane_epoch_changes_total", 2.0).await;
-        wait_ready(server, true).await;
+        server.wait_ready(true).await;
     }
     let third = publish_orders(&a, 7, 1).await;
     assert_ne!(third[0].0, second[0].0);
@@ -728,9 +510,8 @@ async fn a_log_that_went_back_or_was_flushed_gets_a_new_epoch() {
 
 #[tokio::test]
 async fn a_collection_without_events_resumes_from_zero_on_any_node() {
-    let Some(url) = shared_redis().await else {
-        return;
-    };
+    let redis = PrivateRedis::start();
+    let url = redis.url();
     let prefix = unique_prefix();
     let a = node(config(&url, &prefix)).await;
     // Some other collection has events; `orders` has none yet.
@@ -752,5 +533,4 @@ async fn a_collection_without_events_resumes_from_zero_on_any_node() {
     publish_orders(&a, 1, 1).await;
     assert_eq!(receive(&mut on_b, 1).await, [(1, epoch.clone(), 1)]);
     assert_eq!(receive(&mut on_a, 1).await, [(1, epoch, 1)]);
-    cleanup(&url, &prefix).await;
 }

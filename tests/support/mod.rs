@@ -2,8 +2,10 @@
 //! bounded by a timeout, every server frame checked against `protocol/schemas/`.
 #![allow(dead_code)]
 
+pub mod process;
 #[path = "schema.rs"]
 pub mod schema;
+pub mod services;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -56,6 +58,17 @@ pub async fn start(config: Config) -> TestServer {
         stop: Some(stop),
         task: Some(task),
     }
+}
+
+/// Bound on a cluster node becoming (un)ready or a backplane metric moving: reconnects back
+/// off, and a loaded machine is slow.
+pub const CLUSTER_WAIT: Duration = Duration::from_secs(20);
+
+/// Starts a cluster node with `config` and waits until its backplane is ready.
+pub async fn start_ready(config: Config) -> TestServer {
+    let server = start(config).await;
+    server.wait_ready(true).await;
+    server
 }
 
 /// Starts a broker on the embedded defaults.
@@ -171,7 +184,33 @@ impl TestServer {
 
     /// Polls `/metrics` until `series` reaches `at_least` (fails after [`WAIT`]).
     pub async fn wait_for_metric(&self, series: &str, at_least: f64) {
-        let deadline = tokio::time::Instant::now() + WAIT;
+        self.wait_for_metric_within(series, at_least, WAIT).await;
+    }
+
+    /// Polls `/readyz` until it answers 200 (`ready`) or 503 (fails after [`CLUSTER_WAIT`]).
+    pub async fn wait_ready(&self, ready: bool) {
+        let want = if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        let deadline = tokio::time::Instant::now() + CLUSTER_WAIT;
+        loop {
+            let (status, _) = self.get("/readyz").await;
+            if status == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/readyz stayed {status} for {CLUSTER_WAIT:?}, wanted {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Polls `/metrics` until `series` reaches `at_least` (fails after `within`).
+    pub async fn wait_for_metric_within(&self, series: &str, at_least: f64, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
         loop {
             let v = self.metric(series).await.unwrap_or(0.0);
             if v >= at_least {
