@@ -3,177 +3,41 @@
 //!
 //! The assertions are about exactness, never speed (speed targets belong in benchmarks): every
 //! expected delivery arrives once, nothing else arrives, and the report has the fields its
-//! scenario promises. Every child is owned by a [`Proc`] that kills it by PID and reaps it when
-//! dropped; every wait has a deadline; children get no `TIDINGS_*` variable of the test's own
-//! environment.
+//! scenario promises. The children follow the rules of `support::process`.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::thread;
-use std::time::{Duration, Instant};
+mod support;
+
+use std::time::Duration;
 
 use serde_json::Value;
+use support::process::{Broker, Proc};
 
-/// Longest wait for the broker to print its address.
-const START: Duration = Duration::from_secs(10);
 /// Longest a small bench run may take on a loaded machine (a debug build, shared cores).
 const RUN: Duration = Duration::from_secs(120);
 
-/// Lines of one output stream of a child, read by a background thread.
-struct Lines {
-    rx: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Lines {
-    fn spawn(stream: impl Read + Send + 'static) -> Lines {
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stream).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Lines {
-            rx,
-            seen: Vec::new(),
-        }
-    }
-
-    /// The next line; `Ok(None)` at end of stream, `Err(())` when `deadline` passes first.
-    fn next_line(&mut self, deadline: Instant) -> Result<Option<String>, ()> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match self.rx.recv_timeout(left) {
-            Ok(line) => {
-                self.seen.push(line.clone());
-                Ok(Some(line))
-            }
-            Err(RecvTimeoutError::Disconnected) => Ok(None),
-            Err(RecvTimeoutError::Timeout) => Err(()),
-        }
-    }
-
-    fn read_to_end(&mut self, deadline: Instant) -> Result<(), ()> {
-        while self.next_line(deadline)?.is_some() {}
-        Ok(())
-    }
-
-    fn drain_now(&mut self) {
-        while let Ok(line) = self.rx.try_recv() {
-            self.seen.push(line);
-        }
-    }
-}
-
-/// A running `tidings` child, killed (by PID) and reaped when dropped.
-struct Proc {
-    name: String,
-    child: Child,
-    stdout: Lines,
-    stderr: Lines,
-    done: bool,
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidings"));
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("TIDINGS_") {
-                cmd.env_remove(&key);
-            }
-        }
-        cmd.env("NO_COLOR", "1")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start tidings {args:?}: {e}"));
-        let stdout = Lines::spawn(child.stdout.take().expect("piped stdout"));
-        let stderr = Lines::spawn(child.stderr.take().expect("piped stderr"));
-        Proc {
-            name: format!("tidings {}", args.join(" ")),
-            child,
-            stdout,
-            stderr,
-            done: false,
-        }
-    }
-
-    fn transcript(&mut self) -> String {
-        self.stdout.drain_now();
-        self.stderr.drain_now();
-        format!(
-            "`{}`\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.name,
-            self.stdout.seen.join("\n"),
-            self.stderr.seen.join("\n")
-        )
-    }
-
-    /// Waits (at most `timeout`) for the child to exit and its pipes to close.
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
-                Ok(None) => panic!("still running after {timeout:?}: {}", self.transcript()),
-                Err(e) => panic!("waiting for {}: {e}", self.name),
-            }
-        };
-        self.done = true;
-        let deadline = Instant::now() + START;
-        let closed =
-            self.stdout.read_to_end(deadline).is_ok() && self.stderr.read_to_end(deadline).is_ok();
-        assert!(closed, "pipes still open after exit: {}", self.transcript());
-        status
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if !self.done && matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// `tidings serve --listen 127.0.0.1:0 ARGS…`, with the address it printed.
+/// `tidings serve` with its HTTP URL.
 struct Server {
-    proc: Proc,
+    broker: Broker,
     url: String,
 }
 
 impl Server {
     fn start(args: &[&str]) -> Server {
-        let mut argv = vec!["serve", "--listen", "127.0.0.1:0"];
-        argv.extend_from_slice(args);
-        let mut proc = Proc::spawn(&argv);
-        let line = match proc.stdout.next_line(Instant::now() + START) {
-            Ok(Some(line)) => line,
-            _ => panic!("serve printed no address: {}", proc.transcript()),
-        };
-        // "tidings listening on http://ADDR (WebSocket ws://ADDR/websocket)"
-        let addr = line
-            .strip_prefix("tidings listening on http://")
-            .and_then(|rest| rest.split_once(' '))
-            .map(|(addr, _)| addr.to_string())
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}: {}", proc.transcript()));
+        let broker = Broker::start(args);
         Server {
-            url: format!("http://{addr}"),
-            proc,
+            url: broker.http_url(),
+            broker,
         }
     }
 
     fn pid(&self) -> String {
-        self.proc.child.id().to_string()
+        self.broker.pid().to_string()
     }
+}
+
+/// `tidings ARGS…`.
+fn spawn(args: &[&str]) -> Proc {
+    Proc::spawn(args, &[])
 }
 
 /// Runs `tidings bench SCENARIO --json --url … --broker-pid … EXTRA…` and parses its report.
@@ -189,7 +53,7 @@ fn bench_json(server: &Server, scenario: &str, extra: &[&str]) -> Value {
         &pid,
     ];
     args.extend_from_slice(extra);
-    let mut proc = Proc::spawn(&args);
+    let mut proc = spawn(&args);
     let status = proc.wait_exit(RUN);
     assert!(status.success(), "bench failed: {}", proc.transcript());
     let last = proc.stdout.seen.last().cloned().unwrap_or_default();
@@ -352,7 +216,7 @@ fn latency_publishes_at_a_fixed_rate() {
 fn table_output_names_the_numbers() {
     let server = Server::start(&[]);
     let ws_url = format!("{}/websocket", server.url.replacen("http://", "ws://", 1));
-    let mut proc = Proc::spawn(&[
+    let mut proc = spawn(&[
         "bench",
         "broadcast",
         "--url",
@@ -381,7 +245,7 @@ fn table_output_names_the_numbers() {
 #[test]
 fn a_refused_subscribe_aborts_with_the_brokers_reason() {
     let server = Server::start(&["--public-permissions", r#"{"other":{}}"#]);
-    let mut proc = Proc::spawn(&["bench", "broadcast", "--url", &server.url, "-s", "5"]);
+    let mut proc = spawn(&["bench", "broadcast", "--url", &server.url, "-s", "5"]);
     let status = proc.wait_exit(RUN);
     assert!(!status.success(), "{}", proc.transcript());
     let stderr = proc.stderr.seen.join("\n");
@@ -394,13 +258,13 @@ fn a_refused_subscribe_aborts_with_the_brokers_reason() {
 
 #[test]
 fn bad_flags_and_unreachable_brokers_are_clear_errors() {
-    let mut proc = Proc::spawn(&["bench", "broadcast", "--fields", "2"]);
+    let mut proc = spawn(&["bench", "broadcast", "--fields", "2"]);
     assert_eq!(proc.wait_exit(RUN).code(), Some(2), "a usage error exits 2");
     let stderr = proc.stderr.seen.join("\n");
     assert!(stderr.contains("--fields must be at least 4"), "{stderr}");
 
     // Port 9 (discard) on loopback: nothing listens there in a test sandbox.
-    let mut proc = Proc::spawn(&[
+    let mut proc = spawn(&[
         "bench",
         "broadcast",
         "--url",

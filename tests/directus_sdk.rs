@@ -1,8 +1,9 @@
 //! Conformance with the real official client: `@directus/sdk` `realtime()` (npm, pinned in
 //! `tests/sdk/package.json`) runs `tests/sdk/conformance.mjs` against a broker started here.
 //!
-//! Needs `node` and `npm ci --prefix tests/sdk --no-audit --no-fund`. Without them the test
-//! fails when `CI=true`, and is skipped (loudly) otherwise.
+//! Needs `node` and `npm`: the test runs `npm ci` in `tests/sdk` itself when the installed
+//! packages are not exactly the pinned ones. Without Node.js, or when `npm ci` fails, the test
+//! fails with `PREREQUISITE MISSING` (it never passes without having run).
 //!
 //! The script prints `READY_FOR_RESTART` once its first phase passed; this test then shuts the
 //! broker down (sessions get close 1001), binds a new broker to the same address and answers
@@ -32,33 +33,6 @@ fn sdk_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
         .join("sdk")
-}
-
-fn node_version() -> Option<String> {
-    let out = Command::new("node").arg("--version").output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-/// `Some(reason)` when the prerequisites are missing.
-fn missing_prerequisites() -> Option<String> {
-    if node_version().is_none() {
-        return Some("`node` is not on PATH (Node.js >= 20 is needed)".into());
-    }
-    let sdk = sdk_dir()
-        .join("node_modules")
-        .join("@directus")
-        .join("sdk")
-        .join("package.json");
-    let ws = sdk_dir()
-        .join("node_modules")
-        .join("ws")
-        .join("package.json");
-    if !sdk.is_file() || !ws.is_file() {
-        return Some(format!("{} or {} is missing", sdk.display(), ws.display()));
-    }
-    None
 }
 
 /// A broker bound to an exact address (the restart reuses the first broker's port).
@@ -134,24 +108,9 @@ async fn wait_with_deadline(child: &mut Child, deadline: Instant) -> Option<Exit
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn directus_sdk_realtime_conformance() {
-    if let Some(reason) = missing_prerequisites() {
-        if std::env::var("CI")
-            .map(|v| v == "true" || v == "1")
-            .unwrap_or(false)
-        {
-            panic!(
-                "{reason}: run `npm ci --prefix tests/sdk --no-audit --no-fund` before the tests"
-            );
-        }
-        eprintln!("\n**********************************************************************");
-        eprintln!("SKIPPED: directus_sdk_realtime_conformance: {reason}.");
-        eprintln!(
-            "Run `npm ci --prefix tests/sdk --no-audit --no-fund` (needs node) to enable it."
-        );
-        eprintln!("**********************************************************************\n");
-        return;
-    }
-    eprintln!("node {}", node_version().unwrap_or_default());
+    let node = support::services::require_node();
+    support::services::npm_ci(&sdk_dir());
+    eprintln!("node {node}");
 
     let first = support::start(support::directus_like(AuthMode::Handshake)).await;
     let addr = first.addr;

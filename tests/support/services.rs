@@ -244,3 +244,58 @@ impl Drop for PrivateNats {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The `node --version` of the `node` on PATH, or a failed test saying how to get Node.js.
+pub fn require_node() -> String {
+    let version = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string());
+    version.unwrap_or_else(|| {
+        prerequisite_missing(
+            "`node` is not on PATH (Node.js >= 20 with npm runs the official JS clients)",
+            "Install it with `apt-get install nodejs npm`",
+        )
+    })
+}
+
+/// Installs the npm packages pinned by `dir/package-lock.json` (`npm ci`), unless exactly
+/// that lock is already installed. A copy of the installed lock in `node_modules/` records
+/// what is there, so a changed lock reinstalls. Fails the test if `npm ci` cannot run.
+pub fn npm_ci(dir: &Path) {
+    require_node();
+    let lock = std::fs::read(dir.join("package-lock.json"))
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.join("package-lock.json").display()));
+    let stamp = dir
+        .join("node_modules")
+        .join(".tidings-installed-lock.json");
+    if std::fs::read(&stamp).is_ok_and(|installed| installed == lock) {
+        return;
+    }
+    let started = Instant::now();
+    let out = std::process::Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--prefix"])
+        .arg(dir)
+        .output();
+    match out {
+        Ok(out) if out.status.success() => {
+            std::fs::write(&stamp, &lock).expect("write the npm stamp");
+            eprintln!("npm ci in {} took {:?}", dir.display(), started.elapsed());
+        }
+        Ok(out) => prerequisite_missing(
+            &format!(
+                "`npm ci` in {} failed ({}):\n{}",
+                dir.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            "It needs the npm registry (or its cache); run it by hand to see why",
+        ),
+        Err(e) => prerequisite_missing(
+            &format!("`npm` cannot run ({e})"),
+            "Install it with `apt-get install npm`",
+        ),
+    }
+}
