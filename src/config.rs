@@ -49,17 +49,112 @@ pub enum LogFormat {
     Json,
 }
 
+/// Every default of `tidings serve`, written once: clap's defaults (so `--help`) and
+/// [`Config::default`] both read these, and a test checks README's flag table against them.
+pub mod defaults {
+    use super::{AuthMode, Engine, LogFormat};
+    use crate::filter::FilterLimits;
+
+    /// A default number of seconds, as a number and as clap's default text, from one literal.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Secs {
+        /// The number of seconds.
+        pub secs: u64,
+        /// The same, as `--help` shows it.
+        pub text: &'static str,
+    }
+
+    impl Secs {
+        /// As a duration.
+        pub const fn duration(self) -> std::time::Duration {
+            std::time::Duration::from_secs(self.secs)
+        }
+    }
+
+    macro_rules! secs {
+        ($n:literal) => {
+            Secs {
+                secs: $n,
+                text: stringify!($n),
+            }
+        };
+    }
+
+    /// `--listen`.
+    pub const LISTEN: &str = "127.0.0.1:8080";
+    /// `--ws-path`.
+    pub const WS_PATH: &str = "/websocket";
+    /// `--auth-mode`.
+    pub const AUTH_MODE: AuthMode = AuthMode::Public;
+    /// `--public-permissions`: every collection.
+    pub const PUBLIC_PERMISSIONS: &str = r#"{"*":{}}"#;
+    /// `--jwt-leeway`.
+    pub const JWT_LEEWAY: Secs = secs!(30);
+    /// `--engine`.
+    pub const ENGINE: Engine = Engine::Memory;
+    /// `--redis-url`.
+    pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+    /// `--nats-url`.
+    pub const NATS_URL: &str = "nats://127.0.0.1:4222";
+    /// `--key-prefix`.
+    pub const KEY_PREFIX: &str = "tidings";
+    /// `--history-size`.
+    pub const HISTORY_SIZE: usize = 10_000;
+    /// `--history-age`.
+    pub const HISTORY_AGE: Secs = secs!(300);
+    /// `--idempotency-window`.
+    pub const IDEMPOTENCY_WINDOW: Secs = secs!(120);
+    /// `--heartbeat-period`.
+    pub const HEARTBEAT_PERIOD: Secs = secs!(30);
+    /// `--auth-timeout`.
+    pub const AUTH_TIMEOUT: Secs = secs!(10);
+    /// `--shutdown-timeout`.
+    pub const SHUTDOWN_TIMEOUT: Secs = secs!(10);
+    /// `--write-timeout`.
+    pub const WRITE_TIMEOUT: Secs = secs!(10);
+    /// `--max-frame-bytes`.
+    pub const MAX_FRAME_BYTES: usize = 64 * 1024;
+    /// `--max-publish-bytes`.
+    pub const MAX_PUBLISH_BYTES: usize = 1024 * 1024;
+    /// `--max-publish-events`.
+    pub const MAX_PUBLISH_EVENTS: usize = 1000;
+    /// `--max-subscriptions`.
+    pub const MAX_SUBSCRIPTIONS: usize = 100;
+    /// `--max-connections`.
+    pub const MAX_CONNECTIONS: usize = 10_000;
+    /// `--max-connections-per-ip` (0: no limit).
+    pub const MAX_CONNECTIONS_PER_IP: usize = 0;
+    /// `--max-messages-per-second`.
+    pub const MAX_MESSAGES_PER_SECOND: u32 = 50;
+    /// `--outbox-messages`.
+    pub const OUTBOX_MESSAGES: usize = 1024;
+    /// `--outbox-bytes`.
+    pub const OUTBOX_BYTES: usize = 1024 * 1024;
+    /// `--max-filter-depth` (the filter module's own default).
+    pub const MAX_FILTER_DEPTH: usize = FilterLimits::DEFAULT.max_depth;
+    /// `--max-filter-nodes`.
+    pub const MAX_FILTER_NODES: usize = FilterLimits::DEFAULT.max_nodes;
+    /// `--max-filter-list`.
+    pub const MAX_FILTER_LIST: usize = FilterLimits::DEFAULT.max_list;
+    /// `--max-regex-bytes`.
+    pub const MAX_REGEX_BYTES: usize = FilterLimits::DEFAULT.max_regex_bytes;
+    /// `--metrics-max-collections`.
+    pub const METRICS_MAX_COLLECTIONS: usize = 100;
+    /// `--log-format`.
+    pub const LOG_FORMAT: LogFormat = LogFormat::Text;
+}
+
 /// Flags of `tidings serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Address to listen on (HTTP API, WebSocket, health and metrics). Port 0 picks a free port.
-    #[arg(long, env = "TIDINGS_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "TIDINGS_LISTEN", default_value = defaults::LISTEN)]
     pub listen: SocketAddr,
     /// Path of the WebSocket endpoint.
-    #[arg(long, env = "TIDINGS_WS_PATH", default_value = "/websocket")]
+    #[arg(long, env = "TIDINGS_WS_PATH", default_value = defaults::WS_PATH)]
     pub ws_path: String,
     /// WebSocket authentication mode.
-    #[arg(long, env = "TIDINGS_AUTH_MODE", value_enum, default_value = "public")]
+    #[arg(long, env = "TIDINGS_AUTH_MODE", value_enum, default_value_t = defaults::AUTH_MODE)]
     pub auth_mode: AuthMode,
     /// JSON file of static access tokens: {"<token>": {"sub": "...", "collections": {<permissions>}}}.
     #[arg(long, env = "TIDINGS_TOKENS_FILE")]
@@ -71,7 +166,7 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "TIDINGS_PUBLIC_PERMISSIONS",
-        default_value = r#"{"*":{}}"#
+        default_value = defaults::PUBLIC_PERMISSIONS
     )]
     pub public_permissions: String,
     /// An API key publishers must send as `Authorization: Bearer <key>`: `KEY`, or `NAME=KEY`
@@ -109,98 +204,98 @@ pub struct ServeArgs {
     #[arg(long, env = "TIDINGS_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
     /// Seconds of clock skew allowed on a JWT's `exp` and `nbf` (at most 300).
-    #[arg(long, env = "TIDINGS_JWT_LEEWAY", default_value = "30", value_parser = parse_secs)]
+    #[arg(long, env = "TIDINGS_JWT_LEEWAY", default_value = defaults::JWT_LEEWAY.text, value_parser = parse_secs)]
     pub jwt_leeway: Duration,
     /// Backplane engine: memory (one node), redis or nats (several nodes).
-    #[arg(long, env = "TIDINGS_ENGINE", value_enum, default_value = "memory")]
+    #[arg(long, env = "TIDINGS_ENGINE", value_enum, default_value_t = defaults::ENGINE)]
     pub engine: Engine,
     /// Redis URL for `--engine redis`.
     #[arg(
         long,
         env = "TIDINGS_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379"
+        default_value = defaults::REDIS_URL
     )]
     pub redis_url: String,
     /// NATS URL for `--engine nats`.
     #[arg(
         long,
         env = "TIDINGS_NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
+        default_value = defaults::NATS_URL
     )]
     pub nats_url: String,
     /// Prefix of every Redis key and NATS stream/subject this cluster uses; nodes with the
     /// same prefix form one cluster. Letters, digits, `_` and `-`.
-    #[arg(long, env = "TIDINGS_KEY_PREFIX", default_value = "tidings")]
+    #[arg(long, env = "TIDINGS_KEY_PREFIX", default_value = defaults::KEY_PREFIX)]
     pub key_prefix: String,
     /// Events of history kept per collection for resume (`since`); 0 disables resume.
-    #[arg(long, env = "TIDINGS_HISTORY_SIZE", default_value = "10000")]
+    #[arg(long, env = "TIDINGS_HISTORY_SIZE", default_value_t = defaults::HISTORY_SIZE)]
     pub history_size: usize,
     /// Seconds an event stays in the history.
-    #[arg(long, env = "TIDINGS_HISTORY_AGE", default_value = "300", value_parser = parse_secs)]
+    #[arg(long, env = "TIDINGS_HISTORY_AGE", default_value = defaults::HISTORY_AGE.text, value_parser = parse_secs)]
     pub history_age: Duration,
     /// Seconds an idempotency key is remembered (0: no deduplication).
-    #[arg(long, env = "TIDINGS_IDEMPOTENCY_WINDOW", default_value = "120", value_parser = parse_secs)]
+    #[arg(long, env = "TIDINGS_IDEMPOTENCY_WINDOW", default_value = defaults::IDEMPOTENCY_WINDOW.text, value_parser = parse_secs)]
     pub idempotency_window: Duration,
     /// Key field of a collection, `COLLECTION=FIELD` (default field: `id`). Repeatable.
     #[arg(long = "key-field", env = "TIDINGS_KEY_FIELD", value_delimiter = ';')]
     pub key_fields: Vec<String>,
     /// Server heartbeat period in seconds (0 = off; also disables pong replies, as Directus).
-    #[arg(long, env = "TIDINGS_HEARTBEAT_PERIOD", default_value = "30", value_parser = parse_secs)]
+    #[arg(long, env = "TIDINGS_HEARTBEAT_PERIOD", default_value = defaults::HEARTBEAT_PERIOD.text, value_parser = parse_secs)]
     pub heartbeat_period: Duration,
     /// Seconds a handshake-mode client has to authenticate (and to re-authenticate after expiry).
-    #[arg(long, env = "TIDINGS_AUTH_TIMEOUT", default_value = "10", value_parser = parse_secs)]
+    #[arg(long, env = "TIDINGS_AUTH_TIMEOUT", default_value = defaults::AUTH_TIMEOUT.text, value_parser = parse_secs)]
     pub auth_timeout: Duration,
     /// Seconds to wait for sessions to close on shutdown before exiting anyway.
-    #[arg(long, env = "TIDINGS_SHUTDOWN_TIMEOUT", default_value = "10", value_parser = parse_secs)]
+    #[arg(long, env = "TIDINGS_SHUTDOWN_TIMEOUT", default_value = defaults::SHUTDOWN_TIMEOUT.text, value_parser = parse_secs)]
     pub shutdown_timeout: Duration,
     /// Seconds a write to a client may take before it is closed as a slow consumer.
-    #[arg(long, env = "TIDINGS_WRITE_TIMEOUT", default_value = "10", value_parser = parse_secs)]
+    #[arg(long, env = "TIDINGS_WRITE_TIMEOUT", default_value = defaults::WRITE_TIMEOUT.text, value_parser = parse_secs)]
     pub write_timeout: Duration,
     /// Largest inbound WebSocket message, in bytes.
-    #[arg(long, env = "TIDINGS_MAX_FRAME_BYTES", default_value = "65536")]
+    #[arg(long, env = "TIDINGS_MAX_FRAME_BYTES", default_value_t = defaults::MAX_FRAME_BYTES)]
     pub max_frame_bytes: usize,
     /// Largest publish request body, in bytes.
-    #[arg(long, env = "TIDINGS_MAX_PUBLISH_BYTES", default_value = "1048576")]
+    #[arg(long, env = "TIDINGS_MAX_PUBLISH_BYTES", default_value_t = defaults::MAX_PUBLISH_BYTES)]
     pub max_publish_bytes: usize,
     /// Most events in one publish request.
-    #[arg(long, env = "TIDINGS_MAX_PUBLISH_EVENTS", default_value = "1000")]
+    #[arg(long, env = "TIDINGS_MAX_PUBLISH_EVENTS", default_value_t = defaults::MAX_PUBLISH_EVENTS)]
     pub max_publish_events: usize,
     /// Most subscriptions one connection may hold.
-    #[arg(long, env = "TIDINGS_MAX_SUBSCRIPTIONS", default_value = "100")]
+    #[arg(long, env = "TIDINGS_MAX_SUBSCRIPTIONS", default_value_t = defaults::MAX_SUBSCRIPTIONS)]
     pub max_subscriptions: usize,
     /// Most concurrent WebSocket connections.
-    #[arg(long, env = "TIDINGS_MAX_CONNECTIONS", default_value = "10000")]
+    #[arg(long, env = "TIDINGS_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS)]
     pub max_connections: usize,
     /// Most concurrent WebSocket connections from one client address (0: no limit).
-    #[arg(long, env = "TIDINGS_MAX_CONNECTIONS_PER_IP", default_value = "0")]
+    #[arg(long, env = "TIDINGS_MAX_CONNECTIONS_PER_IP", default_value_t = defaults::MAX_CONNECTIONS_PER_IP)]
     pub max_connections_per_ip: usize,
     /// Most messages a connection may send per second, with bursts of as many plus
     /// --max-subscriptions (0: no limit).
-    #[arg(long, env = "TIDINGS_MAX_MESSAGES_PER_SECOND", default_value = "50")]
+    #[arg(long, env = "TIDINGS_MAX_MESSAGES_PER_SECOND", default_value_t = defaults::MAX_MESSAGES_PER_SECOND)]
     pub max_messages_per_second: u32,
     /// Most frames waiting in one connection's outbox before it is closed as a slow consumer.
-    #[arg(long, env = "TIDINGS_OUTBOX_MESSAGES", default_value = "1024")]
+    #[arg(long, env = "TIDINGS_OUTBOX_MESSAGES", default_value_t = defaults::OUTBOX_MESSAGES)]
     pub outbox_messages: usize,
     /// Most bytes waiting in one connection's outbox before it is closed as a slow consumer.
-    #[arg(long, env = "TIDINGS_OUTBOX_BYTES", default_value = "1048576")]
+    #[arg(long, env = "TIDINGS_OUTBOX_BYTES", default_value_t = defaults::OUTBOX_BYTES)]
     pub outbox_bytes: usize,
     /// Deepest nesting a subscription filter may have.
-    #[arg(long, env = "TIDINGS_MAX_FILTER_DEPTH", default_value = "16")]
+    #[arg(long, env = "TIDINGS_MAX_FILTER_DEPTH", default_value_t = defaults::MAX_FILTER_DEPTH)]
     pub max_filter_depth: usize,
     /// Most operators a subscription filter may have.
-    #[arg(long, env = "TIDINGS_MAX_FILTER_NODES", default_value = "256")]
+    #[arg(long, env = "TIDINGS_MAX_FILTER_NODES", default_value_t = defaults::MAX_FILTER_NODES)]
     pub max_filter_nodes: usize,
     /// Longest `_in`/`_nin` list in a filter.
-    #[arg(long, env = "TIDINGS_MAX_FILTER_LIST", default_value = "1000")]
+    #[arg(long, env = "TIDINGS_MAX_FILTER_LIST", default_value_t = defaults::MAX_FILTER_LIST)]
     pub max_filter_list: usize,
     /// Largest compiled `_regex`, in bytes.
-    #[arg(long, env = "TIDINGS_MAX_REGEX_BYTES", default_value = "65536")]
+    #[arg(long, env = "TIDINGS_MAX_REGEX_BYTES", default_value_t = defaults::MAX_REGEX_BYTES)]
     pub max_regex_bytes: usize,
     /// Most distinct `collection` label values in metrics; the rest are reported as `_other`.
-    #[arg(long, env = "TIDINGS_METRICS_MAX_COLLECTIONS", default_value = "100")]
+    #[arg(long, env = "TIDINGS_METRICS_MAX_COLLECTIONS", default_value_t = defaults::METRICS_MAX_COLLECTIONS)]
     pub metrics_max_collections: usize,
     /// Log format.
-    #[arg(long, env = "TIDINGS_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(long, env = "TIDINGS_LOG_FORMAT", value_enum, default_value_t = defaults::LOG_FORMAT)]
     pub log_format: LogFormat,
 }
 
@@ -299,41 +394,42 @@ pub struct Config {
 }
 
 impl Default for Config {
-    /// The embedded defaults: public mode, memory engine, the same values as the CLI defaults.
+    /// The embedded defaults ([`defaults`], the same as the CLI's): public mode, memory engine.
     fn default() -> Self {
         Config {
-            ws_path: "/websocket".into(),
-            auth_mode: AuthMode::Public,
+            ws_path: defaults::WS_PATH.into(),
+            auth_mode: defaults::AUTH_MODE,
             tokens: TokenStore::default(),
+            // `{"*":{}}`, the parsed form of `defaults::PUBLIC_PERMISSIONS` (a test checks).
             public_permissions: Permissions::all(),
             publish_keys: PublishKeys::default(),
             trust_loopback_publishers: false,
             jwt: None,
-            engine: Engine::Memory,
-            redis_url: "redis://127.0.0.1:6379".into(),
-            nats_url: "nats://127.0.0.1:4222".into(),
-            key_prefix: "tidings".into(),
+            engine: defaults::ENGINE,
+            redis_url: defaults::REDIS_URL.into(),
+            nats_url: defaults::NATS_URL.into(),
+            key_prefix: defaults::KEY_PREFIX.into(),
             history: HistoryLimits {
-                max_events: 10_000,
-                max_age: Duration::from_secs(300),
+                max_events: defaults::HISTORY_SIZE,
+                max_age: defaults::HISTORY_AGE.duration(),
             },
-            idempotency_window: Duration::from_secs(120),
+            idempotency_window: defaults::IDEMPOTENCY_WINDOW.duration(),
             key_fields: HashMap::new(),
-            heartbeat_period: Some(Duration::from_secs(30)),
-            auth_timeout: Duration::from_secs(10),
-            shutdown_timeout: Duration::from_secs(10),
-            write_timeout: Duration::from_secs(10),
-            max_frame_bytes: 64 * 1024,
-            max_publish_bytes: 1024 * 1024,
-            max_publish_events: 1000,
-            max_subscriptions: 100,
-            max_connections: 10_000,
-            max_connections_per_ip: 0,
-            max_messages_per_second: 50,
-            outbox_messages: 1024,
-            outbox_bytes: 1024 * 1024,
-            filter_limits: FilterLimits::default(),
-            metrics_max_collections: 100,
+            heartbeat_period: Some(defaults::HEARTBEAT_PERIOD.duration()),
+            auth_timeout: defaults::AUTH_TIMEOUT.duration(),
+            shutdown_timeout: defaults::SHUTDOWN_TIMEOUT.duration(),
+            write_timeout: defaults::WRITE_TIMEOUT.duration(),
+            max_frame_bytes: defaults::MAX_FRAME_BYTES,
+            max_publish_bytes: defaults::MAX_PUBLISH_BYTES,
+            max_publish_events: defaults::MAX_PUBLISH_EVENTS,
+            max_subscriptions: defaults::MAX_SUBSCRIPTIONS,
+            max_connections: defaults::MAX_CONNECTIONS,
+            max_connections_per_ip: defaults::MAX_CONNECTIONS_PER_IP,
+            max_messages_per_second: defaults::MAX_MESSAGES_PER_SECOND,
+            outbox_messages: defaults::OUTBOX_MESSAGES,
+            outbox_bytes: defaults::OUTBOX_BYTES,
+            filter_limits: FilterLimits::DEFAULT,
+            metrics_max_collections: defaults::METRICS_MAX_COLLECTIONS,
         }
     }
 }
@@ -560,15 +656,102 @@ mod tests {
             .into_config()
     }
 
+    /// `tidings serve`'s clap command.
+    fn serve_command() -> clap::Command {
+        use clap::Args as _;
+        ServeArgs::augment_args(clap::Command::new("tidings"))
+    }
+
+    fn parse_defaults() -> Config {
+        use clap::FromArgMatches as _;
+        // Blind to the environment: a developer's `TIDINGS_*` variables must not count.
+        let matches = serve_command()
+            .mut_args(|a| a.env(None))
+            .try_get_matches_from(["tidings"])
+            .expect("no flags parse");
+        ServeArgs::from_arg_matches(&matches)
+            .expect("defaults")
+            .into_config()
+            .expect("the defaults are a valid configuration")
+    }
+
     #[test]
     fn defaults_are_valid_and_match_config_default() {
-        let c = parse(&[]).unwrap();
-        let d = Config::default();
-        assert_eq!(c.ws_path, d.ws_path);
-        assert_eq!(c.heartbeat_period, d.heartbeat_period);
-        assert_eq!(c.outbox_bytes, d.outbox_bytes);
-        assert_eq!(c.max_frame_bytes, d.max_frame_bytes);
-        assert_eq!(c.auth_mode, AuthMode::Public);
+        // Every field: the Debug forms are equal (no field is skipped by hand).
+        assert_eq!(
+            format!("{:#?}", parse_defaults()),
+            format!("{:#?}", Config::default())
+        );
+        assert_eq!(
+            Permissions::from_json_str(defaults::PUBLIC_PERMISSIONS)
+                .map(|p| format!("{p:?}"))
+                .ok(),
+            Some(format!("{:?}", Permissions::all()))
+        );
+        Config::default()
+            .validate()
+            .expect("Config::default is valid");
+    }
+
+    /// README's table of `tidings serve` flags lists every flag, with its environment variable
+    /// and its default exactly as clap has them, and no flag that does not exist.
+    #[test]
+    fn readme_flag_table_matches_the_cli() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+        let readme = std::fs::read_to_string(path).expect("README.md");
+        let table: Vec<Vec<String>> = readme
+            .lines()
+            .skip_while(|l| !l.starts_with("| flag | env | default | meaning |"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| {
+                l.split('|')
+                    .skip(1)
+                    .take(3)
+                    .map(|c| c.trim().to_string())
+                    .collect()
+            })
+            .collect();
+        assert!(table.len() > 20, "no flag table found in README.md");
+        let unquote = |cell: &str| {
+            cell.split('`')
+                .nth(1)
+                .map(str::to_string)
+                .unwrap_or_else(|| cell.to_string())
+        };
+        let command = serve_command();
+        let mut documented = std::collections::BTreeSet::new();
+        for row in &table {
+            let flag = unquote(&row[0]);
+            let long = flag.trim_start_matches("--");
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_long() == Some(long))
+                .unwrap_or_else(|| panic!("README.md documents {flag}, which does not exist"));
+            documented.insert(long.to_string());
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            assert_eq!(Some(unquote(&row[1])), env, "README.md: env of {flag}");
+            let default: Vec<String> = arg
+                .get_default_values()
+                .iter()
+                .map(|v| v.to_string_lossy().into_owned())
+                .collect();
+            let switch = matches!(arg.get_action(), clap::ArgAction::SetTrue);
+            match default.as_slice() {
+                [] if switch => assert_eq!(row[2], "off", "README.md: {flag} is off"),
+                [] => assert_eq!(row[2], "—", "README.md: {flag} has no default"),
+                [d] => assert_eq!(&unquote(&row[2]), d, "README.md: default of {flag}"),
+                more => panic!("{flag} has several defaults: {more:?}"),
+            }
+        }
+        for arg in command.get_arguments() {
+            if let Some(long) = arg.get_long() {
+                assert!(
+                    documented.contains(long),
+                    "README.md's flag table misses --{long}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -43,15 +43,20 @@ pub struct FilterLimits {
     pub max_regex_bytes: usize,
 }
 
+impl FilterLimits {
+    /// Depth 16, 256 nodes, lists of 1000 values, regexes of 64 KiB (also the defaults of
+    /// `tidings serve`'s `--max-filter-*` flags, through `config::defaults`).
+    pub const DEFAULT: FilterLimits = FilterLimits {
+        max_depth: 16,
+        max_nodes: 256,
+        max_list: 1000,
+        max_regex_bytes: 64 * 1024,
+    };
+}
+
 impl Default for FilterLimits {
-    /// Depth 16, 256 nodes, lists of 1000 values, regexes of 64 KiB.
     fn default() -> Self {
-        FilterLimits {
-            max_depth: 16,
-            max_nodes: 256,
-            max_list: 1000,
-            max_regex_bytes: 64 * 1024,
-        }
+        FilterLimits::DEFAULT
     }
 }
 
