@@ -253,12 +253,23 @@ pub fn require_node() -> String {
         .ok()
         .filter(|out| out.status.success())
         .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string());
-    version.unwrap_or_else(|| {
+    let how = "Install Node.js 20 or newer (Debian 12 ships 18: use the NodeSource `nodejs` \
+               package or nvm)";
+    let Some(version) = version else {
         prerequisite_missing(
             "`node` is not on PATH (Node.js >= 20 with npm runs the official JS clients)",
-            "Install it with `apt-get install nodejs npm`",
+            how,
         )
-    })
+    };
+    let major: Option<u32> = version
+        .trim_start_matches('v')
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok());
+    if major.is_none_or(|m| m < 20) {
+        prerequisite_missing(&format!("`node` is {version}, older than 20"), how);
+    }
+    version
 }
 
 /// Installs the npm packages pinned by `dir/package-lock.json` (`npm ci`), unless exactly
