@@ -139,13 +139,21 @@ pub async fn tail(args: TailArgs) -> Result<(), CliError> {
     }
 }
 
+/// A token as a query value: everything but RFC 3986's unreserved characters escaped.
 fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(s, QUERY_VALUE).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tokens_are_escaped_for_the_query() {
+        assert_eq!(super::percent_encode("aZ9-_.~"), "aZ9-_.~");
+        assert_eq!(super::percent_encode("a b/c+d=é"), "a%20b%2Fc%2Bd%3D%C3%A9");
+    }
 }
