@@ -19,6 +19,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use support::process::{parse_listening_line, Broker as Server, Output, Proc};
 use support::schema;
+use support::services::free_port;
 use tokio_tungstenite::tungstenite::Message;
 
 /// The longest any single wait may take before the test fails.
@@ -462,11 +463,7 @@ fn tail_prints_published_events_as_json_lines() {
 #[test]
 fn tail_reports_an_unreachable_broker() {
     // A port that was free a moment ago: nothing listens there now.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let out = run(
         &[
             "tail",
@@ -486,11 +483,7 @@ fn tail_reports_an_unreachable_broker() {
 
 #[test]
 fn publish_rejects_invalid_json_without_contacting_the_broker() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let out = run(
         &[
             "publish",
@@ -553,11 +546,7 @@ fn tail_and_publish_accept_either_url() {
 #[test]
 fn publish_of_an_unknown_event_kind_fails_locally_naming_the_kinds() {
     // Nothing listens here: the check must not need the broker.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let argv = ["publish", "orders", "upsert", r#"{"id":1}"#, "--url", &url];
     let out = run(&argv, &[]);

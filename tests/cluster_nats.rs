@@ -21,7 +21,7 @@ use tidings::config::Engine;
 use tidings::Config;
 
 /// Bound on a node becoming ready, or NATS coming back.
-const READY_WAIT: Duration = Duration::from_secs(20);
+const READY_WAIT: Duration = support::CLUSTER_WAIT;
 
 // ---------------------------------------------------------------------------------------------
 // NATS and nodes
@@ -39,13 +39,6 @@ fn nats_config(url: &str, prefix: &str) -> Config {
 /// An in-process node of the cluster `prefix`, once ready.
 async fn node(url: &str, prefix: &str) -> TestServer {
     support::start_ready(nats_config(url, prefix)).await
-}
-
-/// Waits until a metric reaches `at_least`.
-async fn wait_metric(server: &TestServer, series: &str, at_least: f64) {
-    server
-        .wait_for_metric_within(series, at_least, READY_WAIT)
-        .await;
 }
 
 /// Deletes the stream of `prefix` (best effort).
@@ -316,7 +309,9 @@ async fn deleting_the_stream_starts_a_new_epoch_on_every_node() {
     // Both nodes notice (periodic check or missed heartbeats), recreate the stream and
     // reset their history into the new epoch.
     for server in [&a, &b] {
-        wait_metric(server, "tidings_backplane_epoch_changes_total", 1.0).await;
+        server
+            .wait_for_cluster_metric("tidings_backplane_epoch_changes_total", 1.0)
+            .await;
         server.wait_ready(true).await;
     }
     let deadline = Instant::now() + READY_WAIT;

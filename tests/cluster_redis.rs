@@ -424,13 +424,6 @@ async fn dropped_connections_lose_nothing_when_redis_keeps_its_data() {
     }
 }
 
-/// Waits until `series` on `server` reaches `value`.
-async fn wait_metric(server: &TestServer, series: &str, value: f64) {
-    server
-        .wait_for_metric_within(series, value, support::CLUSTER_WAIT)
-        .await;
-}
-
 #[tokio::test]
 async fn a_log_that_went_back_or_was_flushed_gets_a_new_epoch() {
     let redis = PrivateRedis::start();
@@ -479,7 +472,9 @@ async fn a_log_that_went_back_or_was_flushed_gets_a_new_epoch() {
         .expect("hset");
     redis.kill_clients("all").await;
     for server in [&a, &b] {
-        wait_metric(server, "tidings_backplane_epoch_changes_total", 1.0).await;
+        server
+            .wait_for_cluster_metric("tidings_backplane_epoch_changes_total", 1.0)
+            .await;
         server.wait_ready(true).await;
     }
     let second = publish_orders(&b, 6, 1).await;
@@ -496,7 +491,9 @@ async fn a_log_that_went_back_or_was_flushed_gets_a_new_epoch() {
         .await
         .expect("flushall");
     for server in [&a, &b] {
-        wait_metric(server, "tidings_backplane_epoch_changes_total", 2.0).await;
+        server
+            .wait_for_cluster_metric("tidings_backplane_epoch_changes_total", 2.0)
+            .await;
         server.wait_ready(true).await;
     }
     let third = publish_orders(&a, 7, 1).await;

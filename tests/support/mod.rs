@@ -208,6 +208,12 @@ impl TestServer {
         }
     }
 
+    /// Polls `/metrics` until `series` reaches `at_least` (fails after [`CLUSTER_WAIT`]).
+    pub async fn wait_for_cluster_metric(&self, series: &str, at_least: f64) {
+        self.wait_for_metric_within(series, at_least, CLUSTER_WAIT)
+            .await;
+    }
+
     /// Polls `/metrics` until `series` reaches `at_least` (fails after `within`).
     pub async fn wait_for_metric_within(&self, series: &str, at_least: f64, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
