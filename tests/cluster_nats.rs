@@ -579,3 +579,11 @@ async fn nodes_survive_a_nats_restart_without_losing_events_published_after_it()
     b.shutdown().await;
     drop(nats);
 }
+
+#[test]
+fn without_nats_server_the_suite_fails_saying_so() {
+    support::services::assert_fails_without_prerequisite(
+        "two_nodes_deliver_every_event_in_one_order_with_the_publishers_offsets",
+        &[("TIDINGS_TEST_NATS_SERVER", "/nonexistent/nats-server")],
+    );
+}

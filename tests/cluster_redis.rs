@@ -531,3 +531,11 @@ async fn a_collection_without_events_resumes_from_zero_on_any_node() {
     assert_eq!(receive(&mut on_b, 1).await, [(1, epoch.clone(), 1)]);
     assert_eq!(receive(&mut on_a, 1).await, [(1, epoch, 1)]);
 }
+
+#[test]
+fn without_redis_server_the_suite_fails_saying_so() {
+    support::services::assert_fails_without_prerequisite(
+        "every_node_delivers_every_event_in_the_order_the_publisher_was_answered",
+        &[("TIDINGS_TEST_REDIS_SERVER", "/nonexistent/redis-server")],
+    );
+}

@@ -194,3 +194,11 @@ async fn directus_sdk_realtime_conformance() {
     );
     eprintln!("{}", ok.unwrap());
 }
+
+#[test]
+fn without_node_the_sdk_test_fails_saying_so() {
+    support::services::assert_fails_without_prerequisite(
+        "directus_sdk_realtime_conformance",
+        &[("PATH", "/nonexistent")],
+    );
+}

@@ -310,3 +310,33 @@ pub fn npm_ci(dir: &Path) {
         ),
     }
 }
+
+/// Runs the test `test` of this same test binary alone, in a child with `envs` (which take a
+/// prerequisite away), and checks that it failed, loudly, rather than passed: what cargo
+/// shows for a machine without the prerequisite.
+pub fn assert_fails_without_prerequisite(test: &str, envs: &[(&str, &str)]) {
+    let exe = std::env::current_exe().expect("the test binary");
+    let out = std::process::Command::new(exe)
+        .args([test, "--exact", "--test-threads", "1"])
+        .envs(envs.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run the test binary");
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "{test} passed without its prerequisite:\n{text}"
+    );
+    assert!(
+        text.contains("1 failed"),
+        "{test} did not run and fail:\n{text}"
+    );
+    assert!(
+        text.contains("PREREQUISITE MISSING: "),
+        "{test} failed without naming the missing prerequisite:\n{text}"
+    );
+}
