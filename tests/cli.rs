@@ -543,6 +543,25 @@ fn tail_and_publish_accept_either_url() {
     );
 }
 
+/// The token travels as `?access_token=`: characters with a meaning in a URL arrive intact.
+#[test]
+fn tail_sends_a_token_with_reserved_characters_intact() {
+    let token = "s3cr+t/ü?&x y#";
+    let grant = format!("{token}=messages");
+    let server = Server::start(&["--auth-mode", "strict", "--token", &grant]);
+    let ws_url = server.ws_url();
+    let mut tail = Proc::spawn(
+        &[
+            "tail", "messages", "--url", &ws_url, "--token", token, "--count", "1",
+        ],
+        &[],
+    );
+    tail.wait_stderr("subscribed to messages", WAIT);
+    publish_ok(&server, "messages", r#"{"id":1}"#, &[]);
+    let status = tail.wait_exit(WAIT);
+    assert!(status.success(), "{}", tail.transcript());
+}
+
 #[test]
 fn publish_of_an_unknown_event_kind_fails_locally_naming_the_kinds() {
     // Nothing listens here: the check must not need the broker.

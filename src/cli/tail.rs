@@ -73,7 +73,10 @@ pub async fn tail(args: TailArgs) -> Result<(), CliError> {
     let mut url = endpoint.clone();
     if let Some(token) = &args.token {
         let sep = if url.contains('?') { '&' } else { '?' };
-        url = format!("{url}{sep}access_token={}", percent_encode(token));
+        url = format!(
+            "{url}{sep}access_token={}",
+            percent_encoding::utf8_percent_encode(token, percent_encoding::NON_ALPHANUMERIC)
+        );
     }
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
         .await
@@ -136,24 +139,5 @@ pub async fn tail(args: TailArgs) -> Result<(), CliError> {
             }
             _ => {}
         }
-    }
-}
-
-/// A token as a query value: everything but RFC 3986's unreserved characters escaped.
-fn percent_encode(s: &str) -> String {
-    const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-        .remove(b'-')
-        .remove(b'_')
-        .remove(b'.')
-        .remove(b'~');
-    percent_encoding::utf8_percent_encode(s, QUERY_VALUE).to_string()
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn tokens_are_escaped_for_the_query() {
-        assert_eq!(super::percent_encode("aZ9-_.~"), "aZ9-_.~");
-        assert_eq!(super::percent_encode("a b/c+d=é"), "a%20b%2Fc%2Bd%3D%C3%A9");
     }
 }

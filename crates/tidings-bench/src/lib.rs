@@ -356,7 +356,10 @@ impl Run {
         let mut ws_url = format!("ws://{authority}{ws_path}");
         if let Some(token) = &args.token {
             let sep = if ws_url.contains('?') { '&' } else { '?' };
-            ws_url = format!("{ws_url}{sep}access_token={}", percent_encode(token));
+            ws_url = format!(
+                "{ws_url}{sep}access_token={}",
+                percent_encoding::utf8_percent_encode(token, percent_encoding::NON_ALPHANUMERIC)
+            );
         }
         check_capacity(args.subscribers, args.in_flight, args.source_addrs)?;
 
@@ -786,16 +789,6 @@ fn ephemeral_ports() -> Option<u64> {
     let mut bounds = range.split_ascii_whitespace().map(str::parse::<u64>);
     let (low, high) = (bounds.next()?.ok()?, bounds.next()?.ok()?);
     Some(high.saturating_sub(low) + 1)
-}
-
-/// A token as a query value: everything but RFC 3986's unreserved characters escaped.
-fn percent_encode(s: &str) -> String {
-    const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-        .remove(b'-')
-        .remove(b'_')
-        .remove(b'.')
-        .remove(b'~');
-    percent_encoding::utf8_percent_encode(s, QUERY_VALUE).to_string()
 }
 
 #[cfg(test)]
