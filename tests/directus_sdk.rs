@@ -12,17 +12,17 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use support::process::Proc;
 use tidings::app::App;
 use tidings::config::AuthMode;
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// The whole node run (the script has its own 60 s watchdog).
@@ -71,41 +71,6 @@ async fn start_at(addr: SocketAddr) -> Broker {
     Broker { stop, task }
 }
 
-/// Collects a pipe line by line on a thread; stdout lines are also forwarded to `tx`.
-fn read_lines(
-    pipe: impl Read + Send + 'static,
-    label: &'static str,
-    tx: Option<mpsc::UnboundedSender<String>>,
-) -> (Arc<Mutex<Vec<String>>>, std::thread::JoinHandle<()>) {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let sink = lines.clone();
-    let handle = std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            eprintln!("[node {label}] {line}");
-            sink.lock().unwrap().push(line.clone());
-            if let Some(tx) = &tx {
-                let _ = tx.send(line);
-            }
-        }
-    });
-    (lines, handle)
-}
-
-async fn wait_with_deadline(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn directus_sdk_realtime_conformance() {
     let node = support::services::require_node();
@@ -116,31 +81,24 @@ async fn directus_sdk_realtime_conformance() {
     let addr = first.addr;
     let base = format!("http://{addr}");
 
-    let mut child = Command::new("node")
-        .arg(sdk_dir().join("conformance.mjs"))
+    let mut cmd = Command::new("node");
+    cmd.arg(sdk_dir().join("conformance.mjs"))
         .arg(&base)
         .env("TIDINGS_HTTP", &base)
-        .current_dir(sdk_dir())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn node");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let (stdout, out_thread) = read_lines(child.stdout.take().expect("stdout"), "out", Some(tx));
-    let (stderr, err_thread) = read_lines(child.stderr.take().expect("stderr"), "err", None);
+        .current_dir(sdk_dir());
+    let mut node = Proc::spawn_with_stdin(cmd, "node conformance.mjs");
+    let mut stdin = node.child.stdin.take().expect("stdin");
 
+    // The child's lines come over a std channel: wait for them off the runtime's threads.
     let deadline = Instant::now() + CHILD_DEADLINE;
     let mut first = Some(first);
     let mut second: Option<Broker> = None;
     let mut driver_error: Option<String> = None;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = match tokio::time::timeout(left, rx.recv()).await {
+        let line = match tokio::task::block_in_place(|| node.stdout.next_line(deadline)) {
             Ok(Some(line)) => line,
             Ok(None) => break, // stdout closed: the script exited
-            Err(_) => {
+            Err(()) => {
                 driver_error = Some(format!("node did not finish within {CHILD_DEADLINE:?}"));
                 break;
             }
@@ -161,10 +119,9 @@ async fn directus_sdk_realtime_conformance() {
         }
     }
 
-    let status = wait_with_deadline(&mut child, deadline).await;
+    let left = deadline.saturating_duration_since(Instant::now());
+    let status = tokio::task::block_in_place(|| node.try_wait_for(left));
     drop(stdin);
-    let _ = out_thread.join();
-    let _ = err_thread.join();
     if let Some(server) = first.take() {
         server.shutdown().await;
     }
@@ -172,20 +129,26 @@ async fn directus_sdk_realtime_conformance() {
         let _ = broker.stop.send(());
         let _ = tokio::time::timeout(Duration::from_secs(30), broker.task).await;
     }
-
-    let stdout = stdout.lock().unwrap().join("\n");
-    let stderr = stderr.lock().unwrap().join("\n");
-    let report = format!("--- node stdout ---\n{stdout}\n--- node stderr ---\n{stderr}\n---");
+    if status.is_some() {
+        let end = Instant::now() + Duration::from_secs(10);
+        let _ = tokio::task::block_in_place(|| {
+            node.stdout
+                .read_to_end(end)
+                .and(node.stderr.read_to_end(end))
+        });
+    }
+    let report = node.transcript();
     if let Some(e) = driver_error {
         panic!("{e}\n{report}");
     }
     let Some(status) = status else {
-        panic!("node did not exit within {CHILD_DEADLINE:?} and was killed\n{report}");
+        panic!("node did not exit within {CHILD_DEADLINE:?} (killed on drop)\n{report}");
     };
     assert!(
         status.success(),
         "conformance.mjs failed ({status})\n{report}"
     );
+    let stdout = node.stdout.seen.join("\n");
     let ok = stdout.lines().find(|l| l.starts_with(OK_PREFIX));
     assert!(ok.is_some(), "no `{OK_PREFIX}<n> checks` line\n{report}");
     assert!(

@@ -113,10 +113,20 @@ impl Proc {
         Proc::start(cmd, format!("{program} {}", args.join(" ")))
     }
 
+    /// Starts `cmd` with its stdin piped (taken from `child.stdin`), for a script the test
+    /// talks to.
+    pub fn spawn_with_stdin(mut cmd: Command, name: &str) -> Proc {
+        cmd.stdin(Stdio::piped());
+        Proc::start_with(cmd, name.to_string())
+    }
+
     fn start(mut cmd: Command, name: String) -> Proc {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.stdin(Stdio::null());
+        Proc::start_with(cmd, name)
+    }
+
+    fn start_with(mut cmd: Command, name: String) -> Proc {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
