@@ -138,6 +138,9 @@ pub struct ServeArgs {
     /// Seconds an event stays in the history.
     #[arg(long, env = "TIDINGS_HISTORY_AGE", default_value = "300", value_parser = parse_secs)]
     pub history_age: Duration,
+    /// Approximate bytes the history of all collections may hold together (0: no history).
+    #[arg(long, env = "TIDINGS_HISTORY_BYTES", default_value = "67108864")]
+    pub history_bytes: usize,
     /// Seconds an idempotency key is remembered (0: no deduplication).
     #[arg(long, env = "TIDINGS_IDEMPOTENCY_WINDOW", default_value = "120", value_parser = parse_secs)]
     pub idempotency_window: Duration,
@@ -316,6 +319,7 @@ impl Default for Config {
             history: HistoryLimits {
                 max_events: 10_000,
                 max_age: Duration::from_secs(300),
+                max_bytes: 64 * 1024 * 1024,
             },
             idempotency_window: Duration::from_secs(120),
             key_fields: HashMap::new(),
@@ -485,6 +489,7 @@ impl ServeArgs {
             history: HistoryLimits {
                 max_events: self.history_size,
                 max_age: self.history_age,
+                max_bytes: self.history_bytes,
             },
             idempotency_window: self.idempotency_window,
             key_fields,

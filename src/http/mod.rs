@@ -56,6 +56,11 @@ async fn readyz_handler(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
+    let history = state.hub.history();
+    let (_, events) = history.size();
+    let gauge = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+    state.metrics.history_bytes.set(gauge(history.bytes()));
+    state.metrics.history_events.set(gauge(events));
     match state.metrics.render() {
         Ok(text) => (
             [(
