@@ -166,6 +166,7 @@ impl App {
             .with_state(state.clone());
         crate::http::routes(state.clone())
             .merge(ws)
+            .method_not_allowed_fallback(crate::http::method_not_allowed_handler)
             .fallback(crate::http::not_found_handler)
             .layer(DefaultBodyLimit::max(state.config.max_publish_bytes))
     }

@@ -74,6 +74,17 @@ async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// JSON 405 for a known route asked with another method: the publish routes take `POST`,
+/// the others (health, readiness, metrics, the WebSocket) `GET`.
+pub async fn method_not_allowed_handler(uri: axum::http::Uri) -> Response {
+    let allow = if uri.path().starts_with("/v1/") {
+        "POST"
+    } else {
+        "GET, HEAD"
+    };
+    ApiError::MethodNotAllowed { allow }.into_response()
+}
+
 /// JSON 404 for every unknown route.
 pub async fn not_found_handler() -> Response {
     ApiError::NotFound.into_response()
