@@ -38,6 +38,9 @@ fn main() -> ExitCode {
         Command::Publish(args) => runtime
             .block_on(tidings::cli::publish(args))
             .map_err(anyhow::Error::from),
+        Command::Healthcheck(args) => runtime
+            .block_on(tidings::cli::healthcheck(args))
+            .map_err(anyhow::Error::from),
         Command::Bench(args) => runtime
             .block_on(tidings::cli::bench(*args))
             .map_err(anyhow::Error::from),

@@ -1,7 +1,9 @@
 //! The `tidings` command line: `serve` runs the broker; `tail` and `publish` are small
-//! clients for trying it out and scripting; `bench` is a load generator for a running broker.
+//! clients for trying it out and scripting; `bench` is a load generator for a running broker;
+//! `healthcheck` probes a broker on this host for container healthchecks.
 
 pub mod bench;
+mod healthcheck;
 mod publish;
 mod tail;
 
@@ -10,6 +12,7 @@ use clap::{Parser, Subcommand};
 use crate::config::ServeArgs;
 
 pub use bench::{bench, BenchArgs};
+pub use healthcheck::{healthcheck, HealthcheckArgs};
 pub use publish::{publish, PublishArgs};
 pub use tail::{tail, TailArgs};
 
@@ -33,6 +36,9 @@ pub enum Command {
     Publish(PublishArgs),
     /// Load-test a running broker: many subscribers, a publisher, a report.
     Bench(Box<BenchArgs>),
+    /// Exit 0 if the broker on this host is alive (`--ready`: ready), else 1; for container
+    /// healthchecks (the image has no curl).
+    Healthcheck(HealthcheckArgs),
 }
 
 /// Errors of the client subcommands.
