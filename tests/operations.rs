@@ -126,9 +126,10 @@ fn alert_rules_pass_promtool_unit_tests() {
 
 #[test]
 fn every_alert_has_a_summary_and_a_runbook_section() {
-    let rules: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(repo("deploy/prometheus/alerts.yml")).unwrap())
-            .unwrap();
+    let rules: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo("deploy/prometheus/alerts.yml")).unwrap(),
+    )
+    .unwrap();
     let readme = std::fs::read_to_string(repo("deploy/README.md")).unwrap();
     let tests = std::fs::read_to_string(repo("deploy/prometheus/alerts.test.yml")).unwrap();
     let mut alerts = 0;
@@ -139,7 +140,9 @@ fn every_alert_has_a_summary_and_a_runbook_section() {
             };
             alerts += 1;
             assert!(
-                rule["annotations"]["summary"].as_str().is_some_and(|s| !s.is_empty()),
+                rule["annotations"]["summary"]
+                    .as_str()
+                    .is_some_and(|s| !s.is_empty()),
                 "{alert} has no summary"
             );
             let anchor = format!("deploy/README.md#{}", alert.to_lowercase());
@@ -191,9 +194,10 @@ fn dashboard_expressions() -> Vec<String> {
 }
 
 fn rule_expressions() -> Vec<String> {
-    let rules: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(repo("deploy/prometheus/alerts.yml")).unwrap())
-            .unwrap();
+    let rules: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo("deploy/prometheus/alerts.yml")).unwrap(),
+    )
+    .unwrap();
     rules["groups"]
         .as_array()
         .unwrap()
@@ -248,7 +252,10 @@ async fn dashboard_and_rules_name_only_exported_metrics() {
 fn dashboard_is_portable_between_grafanas() {
     let text = std::fs::read_to_string(repo("deploy/grafana/dashboards/tidings.json")).unwrap();
     let dashboard: Value = serde_json::from_str(&text).unwrap();
-    assert!(!text.contains(r#""uid": "prometheus""#), "a hard-coded datasource uid");
+    assert!(
+        !text.contains(r#""uid": "prometheus""#),
+        "a hard-coded datasource uid"
+    );
     let vars = dashboard["templating"]["list"].as_array().unwrap();
     assert!(vars
         .iter()
@@ -257,7 +264,11 @@ fn dashboard_is_portable_between_grafanas() {
         if panel["type"] == "row" {
             continue;
         }
-        assert_eq!(panel["datasource"]["uid"], "${datasource}", "{}", panel["title"]);
+        assert_eq!(
+            panel["datasource"]["uid"], "${datasource}",
+            "{}",
+            panel["title"]
+        );
         assert!(
             panel["fieldConfig"]["defaults"]["unit"].is_string(),
             "{} has no unit",
@@ -303,7 +314,11 @@ fn kubernetes_manifests_validate_strictly() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(out.status.success(), "{manifest}: {report}");
-        assert_eq!(report.matches(" passed for resource ").count(), 3, "{report}");
+        assert_eq!(
+            report.matches(" passed for resource ").count(),
+            3,
+            "{report}"
+        );
     }
 }
 
@@ -351,7 +366,10 @@ fn manifests_probes_and_grace_period_fit_the_drain() {
         assert_eq!(is_native, native, "{manifest}");
         if native {
             assert_eq!(c["restartPolicy"], "Always", "{manifest}");
-            assert_eq!(c["startupProbe"]["httpGet"]["path"], "/readyz", "{manifest}");
+            assert_eq!(
+                c["startupProbe"]["httpGet"]["path"], "/readyz",
+                "{manifest}"
+            );
         }
         let delay = env_secs(&c, "TIDINGS_SHUTDOWN_DELAY");
         let timeout = env_secs(&c, "TIDINGS_SHUTDOWN_TIMEOUT");
@@ -359,11 +377,359 @@ fn manifests_probes_and_grace_period_fit_the_drain() {
         assert!(grace > delay + timeout, "{manifest}: grace {grace} s");
         let readiness = &c["readinessProbe"];
         assert_eq!(readiness["httpGet"]["path"], "/readyz", "{manifest}");
-        assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz", "{manifest}");
+        assert_eq!(
+            c["livenessProbe"]["httpGet"]["path"], "/healthz",
+            "{manifest}"
+        );
         // The 503 during the delay is seen by at least one readiness probe.
         let seen_within = readiness["periodSeconds"].as_u64().unwrap()
             * readiness["failureThreshold"].as_u64().unwrap()
             + readiness["timeoutSeconds"].as_u64().unwrap();
-        assert!(seen_within < delay, "{manifest}: readiness notices after {seen_within} s");
+        assert!(
+            seen_within < delay,
+            "{manifest}: readiness notices after {seen_within} s"
+        );
+    }
+}
+
+#[test]
+fn compose_binds_loopback_requires_its_secrets_and_waits_for_a_healthy_broker() {
+    let text = std::fs::read_to_string(repo("deploy/compose.yaml")).unwrap();
+    let compose: Value = serde_yaml::from_str(&text).unwrap();
+    let services = compose["services"].as_object().unwrap();
+    for (name, service) in services {
+        for port in service["ports"].as_array().into_iter().flatten() {
+            let port = port.as_str().unwrap();
+            assert!(
+                port.starts_with("127.0.0.1:"),
+                "{name} publishes {port} on every interface"
+            );
+        }
+        for (key, value) in service["environment"].as_object().into_iter().flatten() {
+            let value = value.as_str().unwrap_or_default();
+            let secret = ["KEY", "PASSWORD", "TOKEN", "SECRET"]
+                .iter()
+                .any(|s| key.contains(s));
+            if secret {
+                // Required (`${VAR:?…}`), or empty and refused at start (Redis' profile).
+                let required = value.starts_with("${") && value.contains(":?");
+                assert!(
+                    required || (value.starts_with("${") && value.ends_with(":-}")),
+                    "{name}: {key} has a default: {value}"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        services["tidings"]["healthcheck"]["test"],
+        json!(["CMD", "/usr/local/bin/tidings", "healthcheck", "--ready"])
+    );
+    for dependent in ["app", "prometheus"] {
+        assert_eq!(
+            services[dependent]["depends_on"]["tidings"]["condition"], "service_healthy",
+            "{dependent}"
+        );
+    }
+    let dockerfile = std::fs::read_to_string(repo("deploy/Dockerfile")).unwrap();
+    assert!(dockerfile.contains(r#"CMD ["/usr/local/bin/tidings", "healthcheck", "--ready"]"#));
+}
+
+#[test]
+fn dockerignore_files_are_identical_and_complete() {
+    let root = std::fs::read_to_string(repo(".dockerignore")).unwrap();
+    let twin = std::fs::read_to_string(repo("deploy/Dockerfile.dockerignore")).unwrap();
+    assert_eq!(root, twin);
+    let entries: BTreeSet<&str> = root
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .collect();
+    for needed in [
+        ".git/",
+        "target/",
+        "**/target/",
+        "**/node_modules/",
+        "tests/sdk/node_modules/",
+        "fuzz/target/",
+        "fuzz/corpus/",
+        "fuzz/artifacts/",
+        ".env",
+    ] {
+        assert!(entries.contains(needed), "missing {needed}");
+    }
+}
+
+fn healthcheck(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tidings"))
+        .arg("healthcheck")
+        .args(args)
+        .env_remove("TIDINGS_LISTEN")
+        .output()
+        .expect("run tidings healthcheck")
+}
+
+#[tokio::test]
+async fn healthcheck_subcommand_answers_for_a_real_broker() {
+    let mut server = support::start_default().await;
+    let addr = server.addr.to_string();
+    // As in the image: TIDINGS_LISTEN=0.0.0.0:<port> is checked on loopback.
+    let unspecified = format!("0.0.0.0:{}", server.addr.port());
+    let out = tokio::task::spawn_blocking(move || {
+        (
+            healthcheck(&["--listen", &addr]),
+            healthcheck(&["--listen", &unspecified, "--ready"]),
+        )
+    })
+    .await
+    .unwrap();
+    for o in [&out.0, &out.1] {
+        assert!(o.status.success(), "{o:?}");
+    }
+    assert!(String::from_utf8_lossy(&out.1.stdout).contains(r#""status":"ready""#));
+
+    // Draining: not ready, still alive.
+    let addr = server.addr.to_string();
+    let stopping = server.begin_shutdown();
+    let ready = tokio::task::spawn_blocking(move || healthcheck(&["--listen", &addr, "--ready"]))
+        .await
+        .unwrap();
+    let _ = stopping.await;
+    if ready.status.success() {
+        // The broker may already have closed its port; either way it must not say ready
+        // once shutdown began.
+        assert!(
+            !String::from_utf8_lossy(&ready.stdout).contains(r#""status":"ready""#),
+            "{ready:?}"
+        );
+    }
+
+    // Nothing listening: exit 1 with a message.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let out = tokio::task::spawn_blocking(move || healthcheck(&["--listen", &closed]))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(!out.stderr.is_empty());
+}
+
+/// The `responses` entry of the operation for `method path`, resolved, or None.
+fn spec_response(spec: &Value, method: &str, path: &str, status: u16) -> Option<Value> {
+    let paths = spec["paths"].as_object().unwrap();
+    let operation = paths.iter().find_map(|(template, item)| {
+        let t: Vec<&str> = template.split('/').collect();
+        let p: Vec<&str> = path.split('?').next().unwrap().split('/').collect();
+        let matches =
+            t.len() == p.len() && t.iter().zip(&p).all(|(t, p)| t == p || t.starts_with('{'));
+        matches.then(|| {
+            let operation = &item[method.to_lowercase()];
+            // A method the path does not take: its 405 is documented on the path's operations.
+            match (operation.is_null(), status) {
+                (true, 405) => item
+                    .as_object()
+                    .and_then(|ops| ops.values().next())
+                    .cloned()
+                    .unwrap_or(Value::Null),
+                _ => operation.clone(),
+            }
+        })
+    })?;
+    let mut response = operation["responses"][status.to_string()].clone();
+    if let Some(r) = response["$ref"].as_str() {
+        let name = r.rsplit('/').next().unwrap();
+        response = spec["components"]["responses"][name].clone();
+    }
+    (!response.is_null()).then_some(response)
+}
+
+#[tokio::test]
+async fn real_http_answers_match_the_openapi_spec() {
+    let spec: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(repo("protocol/openapi.yaml")).unwrap())
+            .unwrap();
+    let server = support::start_default().await;
+    let one = br#"{"collection":"orders","event":"create","data":{"id":1}}"#.to_vec();
+    let items = br#"{"id":2}"#.to_vec();
+    let cases: Vec<(&str, &str, Option<&str>, Vec<u8>, u16)> = vec![
+        (
+            "POST",
+            "/v1/publish",
+            Some("application/json"),
+            one.clone(),
+            202,
+        ),
+        (
+            "POST",
+            "/v1/publish",
+            Some("application/json; charset=utf-8"),
+            one.clone(),
+            202,
+        ),
+        // CloudEvents' structured mode: the spec accepts every `application/*+json`.
+        (
+            "POST",
+            "/v1/publish",
+            Some("application/cloudevents+json"),
+            one.clone(),
+            202,
+        ),
+        ("POST", "/v1/publish", Some("text/plain"), one.clone(), 415),
+        (
+            "POST",
+            "/v1/publish",
+            Some("application/xml"),
+            one.clone(),
+            415,
+        ),
+        ("POST", "/v1/publish", None, one.clone(), 415),
+        (
+            "POST",
+            "/v1/publish",
+            Some("application/json"),
+            b"{".to_vec(),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/publish",
+            Some("application/json"),
+            b"{}".to_vec(),
+            422,
+        ),
+        (
+            "POST",
+            "/v1/collections/orders/create",
+            Some("application/json"),
+            items.clone(),
+            202,
+        ),
+        (
+            "POST",
+            "/v1/collections/orders/update",
+            Some("application/json"),
+            items.clone(),
+            202,
+        ),
+        (
+            "POST",
+            "/v1/collections/orders/delete",
+            Some("application/json"),
+            b"[2]".to_vec(),
+            202,
+        ),
+        (
+            "POST",
+            "/v1/collections/orders/create",
+            Some("text/csv"),
+            items.clone(),
+            415,
+        ),
+        ("GET", "/v1/publish", None, vec![], 405),
+        (
+            "PUT",
+            "/v1/collections/orders/create",
+            Some("application/json"),
+            items,
+            405,
+        ),
+        ("POST", "/healthz", None, vec![], 405),
+        ("DELETE", "/metrics", None, vec![], 405),
+        ("POST", "/websocket", None, vec![], 405),
+        ("GET", "/healthz", None, vec![], 200),
+        ("GET", "/readyz", None, vec![], 200),
+        ("GET", "/websocket", None, vec![], 400),
+    ];
+    let client = reqwest_like::Client::new();
+    for (method, path, content_type, body, expected) in cases {
+        let (status, headers, text) = client
+            .send(server.addr, method, path, content_type, body)
+            .await;
+        let what = format!("{method} {path} ({content_type:?})");
+        assert_eq!(status, expected, "{what}: {text}");
+        let response = spec_response(&spec, method, path, status)
+            .unwrap_or_else(|| panic!("{what}: the spec does not list {status}"));
+        let media = response["content"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{what}: no content in the spec's {status}"));
+        let (media_type, content) = media.iter().next().unwrap();
+        let got_type = headers.get("content-type").cloned().unwrap_or_default();
+        assert!(
+            got_type.starts_with(media_type.split(';').next().unwrap()),
+            "{what}: content-type {got_type}, spec {media_type}"
+        );
+        if media_type == "application/json" {
+            let value: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{what}: body is not JSON ({e}): {text}"));
+            let schema =
+                json!({"$ref": content["schema"]["$ref"], "components": spec["components"]});
+            let validator = jsonschema::validator_for(&schema).expect("compile");
+            let errors: Vec<String> = validator
+                .iter_errors(&value)
+                .map(|e| e.to_string())
+                .collect();
+            assert!(
+                errors.is_empty(),
+                "{what}: {value} against {media_type}: {errors:?}"
+            );
+        }
+        if status == 405 {
+            assert!(headers.contains_key("allow"), "{what}: 405 without Allow");
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 client over hyper that returns status, headers and body for any method.
+mod reqwest_like {
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    use hyper::Request;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::client::legacy::Client as Hyper;
+    use hyper_util::rt::TokioExecutor;
+
+    pub struct Client(Hyper<HttpConnector, Full<Bytes>>);
+
+    impl Client {
+        pub fn new() -> Self {
+            Client(Hyper::builder(TokioExecutor::new()).build_http())
+        }
+
+        pub async fn send(
+            &self,
+            addr: SocketAddr,
+            method: &str,
+            path: &str,
+            content_type: Option<&str>,
+            body: Vec<u8>,
+        ) -> (u16, HashMap<String, String>, String) {
+            let mut req = Request::builder()
+                .method(method)
+                .uri(format!("http://{addr}{path}"));
+            if let Some(ct) = content_type {
+                req = req.header("content-type", ct);
+            }
+            let req = req.body(Full::new(Bytes::from(body))).expect("request");
+            let response = tokio::time::timeout(super::support::WAIT, self.0.request(req))
+                .await
+                .expect("answer in time")
+                .expect("answer");
+            let status = response.status().as_u16();
+            let headers = response
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+                .collect();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
+            (status, headers, String::from_utf8_lossy(&body).into_owned())
+        }
     }
 }

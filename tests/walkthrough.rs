@@ -23,7 +23,9 @@ fn walkthrough() -> Vec<Block> {
         .find("## A one-minute walkthrough")
         .expect("README has the walkthrough");
     let section = &readme[start..];
-    let end = section.find("The same from a browser").expect("walkthrough end");
+    let end = section
+        .find("The same from a browser")
+        .expect("walkthrough end");
     let mut blocks = Vec::new();
     let mut current: Option<Block> = None;
     for line in section[..end].lines() {
@@ -113,7 +115,11 @@ fn sh(command: &str, addr: &str) -> std::process::Output {
 fn readme_walkthrough_prints_what_readme_shows() {
     let blocks = walkthrough();
     let langs: Vec<&str> = blocks.iter().map(|b| b.lang.as_str()).collect();
-    assert_eq!(langs, ["sh", "sh", "sh", "json", "sh", "sh"], "walkthrough blocks");
+    assert_eq!(
+        langs,
+        ["sh", "sh", "sh", "json", "sh", "sh"],
+        "walkthrough blocks"
+    );
 
     // Terminal 1: the broker, on a free port instead of 8080.
     let serve = commands(&blocks[0]);
