@@ -733,3 +733,70 @@ mod reqwest_like {
         }
     }
 }
+
+#[tokio::test]
+async fn a_slow_consumer_that_hangs_up_first_is_still_counted_as_one() {
+    use futures_util::SinkExt;
+    let server = support::start(tidings::Config {
+        outbox_messages: 8,
+        outbox_bytes: 64 * 1024 * 1024,
+        // Far longer than the test: the client hangs up long before a write times out.
+        write_timeout: std::time::Duration::from_secs(120),
+        ..tidings::Config::default()
+    })
+    .await;
+    let mut stalled = support::raw_ws_small_buffer(&server).await;
+    stalled
+        .send(tokio_tungstenite::tungstenite::Message::Text(
+            r#"{"type":"subscribe","collection":"feed"}"#.into(),
+        ))
+        .await
+        .unwrap();
+    // It never reads again: the socket buffers fill, the session blocks in a write, and the
+    // outbox overflows behind it.
+    let blob = "z".repeat(500_000);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut id = 0;
+    while server
+        .metric("tidings_outbox_dropped_total")
+        .await
+        .unwrap_or(0.0)
+        == 0.0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the outbox never overflowed"
+        );
+        id += 1;
+        server
+            .publish(json!({"collection":"feed","event":"create","data":{"id":id,"blob":blob}}))
+            .await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // The session is stuck in a write (the socket is full), so it has not closed yet.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(
+        server
+            .metric("tidings_connections_closed_total{reason=\"slow_consumer\"}")
+            .await,
+        Some(0.0),
+        "the session was not blocked in a write"
+    );
+    drop(stalled);
+    server
+        .wait_for_metric(
+            "tidings_connections_closed_total{reason=\"slow_consumer\"}",
+            1.0,
+        )
+        .await;
+    assert_eq!(
+        server.metric("tidings_slow_consumer_closes_total").await,
+        Some(1.0)
+    );
+    assert_eq!(
+        server
+            .metric("tidings_connections_closed_total{reason=\"error\"}")
+            .await,
+        Some(0.0)
+    );
+}
