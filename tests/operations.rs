@@ -551,7 +551,9 @@ async fn real_http_answers_match_the_openapi_spec() {
     let server = support::start_default().await;
     let one = br#"{"collection":"orders","event":"create","data":{"id":1}}"#.to_vec();
     let items = br#"{"id":2}"#.to_vec();
-    let cases: Vec<(&str, &str, Option<&str>, Vec<u8>, u16)> = vec![
+    /// Method, path, content type, body, expected status.
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, Vec<u8>, u16);
+    let cases: Vec<Case> = vec![
         (
             "POST",
             "/v1/publish",
