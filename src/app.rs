@@ -89,6 +89,7 @@ impl App {
     pub fn new(config: Config) -> Result<App, AppError> {
         config.validate()?;
         let metrics = Arc::new(Metrics::new(config.metrics_max_collections)?);
+        metrics.describe_config(&config);
         let registry = Arc::new(Registry::new());
         // The memory engine's history starts with its epoch; the Redis engine restores the
         // tail of every collection it holds; other engines' logs predate us.
@@ -165,6 +166,7 @@ impl App {
             .with_state(state.clone());
         crate::http::routes(state.clone())
             .merge(ws)
+            .method_not_allowed_fallback(crate::http::method_not_allowed_handler)
             .fallback(crate::http::not_found_handler)
             .layer(DefaultBodyLimit::max(state.config.max_publish_bytes))
     }

@@ -102,6 +102,8 @@ pub mod defaults {
     pub const HISTORY_SIZE: usize = 10_000;
     /// `--history-age`.
     pub const HISTORY_AGE: Secs = secs!(300);
+    /// `--history-bytes`.
+    pub const HISTORY_BYTES: usize = 64 * 1024 * 1024;
     /// `--idempotency-window`.
     pub const IDEMPOTENCY_WINDOW: Secs = secs!(120);
     /// `--heartbeat-period`.
@@ -233,6 +235,9 @@ pub struct ServeArgs {
     /// Seconds an event stays in the history.
     #[arg(long, env = "TIDINGS_HISTORY_AGE", default_value = defaults::HISTORY_AGE.text, value_parser = parse_secs)]
     pub history_age: Duration,
+    /// Approximate bytes the history of all collections may hold together (0: no history).
+    #[arg(long, env = "TIDINGS_HISTORY_BYTES", default_value_t = defaults::HISTORY_BYTES)]
+    pub history_bytes: usize,
     /// Seconds an idempotency key is remembered (0: no deduplication).
     #[arg(long, env = "TIDINGS_IDEMPOTENCY_WINDOW", default_value = defaults::IDEMPOTENCY_WINDOW.text, value_parser = parse_secs)]
     pub idempotency_window: Duration,
@@ -412,6 +417,7 @@ impl Default for Config {
             history: HistoryLimits {
                 max_events: defaults::HISTORY_SIZE,
                 max_age: defaults::HISTORY_AGE.duration(),
+                max_bytes: defaults::HISTORY_BYTES,
             },
             idempotency_window: defaults::IDEMPOTENCY_WINDOW.duration(),
             key_fields: HashMap::new(),
@@ -581,6 +587,7 @@ impl ServeArgs {
             history: HistoryLimits {
                 max_events: self.history_size,
                 max_age: self.history_age,
+                max_bytes: self.history_bytes,
             },
             idempotency_window: self.idempotency_window,
             key_fields,

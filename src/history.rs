@@ -2,7 +2,8 @@
 //! gets exactly what it missed.
 //!
 //! Each collection has a [`CollectionLog`]: the events this node delivered, newest last,
-//! bounded by count and age, and `covers_after`, the offset after which the log is complete.
+//! bounded by count and age (per collection) and by bytes (all collections together), and
+//! `covers_after`, the offset after which the log is complete.
 //! The log's mutex is the serialization point between delivery and subscription: the hub
 //! holds it while it records and dispatches an event, and a subscribe holds it while it reads
 //! the replay and registers. So every event is either replayed to a new subscription or
@@ -12,11 +13,13 @@
 //! retain; the memory engine's history begins with its epoch.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
+use serde_json::Value;
 
 use crate::event::Event;
 use crate::protocol::WirePosition;
@@ -28,6 +31,35 @@ pub struct HistoryLimits {
     pub max_events: usize,
     /// Events older than this are dropped.
     pub max_age: Duration,
+    /// Approximate bytes the history of all collections may hold together (see
+    /// [`event_bytes`]). Over it, a collection holding more than its fair share
+    /// (`max_bytes / collections`) drops its oldest events when it records one, and the
+    /// periodic sweep trims every such collection.
+    pub max_bytes: usize,
+}
+
+/// What an event held in the history costs, approximately: the event itself and the heap
+/// behind its items and keys (string bytes plus a fixed cost per JSON node).
+pub fn event_bytes(event: &Event) -> usize {
+    fn value(v: &Value) -> usize {
+        // A `Value` is 32 bytes; strings, arrays and maps add their heap.
+        const NODE: usize = std::mem::size_of::<Value>();
+        match v {
+            Value::Null | Value::Bool(_) | Value::Number(_) => NODE,
+            Value::String(s) => NODE + s.len(),
+            Value::Array(a) => NODE + a.iter().map(value).sum::<usize>(),
+            // An insertion-ordered map entry: key string, value, index slot and hash.
+            Value::Object(m) => {
+                NODE + m
+                    .iter()
+                    .map(|(k, v)| k.len() + 24 + 16 + value(v))
+                    .sum::<usize>()
+            }
+        }
+    }
+    std::mem::size_of::<Event>()
+        + event.items.iter().map(value).sum::<usize>()
+        + event.keys.iter().map(value).sum::<usize>()
 }
 
 /// What a `since` resolves to.
@@ -45,7 +77,10 @@ pub enum Replay {
 /// One collection's recent events.
 #[derive(Debug, Default)]
 pub struct CollectionLog {
-    events: VecDeque<(Instant, Arc<Event>)>,
+    /// When recorded, the event, and its [`event_bytes`].
+    events: VecDeque<(Instant, Arc<Event>, usize)>,
+    /// Sum of the sizes in `events`.
+    bytes: usize,
     /// Offset of the last event recorded (0: none yet).
     last: u64,
     /// Every event with an offset above this is in `events` or was never published; `None`
@@ -59,13 +94,7 @@ impl CollectionLog {
         self.last
     }
 
-    fn record(
-        &mut self,
-        event: Arc<Event>,
-        limits: &HistoryLimits,
-        contiguous: bool,
-        now: Instant,
-    ) {
+    fn record(&mut self, event: Arc<Event>, budget: &Budget<'_>, contiguous: bool, now: Instant) {
         // Unknown so far, or (with contiguous offsets) a gap — events this log never saw:
         // restored after a subscription created the log, or trimmed from an engine's stream
         // before this node read them: the log is complete only from this event on. With
@@ -75,18 +104,27 @@ impl CollectionLog {
             self.covers_after = Some(self.covers_after.unwrap_or(0).max(before));
         }
         self.last = event.offset;
-        self.events.push_back((now, event));
-        self.trim(limits, now);
+        let size = event_bytes(&event);
+        self.events.push_back((now, event, size));
+        self.bytes += size;
+        budget.total.fetch_add(size, Ordering::Relaxed);
+        self.trim(budget, now);
     }
 
-    fn trim(&mut self, limits: &HistoryLimits, now: Instant) {
-        while let Some((at, event)) = self.events.front() {
+    fn trim(&mut self, budget: &Budget<'_>, now: Instant) {
+        let limits = budget.limits;
+        let mut fair_share = None;
+        while let Some((at, event, size)) = self.events.front() {
             let too_many = self.events.len() > limits.max_events;
             let too_old = now.saturating_duration_since(*at) > limits.max_age;
-            if !(too_many || too_old) {
+            let too_big = budget.total.load(Ordering::Relaxed) > limits.max_bytes
+                && self.bytes > *fair_share.get_or_insert_with(|| budget.fair_share());
+            if !(too_many || too_old || too_big) {
                 break;
             }
             self.covers_after = Some(event.offset);
+            self.bytes -= size;
+            budget.total.fetch_sub(*size, Ordering::Relaxed);
             self.events.pop_front();
         }
     }
@@ -101,8 +139,39 @@ impl CollectionLog {
             // Unknown: events may have come and gone before this node saw any.
             _ => return Replay::Lost,
         }
-        let start = self.events.partition_point(|(_, e)| e.offset <= offset);
-        Replay::Events(self.events.range(start..).map(|(_, e)| e.clone()).collect())
+        let start = self.events.partition_point(|(_, e, _)| e.offset <= offset);
+        Replay::Events(
+            self.events
+                .range(start..)
+                .map(|(_, e, _)| e.clone())
+                .collect(),
+        )
+    }
+}
+
+/// The limits and the byte count shared by every log, lent to one log while it trims.
+struct Budget<'a> {
+    limits: &'a HistoryLimits,
+    total: &'a AtomicUsize,
+    /// How many collections share the bytes.
+    collections: Collections<'a>,
+}
+
+enum Collections<'a> {
+    /// Counted when needed (only once over the bound: counting visits every shard).
+    Of(&'a DashMap<Arc<str>, Arc<Mutex<CollectionLog>>>),
+    /// Counted beforehand (the sweep holds the map's shards while it trims).
+    Known(usize),
+}
+
+impl Budget<'_> {
+    /// Bytes one collection may keep while the history is over its byte bound.
+    fn fair_share(&self) -> usize {
+        let n = match self.collections {
+            Collections::Of(logs) => logs.len(),
+            Collections::Known(n) => n,
+        };
+        self.limits.max_bytes / n.max(1)
     }
 }
 
@@ -131,6 +200,8 @@ pub struct History {
     /// resume from such a position is answered as lost instead of replaying the wrong thing.
     provisional: Arc<str>,
     logs: DashMap<Arc<str>, Arc<Mutex<CollectionLog>>>,
+    /// Sum of every log's `bytes`.
+    bytes: AtomicUsize,
 }
 
 impl History {
@@ -150,7 +221,21 @@ impl History {
             epoch: RwLock::new(EpochState { epoch, named }),
             provisional: crate::backplane::memory::random_epoch(),
             logs: DashMap::new(),
+            bytes: AtomicUsize::new(0),
         }
+    }
+
+    fn budget(&self) -> Budget<'_> {
+        Budget {
+            limits: &self.limits,
+            total: &self.bytes,
+            collections: Collections::Of(&self.logs),
+        }
+    }
+
+    /// Approximate bytes held by every collection's history (see [`event_bytes`]).
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
     }
 
     /// The epoch current positions belong to.
@@ -177,12 +262,12 @@ impl History {
 
     /// Records an event in its (locked) log.
     pub fn record(&self, log: &mut CollectionLog, event: Arc<Event>) {
-        if self.limits.max_events == 0 {
+        if self.limits.max_events == 0 || self.limits.max_bytes == 0 {
             log.last = event.offset;
             log.covers_after = Some(event.offset);
             return;
         }
-        log.record(event, &self.limits, self.contiguous, Instant::now());
+        log.record(event, &self.budget(), self.contiguous, Instant::now());
     }
 
     /// The position a subscription registered now starts after.
@@ -223,6 +308,8 @@ impl History {
         for log in self.logs.iter() {
             let mut log = log.value().lock();
             log.events.clear();
+            self.bytes.fetch_sub(log.bytes, Ordering::Relaxed);
+            log.bytes = 0;
             log.last = 0;
             // Otherwise the new log starts empty: complete from its start.
             log.covers_after = (!joined_late).then_some(0);
@@ -233,13 +320,18 @@ impl History {
     /// subscriptions to collections nobody publishes to). Run periodically.
     pub fn sweep(&self) {
         let now = Instant::now();
+        let budget = Budget {
+            limits: &self.limits,
+            total: &self.bytes,
+            collections: Collections::Known(self.logs.len()),
+        };
         self.logs.retain(|_, log| {
             // Under the map's shard lock nobody can take a new reference, so a count of one
             // means nobody holds this log.
             let unused = Arc::strong_count(log) == 1;
             match log.try_lock() {
                 Some(mut l) => {
-                    l.trim(&self.limits, now);
+                    l.trim(&budget, now);
                     !(unused && l.last == 0)
                 }
                 None => true,
@@ -293,6 +385,7 @@ mod tests {
         HistoryLimits {
             max_events: n,
             max_age: Duration::from_secs(3600),
+            max_bytes: usize::MAX,
         }
     }
 
@@ -413,12 +506,67 @@ mod tests {
         assert_eq!(offsets(h.replay(&log, &fresh)), Some(vec![]));
     }
 
+    fn sized(collection: &str, offset: u64, text_len: usize) -> Arc<Event> {
+        Arc::new(Event {
+            collection: Arc::from(collection),
+            kind: EventKind::Create,
+            items: vec![serde_json::json!({ "text": "x".repeat(text_len) })],
+            keys: vec![Value::from(offset)],
+            offset,
+            epoch: Arc::from("e"),
+            received: Instant::now(),
+        })
+    }
+
+    #[test]
+    fn bytes_are_counted_and_bounded_across_collections() {
+        let one = event_bytes(&sized("a", 1, 1000));
+        assert!(one > 1000 && one < 1400, "{one}");
+        let h = History::new(
+            HistoryLimits {
+                max_events: 1000,
+                max_age: Duration::from_secs(3600),
+                max_bytes: 10 * one,
+            },
+            Arc::from("e"),
+            true,
+        );
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        {
+            let log = h.log(&a);
+            let mut log = log.lock();
+            for o in 1..=50 {
+                h.record(&mut log, sized("a", o, 1000));
+            }
+            // Alone, `a` may use the whole budget.
+            assert_eq!(h.bytes(), 10 * one);
+            assert_eq!(offsets(h.replay(&log, &pos(40))), Some((41..=50).collect()));
+            assert!(matches!(h.replay(&log, &pos(39)), Replay::Lost));
+        }
+        // A second collection gets its share: `a` gives way as it records, and the sweep
+        // trims it too.
+        {
+            let log = h.log(&b);
+            let mut log = log.lock();
+            for o in 1..=5 {
+                h.record(&mut log, sized("b", o, 1000));
+            }
+            assert_eq!(offsets(h.replay(&log, &pos(0))), Some(vec![1, 2, 3, 4, 5]));
+        }
+        h.sweep();
+        assert!(h.bytes() <= 10 * one, "{} > {}", h.bytes(), 10 * one);
+        assert_eq!(h.size(), (2, 10));
+        h.reset(Arc::from("f"));
+        assert_eq!(h.bytes(), 0);
+    }
+
     #[test]
     fn sweep_drops_unused_empty_logs_and_old_events() {
         let h = History::new(
             HistoryLimits {
                 max_events: 10,
                 max_age: Duration::ZERO,
+                max_bytes: usize::MAX,
             },
             Arc::from("e"),
             true,

@@ -38,6 +38,9 @@ fn main() -> ExitCode {
         Command::Publish(args) => runtime
             .block_on(tidings::cli::publish(args))
             .map_err(client),
+        Command::Healthcheck(args) => runtime
+            .block_on(tidings::cli::healthcheck(args))
+            .map_err(client),
         #[cfg(feature = "bench")]
         Command::Bench(args) => runtime
             .block_on(tidings::cli::bench(*args))

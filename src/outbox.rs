@@ -167,6 +167,19 @@ impl Outbox {
         state.bytes = 0;
     }
 
+    /// Marks the consumer slow although the outbox did not overflow: a write to it outlasted
+    /// the write timeout. Later drains answer `Overflowed`, so the session closes it.
+    pub fn mark_slow(&self) {
+        self.state.lock().overflowed = true;
+        self.notify.notify_one();
+    }
+
+    /// True once the outbox overflowed or [`Outbox::mark_slow`] was called: the connection is
+    /// a slow consumer, whatever ends it afterwards (a client that hangs up first included).
+    pub fn is_slow(&self) -> bool {
+        self.state.lock().overflowed
+    }
+
     /// Frames currently queued.
     pub fn len(&self) -> usize {
         self.state.lock().queue.len()
@@ -234,6 +247,18 @@ mod tests {
         ob.push(frame("a")).unwrap();
         ob.push(frame("b")).unwrap();
         assert_eq!(ob.push(frame("c")), Err(PushError::Overflow(3)));
+    }
+
+    #[test]
+    fn a_slow_mark_sticks() {
+        let ob = Outbox::new(10, 1000);
+        assert!(!ob.is_slow());
+        ob.mark_slow();
+        assert!(ob.is_slow());
+        let mut out = Vec::new();
+        assert_eq!(ob.drain(&mut out), Drained::Overflowed);
+        ob.close();
+        assert!(ob.is_slow());
     }
 
     #[test]

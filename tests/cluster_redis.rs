@@ -252,6 +252,7 @@ async fn a_node_started_late_restores_the_history_from_redis() {
         history: HistoryLimits {
             max_events: 30,
             max_age: Duration::from_secs(300),
+            max_bytes: 64 * 1024 * 1024,
         },
         ..config(&url, &prefix)
     })

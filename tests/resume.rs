@@ -160,6 +160,7 @@ async fn positions_outside_the_history_or_from_another_epoch_are_lost() {
         history: HistoryLimits {
             max_events: 5,
             max_age: Duration::from_secs(60),
+            max_bytes: 64 * 1024 * 1024,
         },
         ..Config::default()
     })

@@ -798,6 +798,7 @@ mod tests {
         let history = |n, secs| HistoryLimits {
             max_events: n,
             max_age: Duration::from_secs(secs),
+            max_bytes: usize::MAX,
         };
         let l = Limits::new(history(100, 300), Duration::from_secs(120));
         assert_eq!(l.max_per_subject, 100);

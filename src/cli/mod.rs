@@ -1,7 +1,9 @@
 //! The `tidings` command line: `serve` runs the broker; `tail` and `publish` are small
 //! clients for trying it out and scripting; `bench` (cargo feature `bench`, on by default) is
-//! the load generator of the `tidings-bench` crate, for a running broker.
+//! the load generator of the `tidings-bench` crate, for a running broker; `healthcheck` probes
+//! a broker on this host for container healthchecks.
 
+mod healthcheck;
 mod publish;
 mod tail;
 pub mod url;
@@ -10,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::ServeArgs;
 
+pub use healthcheck::{healthcheck, HealthcheckArgs};
 pub use publish::{publish, PublishArgs};
 pub use tail::{tail, TailArgs};
 #[cfg(feature = "bench")]
@@ -36,6 +39,9 @@ pub enum Command {
     /// Load-test a running broker: many subscribers, a publisher, a report.
     #[cfg(feature = "bench")]
     Bench(Box<BenchArgs>),
+    /// Exit 0 if the broker on this host is alive (`--ready`: ready), else 1; for container
+    /// healthchecks (the image has no curl).
+    Healthcheck(HealthcheckArgs),
 }
 
 /// Parses an event kind (`tail --event`, `publish EVENT`), naming the valid ones otherwise.

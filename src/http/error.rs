@@ -36,6 +36,12 @@ pub enum ApiError {
     /// No such route.
     #[error("no such route")]
     NotFound,
+    /// The route exists, the method does not.
+    #[error("method not allowed here: use {allow}")]
+    MethodNotAllowed {
+        /// The methods the route answers, for `Allow`.
+        allow: &'static str,
+    },
     /// The body is over the limit.
     #[error("the request body is larger than {limit} bytes")]
     PayloadTooLarge {
@@ -62,6 +68,7 @@ impl ApiError {
             ApiError::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -77,6 +84,7 @@ impl ApiError {
             ApiError::InvalidHeader { .. } => "INVALID_HEADER",
             ApiError::Unauthorized => "UNAUTHORIZED",
             ApiError::NotFound => "NOT_FOUND",
+            ApiError::MethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
             ApiError::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
             ApiError::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             ApiError::Unavailable(_) => "SERVICE_UNAVAILABLE",
@@ -105,6 +113,12 @@ impl IntoResponse for ApiError {
             obj.insert("where".into(), pointer.into());
         }
         let mut response = (self.status(), Json(json!({ "error": error }))).into_response();
+        if let ApiError::MethodNotAllowed { allow } = self {
+            response.headers_mut().insert(
+                axum::http::header::ALLOW,
+                axum::http::HeaderValue::from_static(allow),
+            );
+        }
         if matches!(self, ApiError::Unauthorized) {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,

@@ -56,6 +56,11 @@ async fn readyz_handler(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
+    let history = state.hub.history();
+    let (_, events) = history.size();
+    let gauge = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+    state.metrics.history_bytes.set(gauge(history.bytes()));
+    state.metrics.history_events.set(gauge(events));
     match state.metrics.render() {
         Ok(text) => (
             [(
@@ -67,6 +72,17 @@ async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
             .into_response(),
         Err(e) => ApiError::Internal(e.to_string()).into_response(),
     }
+}
+
+/// JSON 405 for a known route asked with another method: the publish routes take `POST`,
+/// the others (health, readiness, metrics, the WebSocket) `GET`.
+pub async fn method_not_allowed_handler(uri: axum::http::Uri) -> Response {
+    let allow = if uri.path().starts_with("/v1/") {
+        "POST"
+    } else {
+        "GET, HEAD"
+    };
+    ApiError::MethodNotAllowed { allow }.into_response()
 }
 
 /// JSON 404 for every unknown route.

@@ -235,6 +235,13 @@ impl Session {
         metrics.connections_opened.inc();
         tracing::debug!(peer = %self.peer, "session opened");
         let reason = self.serve(&mut socket).await;
+        // A slow consumer is counted as one however the connection ends afterwards: a client
+        // that hangs up before the close frame is still the slow consumer it was.
+        let reason = if self.outbox.is_slow() {
+            CloseReason::SlowConsumer
+        } else {
+            reason
+        };
         for sub in std::mem::take(&mut self.subs) {
             self.drop_sub(&sub);
         }
@@ -337,7 +344,10 @@ impl Session {
         };
         match tokio::time::timeout(write_timeout, write).await {
             Ok(result) => result?,
-            Err(_) => return Err(WriteError::Timeout),
+            Err(_) => {
+                self.outbox.mark_slow();
+                return Err(WriteError::Timeout);
+            }
         }
         let metrics = &self.state.metrics;
         let now = std::time::Instant::now();
@@ -370,7 +380,10 @@ impl Session {
         match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(WriteError::Socket),
-            Err(_) => Err(WriteError::Timeout),
+            Err(_) => {
+                self.outbox.mark_slow();
+                Err(WriteError::Timeout)
+            }
         }
     }
 
