@@ -709,6 +709,50 @@ async fn sigterm_drains_publishes_during_the_delay_then_closes_1001_with_a_resum
     );
 }
 
+/// A publish whose request is still being sent when the delay ends is answered (axum's graceful
+/// shutdown keeps its connection): with a clean 503, since subscribers are already moving away,
+/// so the application retries elsewhere rather than losing the event silently.
+#[tokio::test]
+async fn a_publish_in_flight_when_the_delay_ends_gets_an_answer() {
+    let mut server = Server::start(&["--shutdown-delay", "1", "--shutdown-timeout", "5"]);
+    let mut ws = ws_connect(&server.ws_url()).await;
+    ws_subscribe(&mut ws, "orders", "s1").await;
+    let body = r#"{"collection":"orders","event":"create","data":{"id":1}}"#;
+    let mut stream = TcpStream::connect_timeout(&server.addr, WAIT).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let head = format!(
+        "POST /v1/publish HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        server.addr,
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).expect("send head");
+    stream
+        .write_all(&body.as_bytes()[..10])
+        .expect("send part of the body");
+    server.proc.sigterm();
+    // The close means the delay is over and the listener no longer accepts.
+    let (_, (code, _)) = ws_until_close(&mut ws, WAIT).await;
+    assert_eq!(code, 1001);
+    stream
+        .write_all(&body.as_bytes()[10..])
+        .expect("send the rest of the body");
+    let mut raw = String::new();
+    let _ = stream.read_to_string(&mut raw);
+    assert!(
+        raw.starts_with("HTTP/1.1 503"),
+        "in-flight publish answered {raw:?}: {}",
+        server.proc.transcript()
+    );
+    assert!(raw.contains("SERVICE_UNAVAILABLE"), "{raw}");
+    let status = server.proc.wait_exit(WAIT);
+    assert!(
+        status.success(),
+        "exit status {status}: {}",
+        server.proc.transcript()
+    );
+}
+
 /// Chosen behaviour: a second SIGTERM or SIGINT during the delay ends the delay at once; the
 /// sessions are still closed properly (1001 with a position) and the process exits.
 #[tokio::test]
