@@ -50,6 +50,8 @@ pub struct AppState {
     /// Cancelled when the shutdown delay ends: the listener stops accepting and every
     /// session closes.
     pub shutdown: CancellationToken,
+    /// Cancelled at the very end of the drain; the backplane engine's tasks watch it.
+    pub engine_shutdown: CancellationToken,
     /// Upgraded WebSocket sessions, which axum's graceful shutdown does not track.
     pub sessions: TaskTracker,
     /// Open WebSocket connections, against `max_connections`.
@@ -102,12 +104,15 @@ impl App {
         ));
         let hub = Arc::new(Hub::new(registry.clone(), metrics.clone(), history));
         let shutdown = CancellationToken::new();
+        // The engine outlives the sessions: it stops only once they are closed and in-flight
+        // publishes are answered (see `shutdown::drain`).
+        let engine_shutdown = CancellationToken::new();
         let engine = EngineContext {
             sink: hub.clone(),
             key_prefix: config.key_prefix.clone(),
             history: config.history,
             idempotency_window: config.idempotency_window,
-            shutdown: shutdown.clone(),
+            shutdown: engine_shutdown.clone(),
             metrics: metrics.clone(),
         };
         let backplane: Arc<dyn Backplane> = match config.engine {
@@ -147,6 +152,7 @@ impl App {
                 anonymous,
                 ready: AtomicBool::new(true),
                 shutdown,
+                engine_shutdown,
                 sessions: TaskTracker::new(),
                 connections: AtomicUsize::new(0),
                 per_ip: PerIpConnections::default(),

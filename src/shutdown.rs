@@ -8,7 +8,8 @@
 //! 3. the shutdown token is cancelled: the listener stops accepting, in-flight HTTP requests
 //!    complete (axum's graceful shutdown), and every session writes out its outbox and closes
 //!    with `1001` and [`close_reason`] (reconnect elsewhere, and where to resume);
-//! 4. the process waits for all of that at most `--shutdown-timeout`, then exits anyway.
+//! 4. the process waits for all of that at most `--shutdown-timeout`, then stops the backplane
+//!    engine (which served the publishes and deliveries until then) and exits.
 //!
 //! A second signal during the delay ends the delay at once (step 3 follows, still bounded by
 //! the timeout); a third, or a second one during step 3, stops waiting and exits.
@@ -144,22 +145,32 @@ pub(crate) async fn drain(
         state.sessions.wait().await;
         server.await
     };
-    tokio::select! {
+    let outcome = tokio::select! {
         result = tokio::time::timeout(timeout, done) => match result {
-            Ok(Ok(result)) => result?,
-            Ok(Err(join)) => tracing::error!(error = %join, "server task failed"),
-            Err(_) => tracing::warn!(
-                ?timeout,
-                remaining = state.sessions.len(),
-                "shutdown timeout: exiting with sessions still open"
-            ),
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => {
+                tracing::error!(error = %join, "server task failed");
+                Ok(())
+            }
+            Err(_) => {
+                tracing::warn!(
+                    ?timeout,
+                    remaining = state.sessions.len(),
+                    "shutdown timeout: exiting with sessions still open"
+                );
+                Ok(())
+            }
         },
-        _ = shutdown.requested(hurried_at) => tracing::warn!(
-            remaining = state.sessions.len(),
-            "another shutdown request: exiting without waiting"
-        ),
-    }
-    Ok(())
+        _ = shutdown.requested(hurried_at) => {
+            tracing::warn!(
+                remaining = state.sessions.len(),
+                "another shutdown request: exiting without waiting"
+            );
+            Ok(())
+        }
+    };
+    state.engine_shutdown.cancel();
+    outcome
 }
 
 /// Where a connection whose subscriptions are all on `collections` can resume after its
