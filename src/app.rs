@@ -1,12 +1,12 @@
 //! The composition root: builds the shared state and the router from a [`Config`], and
 //! serves them on an already-bound listener until the caller's shutdown future resolves.
 //!
-//! Shutdown sequence: readiness off → every session closes with 1001 and the listener stops
-//! accepting → wait for sessions and in-flight requests, at most `shutdown_timeout`.
+//! The shutdown sequence (readiness off, serve on for the delay, close sessions with 1001 and
+//! a resume position, bounded wait) lives in [`crate::shutdown`].
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
@@ -26,6 +26,7 @@ use crate::history::History;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::shutdown::Shutdown;
 use crate::ws::PerIpConnections;
 
 /// State shared by every handler and session.
@@ -44,10 +45,13 @@ pub struct AppState {
     pub publish_keys: PublishKeys,
     /// The identity of unauthenticated connections in public mode, shared by all of them.
     pub anonymous: Arc<Principal>,
-    /// False once shutdown began.
+    /// False once shutdown began (the broker still serves during `shutdown_delay`).
     pub ready: AtomicBool,
-    /// Cancelled when shutdown begins; every session watches it.
+    /// Cancelled when the shutdown delay ends: the listener stops accepting and every
+    /// session closes.
     pub shutdown: CancellationToken,
+    /// Cancelled at the very end of the drain; the backplane engine's tasks watch it.
+    pub engine_shutdown: CancellationToken,
     /// Upgraded WebSocket sessions, which axum's graceful shutdown does not track.
     pub sessions: TaskTracker,
     /// Open WebSocket connections, against `max_connections`.
@@ -101,12 +105,15 @@ impl App {
         ));
         let hub = Arc::new(Hub::new(registry.clone(), metrics.clone(), history));
         let shutdown = CancellationToken::new();
+        // The engine outlives the sessions: it stops only once they are closed and in-flight
+        // publishes are answered (see `shutdown::drain`).
+        let engine_shutdown = CancellationToken::new();
         let engine = EngineContext {
             sink: hub.clone(),
             key_prefix: config.key_prefix.clone(),
             history: config.history,
             idempotency_window: config.idempotency_window,
-            shutdown: shutdown.clone(),
+            shutdown: engine_shutdown.clone(),
             metrics: metrics.clone(),
         };
         let backplane: Arc<dyn Backplane> = match config.engine {
@@ -146,6 +153,7 @@ impl App {
                 anonymous,
                 ready: AtomicBool::new(true),
                 shutdown,
+                engine_shutdown,
                 sessions: TaskTracker::new(),
                 connections: AtomicUsize::new(0),
                 per_ip: PerIpConnections::default(),
@@ -171,12 +179,21 @@ impl App {
             .layer(DefaultBodyLimit::max(state.config.max_publish_bytes))
     }
 
-    /// Serves on `listener` until `shutdown` resolves, then drains within the configured
-    /// shutdown timeout.
+    /// Serves on `listener` until `shutdown` resolves, then drains (see [`crate::shutdown`]).
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), AppError> {
+        self.serve_with(listener, Shutdown::on(shutdown)).await
+    }
+
+    /// Serves on `listener` until the first request of `shutdown`, then drains (see
+    /// [`crate::shutdown`]; later requests hurry the drain).
+    pub async fn serve_with(
+        self,
+        listener: TcpListener,
+        shutdown: Shutdown,
     ) -> Result<(), AppError> {
         let state = self.state.clone();
         let local = listener.local_addr()?;
@@ -202,29 +219,12 @@ impl App {
             self.router()
                 .into_make_service_with_connect_info::<SocketAddr>(),
         )
-        .with_graceful_shutdown(token.clone().cancelled_owned());
+        .with_graceful_shutdown(token.cancelled_owned());
         let server = tokio::spawn(server.into_future());
         let sweeper = tokio::spawn(sweep_history(state.clone()));
-
-        shutdown.await;
-        tracing::info!("shutting down: readiness off, closing sessions");
-        state.ready.store(false, Ordering::Release);
-        token.cancel();
-        state.sessions.close();
-        let drain = async {
-            state.sessions.wait().await;
-            server.await
-        };
-        match tokio::time::timeout(state.config.shutdown_timeout, drain).await {
-            Ok(Ok(result)) => result?,
-            Ok(Err(join)) => tracing::error!(error = %join, "server task failed"),
-            Err(_) => tracing::warn!(
-                timeout = ?state.config.shutdown_timeout,
-                remaining = state.sessions.len(),
-                "shutdown timeout: exiting with sessions still open"
-            ),
-        }
+        let result = crate::shutdown::drain(&state, shutdown, server).await;
         sweeper.abort();
+        result?;
         tracing::info!("shutdown complete");
         Ok(())
     }

@@ -110,6 +110,8 @@ pub mod defaults {
     pub const HEARTBEAT_PERIOD: Secs = secs!(30);
     /// `--auth-timeout`.
     pub const AUTH_TIMEOUT: Secs = secs!(10);
+    /// `--shutdown-delay` (the CLI's; `Config::default()` has none, for embedders).
+    pub const SHUTDOWN_DELAY: Secs = secs!(5);
     /// `--shutdown-timeout`.
     pub const SHUTDOWN_TIMEOUT: Secs = secs!(10);
     /// `--write-timeout`.
@@ -250,7 +252,12 @@ pub struct ServeArgs {
     /// Seconds a handshake-mode client has to authenticate (and to re-authenticate after expiry).
     #[arg(long, env = "TIDINGS_AUTH_TIMEOUT", default_value = defaults::AUTH_TIMEOUT.text, value_parser = parse_secs)]
     pub auth_timeout: Duration,
-    /// Seconds to wait for sessions to close on shutdown before exiting anyway.
+    /// Seconds the broker keeps serving after SIGTERM, readiness already off, so load
+    /// balancers stop routing to it and the last publishes land (0 = close at once).
+    #[arg(long, env = "TIDINGS_SHUTDOWN_DELAY", default_value = defaults::SHUTDOWN_DELAY.text, value_parser = parse_secs)]
+    pub shutdown_delay: Duration,
+    /// Seconds, after the delay, to flush outboxes, close sessions and finish in-flight
+    /// requests before exiting anyway.
     #[arg(long, env = "TIDINGS_SHUTDOWN_TIMEOUT", default_value = defaults::SHUTDOWN_TIMEOUT.text, value_parser = parse_secs)]
     pub shutdown_timeout: Duration,
     /// Seconds a write to a client may take before it is closed as a slow consumer.
@@ -370,7 +377,9 @@ pub struct Config {
     pub heartbeat_period: Option<Duration>,
     /// Handshake / re-auth window.
     pub auth_timeout: Duration,
-    /// Bound on the shutdown drain.
+    /// How long the broker keeps serving, not ready, before it closes sessions.
+    pub shutdown_delay: Duration,
+    /// Bound on the shutdown drain after the delay.
     pub shutdown_timeout: Duration,
     /// Bound on one write to a client.
     pub write_timeout: Duration,
@@ -423,6 +432,9 @@ impl Default for Config {
             key_fields: HashMap::new(),
             heartbeat_period: Some(defaults::HEARTBEAT_PERIOD.duration()),
             auth_timeout: defaults::AUTH_TIMEOUT.duration(),
+            // Embedders drive their own lifecycle: no delay unless they ask (the CLI's is
+            // defaults::SHUTDOWN_DELAY).
+            shutdown_delay: Duration::ZERO,
             shutdown_timeout: defaults::SHUTDOWN_TIMEOUT.duration(),
             write_timeout: defaults::WRITE_TIMEOUT.duration(),
             max_frame_bytes: defaults::MAX_FRAME_BYTES,
@@ -593,6 +605,7 @@ impl ServeArgs {
             key_fields,
             heartbeat_period: Some(self.heartbeat_period).filter(|d| !d.is_zero()),
             auth_timeout: self.auth_timeout,
+            shutdown_delay: self.shutdown_delay,
             shutdown_timeout: self.shutdown_timeout,
             write_timeout: self.write_timeout,
             max_frame_bytes: self.max_frame_bytes,

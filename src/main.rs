@@ -76,7 +76,7 @@ fn client(e: tidings::cli::CliError) -> Failure {
 }
 
 async fn serve(listen: std::net::SocketAddr, config: tidings::Config) -> anyhow::Result<()> {
-    let shutdown = tidings::shutdown::signal().context("cannot install signal handlers")?;
+    let shutdown = tidings::shutdown::signals().context("cannot install signal handlers")?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -86,7 +86,9 @@ async fn serve(listen: std::net::SocketAddr, config: tidings::Config) -> anyhow:
         "tidings listening on http://{local} (WebSocket ws://{local}{})",
         config.ws_path
     );
-    tidings::run(listener, config, shutdown).await?;
+    tidings::App::new(config)?
+        .serve_with(listener, shutdown)
+        .await?;
     Ok(())
 }
 

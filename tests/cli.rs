@@ -181,7 +181,7 @@ fn serve_prints_the_configured_ws_path() {
 #[tokio::test]
 async fn sigterm_closes_sessions_with_1001_and_exits_zero() {
     let shutdown_timeout = Duration::from_secs(5);
-    let mut server = Server::start(&["--shutdown-timeout", "5"]);
+    let mut server = Server::start(&["--shutdown-timeout", "5", "--shutdown-delay", "0"]);
     let mut ws = ws_connect(&server.ws_url()).await;
     // The init answer proves the session is established before the signal.
     ws_subscribe(&mut ws, "messages", "s1").await;
@@ -228,7 +228,7 @@ async fn sigterm_closes_sessions_with_1001_and_exits_zero() {
 
 #[tokio::test]
 async fn sigterm_exits_within_the_shutdown_timeout_even_if_a_client_never_reads() {
-    let mut server = Server::start(&["--shutdown-timeout", "1"]);
+    let mut server = Server::start(&["--shutdown-timeout", "1", "--shutdown-delay", "0"]);
     // A client that connects and then never reads again (so never answers the close frame).
     let mut ws = ws_connect(&server.ws_url()).await;
     ws_subscribe(&mut ws, "messages", "s1").await;
@@ -249,7 +249,7 @@ async fn sigterm_exits_within_the_shutdown_timeout_even_if_a_client_never_reads(
 
 #[test]
 fn sigterm_on_an_idle_server_exits_zero() {
-    let mut server = Server::start(&[]);
+    let mut server = Server::start(&["--shutdown-delay", "0"]);
     // Wait until the server answers: the signal handler is only installed after the address
     // line is printed (see `sigterm_right_after_the_address_line_exits_zero`).
     let (status, _) = http(server.addr, "GET", "/healthz", None);
@@ -268,7 +268,7 @@ fn sigterm_on_an_idle_server_exits_zero() {
 #[test]
 fn sigterm_right_after_the_address_line_exits_zero() {
     for _ in 0..10 {
-        let mut server = Server::start(&[]);
+        let mut server = Server::start_with_env(&[], &[("TIDINGS_SHUTDOWN_DELAY", "0")]);
         server.proc.sigterm();
         let status = server.proc.wait_exit(WAIT);
         assert!(
@@ -282,6 +282,214 @@ fn sigterm_right_after_the_address_line_exits_zero() {
 // ---------------------------------------------------------------------------------------------
 // 3. Bad configuration: exit code 2, the message names the flag
 // ---------------------------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------------------------
+// 2b. The drain: readiness off, serving on for --shutdown-delay, then 1001 with a position
+// ---------------------------------------------------------------------------------------------
+
+/// Polls `/readyz` until it answers `want`, failing after [`WAIT`].
+fn wait_readyz(server: &mut Server, want: u16) -> Instant {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, _) = http(server.addr, "GET", "/readyz", None);
+        if status == want {
+            return Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz stayed {status}, wanted {want}: {}",
+            server.proc.transcript()
+        );
+        thread::sleep(POLL);
+    }
+}
+
+/// Reads frames until the close frame, returning the text frames before it and the close.
+async fn ws_until_close(ws: &mut Ws, within: Duration) -> (Vec<Value>, (u16, String)) {
+    let mut frames = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let message = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("no close frame in time")
+            .expect("the socket ended without a close frame")
+            .expect("WebSocket error instead of a close frame");
+        match message {
+            Message::Close(frame) => {
+                let frame = frame.expect("the close frame carries a code");
+                return (
+                    frames,
+                    (u16::from(frame.code), frame.reason.as_str().to_owned()),
+                );
+            }
+            Message::Text(text) => {
+                let value: Value = serde_json::from_str(text.as_str()).expect("frame is JSON");
+                schema::assert_server_message(&value);
+                frames.push(value);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_publishes_during_the_delay_then_closes_1001_with_a_resume_position() {
+    let delay = Duration::from_secs(3);
+    let timeout = Duration::from_secs(3);
+    let mut server = Server::start(&["--shutdown-delay", "3", "--shutdown-timeout", "3"]);
+    let mut ws = ws_connect(&server.ws_url()).await;
+    ws_subscribe(&mut ws, "orders", "s1").await;
+    let before = http(
+        server.addr,
+        "POST",
+        "/v1/publish",
+        Some(r#"{"collection":"orders","event":"create","data":{"id":0}}"#),
+    );
+    assert_eq!(before.0, 202, "{}", before.1);
+    assert_eq!(ws_next_json(&mut ws).await["data"][0]["id"], 0);
+
+    let signalled = Instant::now();
+    server.proc.sigterm();
+    // Readiness goes off at once, long before the delay is over.
+    let unready = wait_readyz(&mut server, 503);
+    assert!(
+        unready - signalled < delay,
+        "readiness off only after {:?}",
+        unready - signalled
+    );
+    let (status, body) = http(server.addr, "GET", "/readyz", None);
+    assert_eq!((status, body.as_str()), (503, r#"{"status":"not_ready"}"#));
+    let (status, _) = http(server.addr, "GET", "/healthz", None);
+    assert_eq!(status, 200, "liveness stays up during the drain");
+
+    // Publishes during the delay are accepted and delivered.
+    let mut offsets = Vec::new();
+    for id in 1..=5 {
+        let (status, body) = http(
+            server.addr,
+            "POST",
+            "/v1/publish",
+            Some(&format!(
+                r#"{{"collection":"orders","event":"create","data":{{"id":{id}}}}}"#
+            )),
+        );
+        assert_eq!(status, 202, "publish {id} during the delay: {body}");
+        let answer: Value = serde_json::from_str(&body).expect("publish answer is JSON");
+        offsets.push(answer["events"][0]["offset"].as_u64().expect("offset"));
+    }
+    // A new subscriber is still served during the delay.
+    let mut late = ws_connect(&server.ws_url()).await;
+    ws_subscribe(&mut late, "orders", "late").await;
+    assert!(
+        signalled.elapsed() < delay,
+        "the publishes took the whole delay: the test proves nothing on this machine"
+    );
+
+    let (frames, (code, reason)) = ws_until_close(&mut ws, delay + timeout + WAIT).await;
+    let closed = signalled.elapsed();
+    let ids: Vec<&Value> = frames.iter().map(|f| &f["data"][0]["id"]).collect();
+    assert_eq!(ids, [1, 2, 3, 4, 5], "frames before the close: {frames:?}");
+    assert!(
+        closed >= delay,
+        "closed after {closed:?}, before the {delay:?} delay"
+    );
+    assert_eq!(code, 1001, "close reason: {reason:?}");
+    let position = reason
+        .strip_prefix("server shutting down: reconnect elsewhere since ")
+        .unwrap_or_else(|| panic!("close reason without a position: {reason:?}"));
+    let position: Value = serde_json::from_str(position).expect("the position is JSON");
+    let last = frames.last().expect("frames")["position"].clone();
+    assert_eq!(
+        position, last,
+        "the close carries the last delivered position"
+    );
+    assert_eq!(position["offset"], *offsets.last().expect("offsets"));
+
+    let (_, (late_code, late_reason)) = ws_until_close(&mut late, WAIT).await;
+    assert_eq!(late_code, 1001, "{late_reason}");
+    assert!(late_reason.contains(" since {"), "{late_reason}");
+
+    let status = server
+        .proc
+        .wait_exit(delay + timeout + Duration::from_secs(5));
+    assert!(
+        status.success(),
+        "exit status {status}: {}",
+        server.proc.transcript()
+    );
+    assert!(
+        signalled.elapsed() < delay + timeout + Duration::from_secs(1),
+        "exited after {:?}",
+        signalled.elapsed()
+    );
+}
+
+/// A publish whose request is still being sent when the delay ends is answered (axum's graceful
+/// shutdown keeps its connection): with a clean 503, since subscribers are already moving away,
+/// so the application retries elsewhere rather than losing the event silently.
+#[tokio::test]
+async fn a_publish_in_flight_when_the_delay_ends_gets_an_answer() {
+    let mut server = Server::start(&["--shutdown-delay", "1", "--shutdown-timeout", "5"]);
+    let mut ws = ws_connect(&server.ws_url()).await;
+    ws_subscribe(&mut ws, "orders", "s1").await;
+    let body = r#"{"collection":"orders","event":"create","data":{"id":1}}"#;
+    let mut stream = TcpStream::connect_timeout(&server.addr, WAIT).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let head = format!(
+        "POST /v1/publish HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        server.addr,
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).expect("send head");
+    stream
+        .write_all(&body.as_bytes()[..10])
+        .expect("send part of the body");
+    server.proc.sigterm();
+    // The close means the delay is over and the listener no longer accepts.
+    let (_, (code, _)) = ws_until_close(&mut ws, WAIT).await;
+    assert_eq!(code, 1001);
+    stream
+        .write_all(&body.as_bytes()[10..])
+        .expect("send the rest of the body");
+    let mut raw = String::new();
+    let _ = stream.read_to_string(&mut raw);
+    assert!(
+        raw.starts_with("HTTP/1.1 503"),
+        "in-flight publish answered {raw:?}: {}",
+        server.proc.transcript()
+    );
+    assert!(raw.contains("SERVICE_UNAVAILABLE"), "{raw}");
+    let status = server.proc.wait_exit(WAIT);
+    assert!(
+        status.success(),
+        "exit status {status}: {}",
+        server.proc.transcript()
+    );
+}
+
+/// Chosen behaviour: a second SIGTERM or SIGINT during the delay ends the delay at once; the
+/// sessions are still closed properly (1001 with a position) and the process exits.
+#[tokio::test]
+async fn a_second_signal_during_the_delay_closes_and_exits_promptly() {
+    let mut server = Server::start(&["--shutdown-delay", "60", "--shutdown-timeout", "5"]);
+    let mut ws = ws_connect(&server.ws_url()).await;
+    ws_subscribe(&mut ws, "orders", "s1").await;
+    let signalled = Instant::now();
+    server.proc.sigterm();
+    wait_readyz(&mut server, 503);
+    server.proc.signal("INT");
+    let (_, (code, reason)) = ws_until_close(&mut ws, WAIT).await;
+    assert_eq!(code, 1001, "{reason}");
+    assert!(reason.contains(r#" since {"epoch":"#), "{reason}");
+    let status = server.proc.wait_exit(WAIT);
+    assert!(
+        status.success(),
+        "exit status {status}: {}",
+        server.proc.transcript()
+    );
+    assert!(signalled.elapsed() < WAIT, "took {:?}", signalled.elapsed());
+}
 
 /// Runs `serve` with `args`/`envs` and expects exit code 2 and `--flag` in stderr.
 fn assert_config_error(args: &[&str], envs: &[(&str, &str)], flag: &str) {
@@ -676,6 +884,8 @@ fn publish_keys_from_env_are_semicolon_separated() {
 /// Flags of `tidings serve` named by the command-line contract in `shared/DESIGN.md`.
 const DESIGN_SERVE_FLAGS: &[&str] = &[
     "listen",
+    "shutdown-delay",
+    "shutdown-timeout",
     "ws-path",
     "auth-mode",
     "tokens-file",

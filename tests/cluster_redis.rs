@@ -196,6 +196,65 @@ async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
     back.expect_silence(Duration::from_millis(200)).await;
 }
 
+/// The drain (`--shutdown-delay`): a subscriber of a node that shuts down keeps getting events
+/// published to either node during the delay, then gets `1001` with a position that another
+/// node resumes from with exactly the matching events published after it.
+#[tokio::test]
+async fn a_draining_node_hands_its_subscribers_a_position_another_node_resumes() {
+    let Some(url) = shared_redis().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let a = node(Config {
+        shutdown_delay: Duration::from_secs(1),
+        ..config(&url, &prefix)
+    })
+    .await;
+    let b = node(config(&url, &prefix)).await;
+    let mut c = a.ws().await;
+    subscribe(&mut c, true, None).await;
+    publish_orders(&a, 1, 3).await;
+    assert_eq!(receive(&mut c, 1).await[0].0, 1);
+
+    let mut a = a;
+    let stopped = a.begin_shutdown();
+    wait_ready(&a, false).await;
+    // During the delay: through the draining node and through the other one.
+    publish_orders(&a, 4, 3).await;
+    publish_orders(&b, 7, 3).await;
+    let during: Vec<u64> = receive(&mut c, 2).await.iter().map(|r| r.0).collect();
+    assert_eq!(during, [4, 7]);
+    let since = match c.next().await {
+        support::Received::Close(Some(frame)) => {
+            assert_eq!(u16::from(frame.code), 1001, "{frame:?}");
+            let position = frame
+                .reason
+                .as_str()
+                .strip_prefix("server shutting down: reconnect elsewhere since ")
+                .unwrap_or_else(|| panic!("no position in {:?}", frame.reason))
+                .to_owned();
+            serde_json::from_str::<Value>(&position).expect("the position is JSON")
+        }
+        other => panic!("expected a 1001 close, got {other:?}"),
+    };
+    // Events 8 and 9 match no frame of this subscription: the close position covers them
+    // (at least 7, the last frame's), which the last frame's position could not.
+    assert!(since["offset"].as_u64().expect("offset") >= 7, "{since}");
+    tokio::time::timeout(Duration::from_secs(10), stopped)
+        .await
+        .expect("the node stops after the drain")
+        .expect("serve");
+
+    publish_orders(&b, 10, 3).await;
+    let mut back = b.ws().await;
+    let init = subscribe(&mut back, true, Some(&since)).await;
+    assert_eq!(init["recovered"], true, "{init}");
+    let replayed: Vec<u64> = receive(&mut back, 1).await.iter().map(|r| r.0).collect();
+    assert_eq!(replayed, [10]);
+    back.expect_silence(Duration::from_millis(200)).await;
+    cleanup(&url, &prefix).await;
+}
+
 #[tokio::test]
 async fn an_idempotency_key_is_shared_by_the_cluster() {
     let redis = PrivateRedis::start();

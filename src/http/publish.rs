@@ -2,7 +2,6 @@
 //! nothing), hand to the backplane, answer with the positions.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -144,7 +143,9 @@ fn read_body(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Value, ApiError> {
-    if !state.ready.load(Ordering::Acquire) {
+    // Publishes are still served during the shutdown delay, readiness off: that is the delay's
+    // point (the application's last publishes land).
+    if state.shutdown.is_cancelled() {
         return Err(ApiError::Unavailable("the broker is shutting down".into()));
     }
     let authorization = headers

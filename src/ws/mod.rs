@@ -117,7 +117,9 @@ pub async fn upgrade_handler(
             )
                 .into_response(),
         };
-    if !state.ready.load(Ordering::Acquire) {
+    // Still accepted during the shutdown delay: a client the load balancer sends here before
+    // it notices readiness is off is served, then moved with a resume position like the rest.
+    if state.shutdown.is_cancelled() {
         return ApiError::Unavailable("the broker is shutting down".into()).into_response();
     }
     // A token in the URL authenticates at upgrade in every mode; a bad one is refused here.

@@ -1,6 +1,7 @@
 //! One WebSocket connection: the only task that writes to its socket.
 //!
-//! The loop waits on five things at once: shutdown, the outbox (frames from the hub),
+//! The loop waits on five things at once: shutdown (after the drain's delay: the outbox is
+//! written out, then close `1001` with a resume position), the outbox (frames from the hub),
 //! inbound messages, the heartbeat, and the auth timer (the handshake window, the expiry of
 //! the connection's JWT, or the re-auth window after it). Replies to requests are written
 //! directly, in request order; event frames come through the bounded outbox and go out in one flush per
@@ -275,11 +276,7 @@ impl Session {
 
     async fn on_wake(&mut self, socket: &mut WebSocket, wake: Wake) -> Flow {
         match wake {
-            Wake::Shutdown => {
-                self.close_with(socket, Some((close::GOING_AWAY, "server shutting down")))
-                    .await;
-                Flow::Close(CloseReason::Shutdown)
-            }
+            Wake::Shutdown => Flow::Close(self.close_for_shutdown(socket).await),
             Wake::Outbox => match self.flush_outbox(socket).await {
                 Ok(Drained::Frames) => Flow::Continue,
                 Ok(Drained::Overflowed) | Err(WriteError::Timeout) => {
@@ -404,6 +401,38 @@ impl Session {
             reason: reason.into(),
         });
         let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, socket.send(Message::Close(frame))).await;
+    }
+
+    /// The drain's close (see [`crate::shutdown`]): the resume position is read first, then
+    /// everything queued — at least every event up to that position — is written out, then
+    /// `1001` tells the client to reconnect elsewhere and where to resume.
+    async fn close_for_shutdown(&self, socket: &mut WebSocket) -> CloseReason {
+        let position = crate::shutdown::resume_position(
+            &self.state,
+            self.subs.iter().map(|s| s.request.collection.as_str()),
+        );
+        match self.flush_outbox(socket).await {
+            Ok(Drained::Frames) => {}
+            Ok(Drained::Overflowed) | Err(WriteError::Timeout) => {
+                self.close_with(
+                    socket,
+                    Some((close::SLOW_CONSUMER, "slow consumer: outbox full")),
+                )
+                .await;
+                return CloseReason::SlowConsumer;
+            }
+            Err(WriteError::Socket) => return CloseReason::Error,
+        }
+        let frame = CloseFrame {
+            code: close::GOING_AWAY,
+            reason: crate::shutdown::close_reason(position.as_ref()).into(),
+        };
+        let _ = tokio::time::timeout(
+            CLOSE_WRITE_TIMEOUT,
+            socket.send(Message::Close(Some(frame))),
+        )
+        .await;
+        CloseReason::Shutdown
     }
 
     async fn fail_handshake(&self, socket: &mut WebSocket) -> CloseReason {
