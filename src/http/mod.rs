@@ -13,7 +13,6 @@ mod publish;
 
 pub use error::ApiError;
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -23,10 +22,37 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::app::AppState;
+use crate::auth::PublishKeys;
+use crate::backplane::Backplane;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::readiness::Readiness;
 
-/// Routes of the HTTP API (the WebSocket route is added by [`crate::app`]).
-pub fn routes(state: Arc<AppState>) -> Router {
+/// What the HTTP edge holds: built by [`crate::app`], shared by every handler.
+pub struct HttpState {
+    /// Publish limits, key fields, the loopback trust setting.
+    pub config: Arc<Config>,
+    /// Publish counters and the `/metrics` text.
+    pub metrics: Arc<Metrics>,
+    /// Where accepted events go; `/readyz` also asks whether it is ready.
+    pub backplane: Arc<dyn Backplane>,
+    /// Publisher API keys.
+    pub publish_keys: PublishKeys,
+    /// Closed when shutdown begins: publishes and `/readyz` answer 503 from then on.
+    pub readiness: Readiness,
+}
+
+impl std::fmt::Debug for HttpState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpState")
+            .field("engine", &self.backplane.engine())
+            .field("ready", &self.readiness.is_ready())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Routes of the HTTP API (the WebSocket route is [`crate::ws::routes`]).
+pub fn routes(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/v1/publish", post(publish::publish_handler))
         .route(
@@ -43,8 +69,8 @@ async fn healthz_handler() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-async fn readyz_handler(State(state): State<Arc<AppState>>) -> Response {
-    if state.ready.load(Ordering::Acquire) && state.backplane.is_ready() {
+async fn readyz_handler(State(state): State<Arc<HttpState>>) -> Response {
+    if state.readiness.is_ready() && state.backplane.is_ready() {
         Json(json!({"status": "ready"})).into_response()
     } else {
         (
@@ -55,7 +81,7 @@ async fn readyz_handler(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
+async fn metrics_handler(State(state): State<Arc<HttpState>>) -> Response {
     match state.metrics.render() {
         Ok(text) => (
             [(
