@@ -259,7 +259,10 @@ impl Session {
                 }
             },
             Message::Ping(_) | Message::Pong(_) => return Flow::Continue,
-            Message::Close(_) => return Flow::Close(CloseReason::Client),
+            Message::Close(_) => {
+                self.answer_close(socket).await;
+                return Flow::Close(CloseReason::Client);
+            }
         };
         // Checked before parsing: parsing is the work the limit protects.
         if let Some(rate) = self.rate.as_mut() {

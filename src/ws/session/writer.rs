@@ -156,6 +156,12 @@ impl Session {
         let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, socket.send(Message::Close(frame))).await;
     }
 
+    /// The client closed: the socket has queued the answering close frame (same code, RFC
+    /// 6455 §5.5.1); give it a moment to leave instead of dropping the connection under it.
+    pub(super) async fn answer_close<S: Socket>(&self, socket: &mut S) {
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, socket.flush()).await;
+    }
+
     /// The socket refused an inbound message: over the frame limit (1009), or a text frame
     /// that is not UTF-8 (1007, RFC 6455 §8.1); anything else has ended the connection.
     pub(super) async fn on_socket_error<S: Socket>(
