@@ -4,6 +4,7 @@
 
 pub mod limits;
 mod rate_limit;
+mod raw;
 mod session;
 
 use std::collections::HashMap;
@@ -28,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 use limits::{ConnectionLimits, Refused};
 
+pub use raw::serve_raw;
 pub use session::{drive, Socket};
 
 /// Initial read buffer per connection, allocated up front. tungstenite's default (128 KiB)
