@@ -61,5 +61,9 @@ fuzz_target!(|data: &[u8]| {
     if let Err(error) = oracle::check_server_bytes(&out) {
         panic!("{error}: {out:?}");
     }
-    assert_eq!(app.registry().counts("messages"), (0, 0), "subscription left behind");
+    assert_eq!(
+        app.registry().counts("messages"),
+        (0, 0),
+        "subscription left behind"
+    );
 });
