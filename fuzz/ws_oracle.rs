@@ -62,7 +62,9 @@ pub fn check_server_bytes(mut bytes: &[u8]) -> Result<Vec<ServerFrame>, String> 
                 1 => return Err("close payload of one byte".into()),
                 _ => {
                     let code = u16::from_be_bytes([payload[0], payload[1]]);
-                    let allowed = matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999);
+                    // RFC 6455 §7.4 plus the registered 1012 and 1013, which a client may
+                    // close with and gets echoed (tungstenite answers any other code with 1002).
+                    let allowed = matches!(code, 1000..=1003 | 1007..=1013 | 3000..=4999);
                     if !allowed {
                         return Err(format!("close code {code} is not allowed on the wire"));
                     }

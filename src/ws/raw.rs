@@ -173,6 +173,8 @@ mod tests {
                 "invalid-utf8-text" | "invalid-utf8-fragmented" => Some(Some(1007)),
                 "over-frame-limit" => Some(Some(1009)),
                 "client-close-1000" => Some(Some(1000)),
+                // Found by the fuzzer: a registered code the oracle first refused.
+                "client-close-1013-found-by-fuzzing" => Some(Some(1013)),
                 // tungstenite answers a code not allowed on the wire with 1002.
                 "client-close-invalid-code" => Some(Some(1002)),
                 "handshake-subscribe-first" | "handshake-bad-token" | "reauth-failed" => Some(None),
