@@ -1,71 +1,53 @@
-//! The composition root: builds the shared state and the router from a [`Config`], and
-//! serves them on an already-bound listener until the caller's shutdown future resolves.
+//! The composition root: builds every component from a [`Config`], gives each edge its own
+//! state ([`HttpState`] for the HTTP API, [`WsState`] for the WebSocket endpoint), merges
+//! their routers, and serves them on an already-bound listener until the caller's shutdown
+//! future resolves. It is the only module that knows every other one; nothing imports it.
 //!
 //! The shutdown sequence (readiness off, serve on for the delay, close sessions with 1001 and
 //! a resume position, bounded wait) lives in [`crate::shutdown`].
+//!
+//! Shutdown sequence: readiness off → every session closes with 1001 and the listener stops
+//! accepting → wait for sessions and in-flight requests, at most `shutdown_timeout`.
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{Principal, PublishKeys};
+use crate::auth::Authenticator;
 use crate::backplane::memory::MemoryBackplane;
 use crate::backplane::nats::NatsBackplane;
 use crate::backplane::redis::RedisBackplane;
 use crate::backplane::{Backplane, EngineContext};
 use crate::config::{Config, ConfigError, Engine};
 use crate::history::History;
-use crate::hub::Hub;
+use crate::http::HttpState;
+use crate::hub::{Hub, Subscriptions};
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::readiness::Readiness;
 use crate::shutdown::Shutdown;
-use crate::ws::PerIpConnections;
+use crate::registry::Registry;
+use crate::ws::limits::ConnectionLimits;
+use crate::ws::WsState;
 
-/// State shared by every handler and session.
-pub struct AppState {
-    /// The validated configuration.
-    pub config: Arc<Config>,
-    /// Metrics handle.
-    pub metrics: Arc<Metrics>,
-    /// Live subscriptions.
-    pub registry: Arc<Registry>,
-    /// Delivers events, records history, registers subscriptions.
-    pub hub: Arc<Hub>,
-    /// Where publishes go.
-    pub backplane: Arc<dyn Backplane>,
-    /// Publisher API keys.
-    pub publish_keys: PublishKeys,
-    /// The identity of unauthenticated connections in public mode, shared by all of them.
-    pub anonymous: Arc<Principal>,
-    /// False once shutdown began (the broker still serves during `shutdown_delay`).
-    pub ready: AtomicBool,
-    /// Cancelled when the shutdown delay ends: the listener stops accepting and every
-    /// session closes.
-    pub shutdown: CancellationToken,
+/// Everything the broker built, kept by the composition root. The edges never see it: each
+/// gets its own state ([`HttpState`], [`WsState`]) holding only what it may reach.
+struct Parts {
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
+    hub: Arc<Hub>,
+    backplane: Arc<dyn Backplane>,
+    readiness: Readiness,
+    http: Arc<HttpState>,
+    ws: Arc<WsState>,
     /// Cancelled at the very end of the drain; the backplane engine's tasks watch it.
-    pub engine_shutdown: CancellationToken,
-    /// Upgraded WebSocket sessions, which axum's graceful shutdown does not track.
-    pub sessions: TaskTracker,
-    /// Open WebSocket connections, against `max_connections`.
-    pub connections: AtomicUsize,
-    /// Open WebSocket connections per client address, against `max_connections_per_ip`.
-    pub per_ip: PerIpConnections,
-}
-
-impl std::fmt::Debug for AppState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppState")
-            .field("ready", &self.ready)
-            .finish_non_exhaustive()
-    }
+    engine_shutdown: CancellationToken,
 }
 
 /// Why the broker could not start or serve.
@@ -83,9 +65,18 @@ pub enum AppError {
 }
 
 /// A built broker, ready to serve.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct App {
-    state: Arc<AppState>,
+    parts: Arc<Parts>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("engine", &self.parts.backplane.engine())
+            .field("ready", &self.parts.readiness.is_ready())
+            .finish_non_exhaustive()
+    }
 }
 
 impl App {
@@ -93,7 +84,6 @@ impl App {
     pub fn new(config: Config) -> Result<App, AppError> {
         config.validate()?;
         let metrics = Arc::new(Metrics::new(config.metrics_max_collections)?);
-        metrics.describe_config(&config);
         let registry = Arc::new(Registry::new());
         // The memory engine's history starts with its epoch; the Redis engine restores the
         // tail of every collection it holds; other engines' logs predate us.
@@ -140,43 +130,92 @@ impl App {
                 },
             )?),
         };
-        let publish_keys: PublishKeys = config.publish_keys.clone();
-        let anonymous = Arc::new(Principal::anonymous(config.public_permissions.clone()));
+        let config = Arc::new(config);
+        let readiness = Readiness::new();
+        let http = Arc::new(HttpState {
+            config: config.clone(),
+            metrics: metrics.clone(),
+            backplane: backplane.clone(),
+            publish_keys: config.publish_keys.clone(),
+            readiness: readiness.clone(),
+            shutdown: shutdown.clone(),
+            history: hub.history().clone(),
+        });
+        let ws = Arc::new(WsState {
+            config: config.clone(),
+            metrics: metrics.clone(),
+            auth: Arc::new(Authenticator::new(
+                config.tokens.clone(),
+                config.jwt.clone(),
+                config.public_permissions.clone(),
+            )),
+            subscriptions: Subscriptions::new(hub.clone(), registry.clone(), backplane.clone()),
+            limits: Arc::new(ConnectionLimits::new(
+                config.max_connections,
+                config.max_connections_per_ip,
+            )),
+            readiness: readiness.clone(),
+            shutdown,
+            sessions: TaskTracker::new(),
+        });
         Ok(App {
-            state: Arc::new(AppState {
-                config: Arc::new(config),
+            parts: Arc::new(Parts {
+                config,
                 metrics,
                 registry,
                 hub,
                 backplane,
-                publish_keys,
-                anonymous,
-                ready: AtomicBool::new(true),
-                shutdown,
+                readiness,
+                http,
+                ws,
                 engine_shutdown,
-                sessions: TaskTracker::new(),
-                connections: AtomicUsize::new(0),
-                per_ip: PerIpConnections::default(),
             }),
         })
     }
 
-    /// The shared state (for tests and embedding).
-    pub fn state(&self) -> &Arc<AppState> {
-        &self.state
+    /// The validated configuration.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.parts.config
+    }
+
+    /// The metrics handle.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.parts.metrics
+    }
+
+    /// The live subscriptions (tests read their counts).
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.parts.registry
+    }
+
+    /// The hub (tests read its history's epoch).
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.parts.hub
+    }
+
+    /// The engine publishes go to.
+    pub fn backplane(&self) -> &Arc<dyn Backplane> {
+        &self.parts.backplane
+    }
+
+    /// Open until shutdown begins.
+    pub fn readiness(&self) -> &Readiness {
+        &self.parts.readiness
+    }
+
+    /// The WebSocket edge's state (fuzzing and tests drive sessions over it).
+    pub fn ws_state(&self) -> &Arc<WsState> {
+        &self.parts.ws
     }
 
     /// The full router: HTTP API, health, metrics and the WebSocket endpoint.
     pub fn router(&self) -> Router {
-        let state = self.state.clone();
-        let ws = Router::new()
-            .route(&state.config.ws_path, get(crate::ws::upgrade_handler))
-            .with_state(state.clone());
-        crate::http::routes(state.clone())
-            .merge(ws)
+        let parts = &self.parts;
+        crate::http::routes(parts.http.clone())
+            .merge(crate::ws::routes(&parts.config.ws_path, parts.ws.clone()))
             .method_not_allowed_fallback(crate::http::method_not_allowed_handler)
             .fallback(crate::http::not_found_handler)
-            .layer(DefaultBodyLimit::max(state.config.max_publish_bytes))
+            .layer(DefaultBodyLimit::max(parts.config.max_publish_bytes))
     }
 
     /// Serves on `listener` until `shutdown` resolves, then drains (see [`crate::shutdown`]).
@@ -195,34 +234,49 @@ impl App {
         listener: TcpListener,
         shutdown: Shutdown,
     ) -> Result<(), AppError> {
-        let state = self.state.clone();
+        let parts = self.parts.clone();
+        let config = &parts.config;
         let local = listener.local_addr()?;
         if !local.ip().is_loopback()
-            && !state.publish_keys.required()
-            && !state.config.trust_loopback_publishers
+            && !config.publish_keys.required()
+            && !config.trust_loopback_publishers
         {
             tracing::warn!(
                 %local,
                 "publishing is open to anyone who can reach this address: set --publish-key"
             );
         }
-        if !local.ip().is_loopback() && state.config.trust_loopback_publishers {
+        if !local.ip().is_loopback() && config.trust_loopback_publishers {
             tracing::warn!(
                 %local,
                 "--trust-loopback-publishers: requests relayed by a proxy on this host arrive from loopback and need no publish key"
             );
         }
-        tracing::info!(%local, ws_path = %state.config.ws_path, engine = state.backplane.engine(), "tidings listening");
-        let token = state.shutdown.clone();
+        tracing::info!(%local, ws_path = %config.ws_path, engine = parts.backplane.engine(), "tidings listening");
+        let sessions = &parts.ws.sessions;
+        let token = parts.ws.shutdown.clone();
         let server = axum::serve(
             listener,
             self.router()
                 .into_make_service_with_connect_info::<SocketAddr>(),
         )
-        .with_graceful_shutdown(token.cancelled_owned());
+        .with_graceful_shutdown(token.clone().cancelled_owned());
         let server = tokio::spawn(server.into_future());
-        let sweeper = tokio::spawn(sweep_history(state.clone()));
-        let result = crate::shutdown::drain(&state, shutdown, server).await;
+        let sweeper = tokio::spawn(sweep_history(parts.hub.clone()));
+
+        let result = crate::shutdown::drain(
+            crate::shutdown::Drain {
+                readiness: &parts.readiness,
+                delay: config.shutdown_delay,
+                timeout: config.shutdown_timeout,
+                sessions_and_listener: token.clone(),
+                sessions,
+                engine: &parts.engine_shutdown,
+            },
+            shutdown,
+            server,
+        )
+        .await;
         sweeper.abort();
         result?;
         tracing::info!("shutdown complete");
@@ -233,11 +287,11 @@ impl App {
 /// How often aged-out history is dropped when no event comes to push it out.
 const HISTORY_SWEEP_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
 
-async fn sweep_history(state: Arc<AppState>) {
+async fn sweep_history(hub: Arc<Hub>) {
     let mut tick = tokio::time::interval(HISTORY_SWEEP_PERIOD);
     loop {
         tick.tick().await;
-        state.hub.history().sweep();
+        hub.history().sweep();
     }
 }
 

@@ -20,9 +20,20 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
 use serde_json::Value;
+use rand::distr::{Alphanumeric, SampleString};
 
 use crate::event::Event;
 use crate::protocol::WirePosition;
+
+/// A fresh random epoch: 12 lowercase alphanumerics. Epochs are history's notion (the
+/// lifetime of a log); the engines that mint their own (memory, Redis) use this one.
+pub fn random_epoch() -> Arc<str> {
+    Arc::from(
+        Alphanumeric
+            .sample_string(&mut rand::rng(), 12)
+            .to_lowercase(),
+    )
+}
 
 /// How much history each collection keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,16 +221,12 @@ impl History {
     /// epoch of this node's own, which no log will ever match, so they resume as lost.
     pub fn new(limits: HistoryLimits, epoch: Arc<str>, contiguous: bool) -> Self {
         let named = !epoch.is_empty();
-        let epoch = if named {
-            epoch
-        } else {
-            crate::backplane::memory::random_epoch()
-        };
+        let epoch = if named { epoch } else { random_epoch() };
         History {
             limits,
             contiguous,
             epoch: RwLock::new(EpochState { epoch, named }),
-            provisional: crate::backplane::memory::random_epoch(),
+            provisional: random_epoch(),
             logs: DashMap::new(),
             bytes: AtomicUsize::new(0),
         }

@@ -7,13 +7,14 @@
 //! subscriptions costs one filter evaluation, one projection and one serialization per uid
 //! in use.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use serde_json::{Map, Value};
 
-use crate::backplane::EventSink;
+use crate::backplane::{Backplane, EventSink};
 use crate::event::{key_string, Event, EventKind};
 use crate::history::{History, Replay};
 use crate::metrics::Metrics;
@@ -27,6 +28,11 @@ pub struct Hub {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     history: Arc<History>,
+    /// Woken when the history moves (an event recorded or restored, an epoch reset) while a
+    /// resume waits for this node to catch up (see [`Subscriptions::subscribe`]).
+    moved: tokio::sync::Notify,
+    /// Resumes waiting on `moved`: with none, delivery does not touch the `Notify` at all.
+    waiting: AtomicUsize,
 }
 
 /// Where a new subscription starts.
@@ -74,6 +80,16 @@ impl Hub {
             registry,
             metrics,
             history,
+            moved: tokio::sync::Notify::new(),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// Wakes the resumes waiting for the history to move. Called after the change, so a
+    /// waiter that registered before its last try sees either the change or the wake-up.
+    fn history_moved(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.moved.notify_waiters();
         }
     }
 
@@ -213,16 +229,136 @@ impl EventSink for Hub {
         let mut log = log.lock();
         self.history.record(&mut log, event.clone());
         self.dispatch(&event);
+        drop(log);
+        self.history_moved();
     }
 
     fn restore(&self, event: Arc<Event>) {
         let log = self.history.log(&event.collection);
         let mut log = log.lock();
         self.history.record(&mut log, event);
+        drop(log);
+        self.history_moved();
     }
 
     fn reset(&self, epoch: Arc<str>) {
         self.history.reset(epoch);
+        self.history_moved();
+    }
+}
+
+/// The one door of the WebSocket edge into the subscription core: register (with the wait
+/// of a resume from a node that is ahead), swap for a recompiled spec, remove. It also knows
+/// whether the node's history can be trusted (the backplane is ready).
+#[derive(Clone)]
+pub struct Subscriptions {
+    hub: Arc<Hub>,
+    registry: Arc<Registry>,
+    backplane: Arc<dyn Backplane>,
+}
+
+impl std::fmt::Debug for Subscriptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscriptions")
+            .field("engine", &self.backplane.engine())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counts a resume waiting on [`Hub::moved`] for as long as it lives.
+struct Waiting<'h>(&'h AtomicUsize);
+
+impl<'h> Waiting<'h> {
+    fn new(count: &'h AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Subscriptions {
+    /// The door over `hub` (and its registry), trusting history while `backplane` is ready.
+    pub fn new(hub: Arc<Hub>, registry: Arc<Registry>, backplane: Arc<dyn Backplane>) -> Self {
+        Subscriptions {
+            hub,
+            registry,
+            backplane,
+        }
+    }
+
+    /// False while the backplane is not ready: the node's history may be incomplete.
+    pub fn history_trusted(&self) -> bool {
+        self.backplane.is_ready()
+    }
+
+    /// Where a connection whose subscriptions are all on `collections` can resume after its
+    /// shutdown close: the collection's current position, read under its log lock, so every
+    /// event up to it has already been queued to the connection (and its outbox is written out
+    /// before the close). `None` when the subscriptions span several collections (each
+    /// subscription's last frame carries its own position), when there are none, or while the
+    /// history cannot be trusted (positions handed out then are provisional).
+    pub fn resume_position<'a>(
+        &self,
+        mut collections: impl Iterator<Item = &'a str>,
+    ) -> Option<crate::protocol::WirePosition> {
+        let first = collections.next()?;
+        if collections.any(|c| c != first) || !self.history_trusted() {
+            return None;
+        }
+        let history = self.hub.history();
+        let log = history.log(&Arc::from(first));
+        let log = log.lock();
+        Some(history.position(&log))
+    }
+
+    /// Registers `sub` (see [`Hub::subscribe`]). A resume from a position this node has not
+    /// delivered yet waits, up to `catch_up`, for the history to move (woken by the delivery,
+    /// not by polling), then retries; past the wait its position counts as lost.
+    pub async fn subscribe(
+        &self,
+        mut sub: Box<NewSubscription<'_>>,
+        catch_up: Duration,
+    ) -> (SubHandle, usize) {
+        let deadline = tokio::time::Instant::now() + catch_up;
+        loop {
+            sub = match self.hub.subscribe(sub) {
+                Ok(done) => return done,
+                Err(SubscribeError::Ahead(back)) => back,
+            };
+            // Registered before the retry: an event recorded after the retry's look wakes us.
+            let moved = self.hub.moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            let _waiting = Waiting::new(&self.hub.waiting);
+            sub = match self.hub.subscribe(sub) {
+                Ok(done) => return done,
+                Err(SubscribeError::Ahead(back)) => back,
+            };
+            if tokio::time::timeout_at(deadline, moved).await.is_err() {
+                sub.resume = Resume::Lost;
+            }
+        }
+    }
+
+    /// Swaps a subscription for a recompiled (or suspended) spec under one lock.
+    pub fn replace(
+        &self,
+        old: &SubHandle,
+        spec: Spec,
+        uid: Option<Arc<str>>,
+        outbox: Arc<Outbox>,
+    ) -> SubHandle {
+        self.registry.replace(old, spec, uid, outbox)
+    }
+
+    /// Removes a subscription.
+    pub fn remove(&self, handle: &SubHandle) {
+        self.registry.remove(handle);
     }
 }
 

@@ -25,7 +25,8 @@
 //! - [`ws`]: the WebSocket upgrade and the per-connection session loop.
 //! - [`http`]: publish API, health endpoints, metrics endpoint.
 //! - [`metrics`]: Prometheus metrics over an owned registry.
-//! - [`app`]: the composition root, [`app::run`].
+//! - [`app`]: the composition root, [`app::run`]; the only module that knows every edge.
+//! - [`readiness`]: the latch both edges read, closed when shutdown begins.
 //! - [`shutdown`]: signal handling.
 //! - [`history`]: recent events per collection, so clients resume with `since`.
 //! - [`cli`]: the `tidings` command line (serve, tail, publish; bench from `tidings-bench`).
@@ -46,6 +47,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod projection;
 pub mod protocol;
+pub mod readiness;
 pub mod registry;
 pub mod shutdown;
 pub mod ws;

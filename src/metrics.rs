@@ -40,13 +40,15 @@ pub enum CloseReason {
     Shutdown,
     /// An inbound frame was over the size limit.
     FrameTooBig,
+    /// An inbound text frame was not UTF-8.
+    InvalidPayload,
     /// A socket error.
     Error,
 }
 
 impl CloseReason {
     /// Every reason, for label initialization.
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 9] = [
         CloseReason::Client,
         CloseReason::HeartbeatTimeout,
         CloseReason::AuthFailed,
@@ -54,6 +56,7 @@ impl CloseReason {
         CloseReason::SlowConsumer,
         CloseReason::Shutdown,
         CloseReason::FrameTooBig,
+        CloseReason::InvalidPayload,
         CloseReason::Error,
     ];
 
@@ -67,6 +70,7 @@ impl CloseReason {
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::Shutdown => "shutdown",
             CloseReason::FrameTooBig => "frame_too_big",
+            CloseReason::InvalidPayload => "invalid_payload",
             CloseReason::Error => "error",
         }
     }

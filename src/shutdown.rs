@@ -15,13 +15,14 @@
 //! the timeout); a third, or a second one during step 3, stops waiting and exits.
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::app::AppState;
 use crate::protocol::WirePosition;
+use crate::readiness::Readiness;
 
 /// The longest close reason a WebSocket close frame can carry (RFC 6455 §5.5: 125 bytes of
 /// payload, two of them the code).
@@ -116,17 +117,33 @@ pub fn signals() -> std::io::Result<Shutdown> {
     Ok(shutdown)
 }
 
+/// What the drain acts on, handed over by the composition root.
+pub(crate) struct Drain<'a> {
+    /// Closed at once: `/readyz` answers 503.
+    pub readiness: &'a Readiness,
+    /// `--shutdown-delay`: how long everything is still served, readiness off.
+    pub delay: Duration,
+    /// `--shutdown-timeout`: how long closing may take after the delay.
+    pub timeout: Duration,
+    /// Cancelled when the delay ends: the listener stops accepting, sessions close.
+    pub sessions_and_listener: CancellationToken,
+    /// The upgraded sessions (axum's graceful shutdown does not track them).
+    pub sessions: &'a TaskTracker,
+    /// Cancelled last: the backplane engine's tasks.
+    pub engine: &'a CancellationToken,
+}
+
 /// Waits for the first shutdown request, then runs the drain (module docs) up to the point
 /// where the server and every session are done or the timeout passed. `server` is the
 /// spawned axum server, which the shutdown token stops.
 pub(crate) async fn drain(
-    state: &AppState,
+    state: Drain<'_>,
     shutdown: Shutdown,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
 ) -> std::io::Result<()> {
     shutdown.requested(1).await;
-    let delay = state.config.shutdown_delay;
-    state.ready.store(false, Ordering::Release);
+    let delay = state.delay;
+    state.readiness.close();
     tracing::info!(
         ?delay,
         "shutting down: readiness off, still serving for the delay"
@@ -138,9 +155,9 @@ pub(crate) async fn drain(
     // The request that cut the delay short does not also cut the close phase short.
     let hurried_at = shutdown.count().max(1) + 1;
     tracing::info!("closing sessions and finishing in-flight requests");
-    state.shutdown.cancel();
+    state.sessions_and_listener.cancel();
     state.sessions.close();
-    let timeout = state.config.shutdown_timeout;
+    let timeout = state.timeout;
     let done = async {
         state.sessions.wait().await;
         server.await
@@ -169,28 +186,8 @@ pub(crate) async fn drain(
             Ok(())
         }
     };
-    state.engine_shutdown.cancel();
+    state.engine.cancel();
     outcome
-}
-
-/// Where a connection whose subscriptions are all on `collections` can resume after its
-/// shutdown close: the collection's current position, read under its log lock, so every
-/// event up to it has already been queued to the connection (and its outbox is written out
-/// before the close). `None` when the subscriptions span several collections (each
-/// subscription's last frame carries its own position), when there are none, or while the
-/// history cannot be trusted (positions handed out then are provisional).
-pub fn resume_position<'a>(
-    state: &AppState,
-    mut collections: impl Iterator<Item = &'a str>,
-) -> Option<WirePosition> {
-    let first = collections.next()?;
-    if collections.any(|c| c != first) || !state.backplane.is_ready() {
-        return None;
-    }
-    let history = state.hub.history();
-    let log = history.log(&Arc::from(first));
-    let log = log.lock();
-    Some(history.position(&log))
 }
 
 /// The reason of the `1001` shutdown close: [`CLOSE_REASON`], then ` since ` and the position

@@ -35,7 +35,7 @@ async fn shutdown_turns_readiness_off_and_closes_sessions_with_1001() {
     for c in &mut clients {
         assert_eq!(c.expect_close().await, Some(1001));
     }
-    assert!(!state.ready.load(std::sync::atomic::Ordering::Acquire));
+    assert!(!state.ready.is_ready());
     tokio::time::timeout(WAIT, task)
         .await
         .expect("serve returns after sessions closed")

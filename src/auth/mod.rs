@@ -169,6 +169,52 @@ pub fn authenticate(
     Ok(verifier.verify(token)?)
 }
 
+/// Everything that turns a subscriber's credential into an [`Identity`]: the static tokens,
+/// the JWT verifier, and the principals of connections without a (valid) credential. The
+/// WebSocket edge holds one; nothing else needs to know where tokens come from.
+#[derive(Debug)]
+pub struct Authenticator {
+    tokens: TokenStore,
+    jwt: Option<Arc<JwtVerifier>>,
+    /// The public permissions (public mode), shared by every anonymous connection.
+    anonymous: Arc<Principal>,
+    /// No rights at all: a handshake/strict connection whose token expired, until it
+    /// authenticates again.
+    nobody: Arc<Principal>,
+}
+
+impl Authenticator {
+    /// An authenticator over static `tokens`, an optional JWT verifier, and the permissions of
+    /// anonymous connections.
+    pub fn new(
+        tokens: TokenStore,
+        jwt: Option<Arc<JwtVerifier>>,
+        public_permissions: Permissions,
+    ) -> Self {
+        Authenticator {
+            tokens,
+            jwt,
+            anonymous: Arc::new(Principal::anonymous(public_permissions)),
+            nobody: Arc::new(Principal::anonymous(Permissions::default())),
+        }
+    }
+
+    /// Authenticates an access token (see [`authenticate`]).
+    pub fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
+        authenticate(&self.tokens, self.jwt.as_deref(), token)
+    }
+
+    /// The principal of an unauthenticated connection in public mode.
+    pub fn anonymous(&self) -> &Arc<Principal> {
+        &self.anonymous
+    }
+
+    /// A principal that may read nothing.
+    pub fn nobody(&self) -> &Arc<Principal> {
+        &self.nobody
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TokenEntry {

@@ -6,19 +6,11 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use parking_lot::Mutex;
-use rand::distr::{Alphanumeric, SampleString};
 
 use super::{Accepted, Backplane, BackplaneError, BoxFuture, Dedupe, EventSink};
 use crate::event::{Event, NewEvent};
 
-/// A fresh random epoch: 12 lowercase alphanumerics.
-pub fn random_epoch() -> Arc<str> {
-    Arc::from(
-        Alphanumeric
-            .sample_string(&mut rand::rng(), 12)
-            .to_lowercase(),
-    )
-}
+pub use crate::history::random_epoch;
 
 /// Offsets per collection and a random epoch per process lifetime.
 pub struct MemoryBackplane {

@@ -13,7 +13,6 @@ mod publish;
 
 pub use error::ApiError;
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -22,11 +21,45 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
-use crate::app::AppState;
+use crate::auth::PublishKeys;
+use crate::backplane::Backplane;
+use crate::config::Config;
+use crate::history::History;
+use crate::metrics::Metrics;
+use crate::readiness::Readiness;
 
-/// Routes of the HTTP API (the WebSocket route is added by [`crate::app`]).
-pub fn routes(state: Arc<AppState>) -> Router {
+/// What the HTTP edge holds: built by [`crate::app`], shared by every handler.
+pub struct HttpState {
+    /// Publish limits, key fields, the loopback trust setting.
+    pub config: Arc<Config>,
+    /// Publish counters and the `/metrics` text.
+    pub metrics: Arc<Metrics>,
+    /// Where accepted events go; `/readyz` also asks whether it is ready.
+    pub backplane: Arc<dyn Backplane>,
+    /// Publisher API keys.
+    pub publish_keys: PublishKeys,
+    /// Closed when shutdown begins: `/readyz` answers 503 from then on.
+    pub readiness: Readiness,
+    /// Cancelled when the shutdown delay ends: publishes answer 503 from then on (during the
+    /// delay they are still served: that is the delay's point).
+    pub shutdown: CancellationToken,
+    /// The resume history, for its size gauges at each scrape.
+    pub history: Arc<History>,
+}
+
+impl std::fmt::Debug for HttpState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpState")
+            .field("engine", &self.backplane.engine())
+            .field("ready", &self.readiness.is_ready())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Routes of the HTTP API (the WebSocket route is [`crate::ws::routes`]).
+pub fn routes(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/v1/publish", post(publish::publish_handler))
         .route(
@@ -43,8 +76,8 @@ async fn healthz_handler() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-async fn readyz_handler(State(state): State<Arc<AppState>>) -> Response {
-    if state.ready.load(Ordering::Acquire) && state.backplane.is_ready() {
+async fn readyz_handler(State(state): State<Arc<HttpState>>) -> Response {
+    if state.readiness.is_ready() && state.backplane.is_ready() {
         Json(json!({"status": "ready"})).into_response()
     } else {
         (
@@ -55,11 +88,10 @@ async fn readyz_handler(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
-    let history = state.hub.history();
-    let (_, events) = history.size();
+async fn metrics_handler(State(state): State<Arc<HttpState>>) -> Response {
+    let (_, events) = state.history.size();
     let gauge = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
-    state.metrics.history_bytes.set(gauge(history.bytes()));
+    state.metrics.history_bytes.set(gauge(state.history.bytes()));
     state.metrics.history_events.set(gauge(events));
     match state.metrics.render() {
         Ok(text) => (

@@ -13,7 +13,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::ApiError;
-use crate::app::AppState;
+use super::HttpState;
 use crate::auth::PublishKeys;
 use crate::event::{
     idempotency_key, normalize_collection_body, normalize_publish, EventKind, NewEvent,
@@ -22,7 +22,7 @@ use crate::event::{
 
 /// `POST /v1/publish`.
 pub async fn publish_handler(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<HttpState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -45,7 +45,7 @@ pub async fn publish_handler(
 
 /// `POST /v1/collections/{collection}/{event}`.
 pub async fn collection_handler(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<HttpState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path((collection, event)): Path<(String, String)>,
     headers: HeaderMap,
@@ -100,7 +100,7 @@ fn invalid(e: NormalizeError) -> ApiError {
     }
 }
 
-fn count(state: &AppState, result: Result<Response, ApiError>) -> Response {
+fn count(state: &HttpState, result: Result<Response, ApiError>) -> Response {
     let response = result.unwrap_or_else(IntoResponse::into_response);
     state
         .metrics
@@ -138,7 +138,7 @@ fn authorize(
 
 /// Readiness, publisher key, content type, size and JSON syntax, in that order.
 fn read_body(
-    state: &AppState,
+    state: &HttpState,
     peer: SocketAddr,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -191,7 +191,7 @@ fn read_body(
     })
 }
 
-async fn accept(state: &AppState, events: Vec<NewEvent>) -> Result<Response, ApiError> {
+async fn accept(state: &HttpState, events: Vec<NewEvent>) -> Result<Response, ApiError> {
     let summary: Vec<(Arc<str>, EventKind, usize)> = events
         .iter()
         .map(|e| (e.collection.clone(), e.kind, e.keys.len()))

@@ -174,6 +174,8 @@ impl ProtocolError {
 pub mod close {
     /// The server is shutting down.
     pub const GOING_AWAY: u16 = 1001;
+    /// An inbound text frame was not valid UTF-8 (RFC 6455 §8.1).
+    pub const INVALID_PAYLOAD: u16 = 1007;
     /// An inbound message exceeded the frame limit.
     pub const TOO_BIG: u16 = 1009;
     /// An internal error ended the session.

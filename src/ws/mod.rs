@@ -1,25 +1,36 @@
 //! The WebSocket endpoint: the upgrade (authentication mode, `?access_token=`, connection
-//! limits in total and per client address, socket limits) and, in [`session`], the
-//! per-connection loop.
+//! limits in total and per client address, socket limits), [`WsState`] (everything the edge
+//! may reach), and, in `session`, the per-connection loop.
 
+pub mod limits;
+mod rate_limit;
+mod raw;
 mod session;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::get;
+use axum::{Json, Router};
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::app::AppState;
-use crate::auth::{authenticate, Identity};
-use crate::config::AuthMode;
+use crate::auth::{Authenticator, Identity};
+use crate::config::{AuthMode, Config};
 use crate::http::ApiError;
+use crate::hub::Subscriptions;
+use crate::metrics::Metrics;
+use crate::readiness::Readiness;
+use limits::{ConnectionLimits, Refused};
+
+pub use raw::serve_raw;
+pub use session::{drive, Socket};
 
 /// Initial read buffer per connection, allocated up front. tungstenite's default (128 KiB)
 /// would dominate the memory of an idle connection; client messages are small and the buffer
@@ -31,62 +42,42 @@ const READ_BUFFER: usize = 256;
 /// 128 KiB, would cost 128 MiB across 1,000 busy connections).
 const WRITE_BUFFER: usize = 8 * 1024;
 
-/// Open connections per client address, for `--max-connections-per-ip`. Only addresses with
-/// an open connection have an entry, so its size is bounded by `--max-connections`.
-#[derive(Debug, Default)]
-pub struct PerIpConnections(dashmap::DashMap<IpAddr, usize>);
-
-impl PerIpConnections {
-    /// Counts one more connection from `ip` unless it already has `limit`.
-    fn try_acquire(&self, ip: IpAddr, limit: usize) -> bool {
-        let mut count = self.0.entry(ip).or_insert(0);
-        if *count >= limit {
-            return false;
-        }
-        *count += 1;
-        true
-    }
-
-    fn release(&self, ip: IpAddr) {
-        if let dashmap::Entry::Occupied(mut entry) = self.0.entry(ip) {
-            *entry.get_mut() -= 1;
-            if *entry.get() == 0 {
-                entry.remove();
-            }
-        }
-    }
-
-    /// Open connections from `ip`.
-    pub fn count(&self, ip: IpAddr) -> usize {
-        self.0.get(&ip).map_or(0, |c| *c)
-    }
-}
-
-/// One counted connection against `--max-connections` (and, when set, against
-/// `--max-connections-per-ip` for its address); released when dropped (the session owns it
-/// for its whole life).
+/// What the WebSocket edge holds: built by [`crate::app`], shared by the upgrade handler
+/// and every session. It is all a session can reach.
 #[derive(Debug)]
-pub struct ConnectionSlot {
-    state: Arc<AppState>,
-    ip: Option<IpAddr>,
+pub struct WsState {
+    /// The session settings (timeouts, limits, auth mode, key fields).
+    pub config: Arc<Config>,
+    /// Connection, delivery and protocol-error metrics.
+    pub metrics: Arc<Metrics>,
+    /// Turns access tokens into identities.
+    pub auth: Arc<Authenticator>,
+    /// The door to the subscription core.
+    pub subscriptions: Subscriptions,
+    /// `--max-connections` and `--max-connections-per-ip`.
+    pub limits: Arc<ConnectionLimits>,
+    /// Closed when shutdown begins: upgrades are refused from then on.
+    pub readiness: Readiness,
+    /// Cancelled when shutdown begins; every session watches it and closes with 1001.
+    pub shutdown: CancellationToken,
+    /// Upgraded sessions, which axum's graceful shutdown does not track.
+    pub sessions: TaskTracker,
 }
 
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.state.connections.fetch_sub(1, Ordering::AcqRel);
-        if let Some(ip) = self.ip {
-            self.state.per_ip.release(ip);
-        }
-    }
+/// The WebSocket route at `path`.
+pub fn routes(path: &str, state: Arc<WsState>) -> Router {
+    Router::new()
+        .route(path, get(upgrade_handler))
+        .with_state(state)
 }
 
-fn unauthorized(state: &AppState, error: &crate::auth::AuthError) -> Response {
+fn unauthorized(state: &WsState, error: &crate::auth::AuthError) -> Response {
     tracing::debug!(%error, "upgrade refused: bad token");
     state.metrics.auth_rejected(error);
     refused_unauthorized(state)
 }
 
-fn refused_unauthorized(state: &AppState) -> Response {
+fn refused_unauthorized(state: &WsState) -> Response {
     state
         .metrics
         .connections_refused
@@ -101,7 +92,7 @@ fn refused_unauthorized(state: &AppState) -> Response {
 
 /// `GET <ws-path>`: upgrades to a session.
 pub async fn upgrade_handler(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<WsState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(params): Query<HashMap<String, String>>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
@@ -124,8 +115,7 @@ pub async fn upgrade_handler(
     }
     // A token in the URL authenticates at upgrade in every mode; a bad one is refused here.
     let identity: Option<Identity> = match params.get("access_token") {
-        Some(token) => match authenticate(&state.config.tokens, state.config.jwt.as_deref(), token)
-        {
+        Some(token) => match state.auth.authenticate(token) {
             Ok(identity) => Some(identity),
             Err(error) => return unauthorized(&state, &error),
         },
@@ -135,40 +125,35 @@ pub async fn upgrade_handler(
     // The peer address as the socket sees it: behind a proxy that is the proxy's (forwarding
     // headers are not trusted; see README).
     let ip = peer.ip().to_canonical();
-    let per_ip_limit = state.config.max_connections_per_ip;
-    if per_ip_limit > 0 && !state.per_ip.try_acquire(ip, per_ip_limit) {
-        state
-            .metrics
-            .connections_refused
-            .with_label_values(&["per_ip_limit"])
-            .inc();
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            Json(json!({"error": {
-                "code": "TOO_MANY_CONNECTIONS",
-                "message": format!("too many connections from this address (the limit is {per_ip_limit})"),
-            }})),
-        )
+    let slot = match state.limits.acquire(ip) {
+        Ok(slot) => slot,
+        Err(Refused::PerIp(limit)) => {
+            state
+                .metrics
+                .connections_refused
+                .with_label_values(&["per_ip_limit"])
+                .inc();
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                Json(json!({"error": {
+                    "code": "TOO_MANY_CONNECTIONS",
+                    "message": format!("too many connections from this address (the limit is {limit})"),
+                }})),
+            )
+                .into_response();
+        }
+        Err(Refused::Total(limit)) => {
+            state
+                .metrics
+                .connections_refused
+                .with_label_values(&["limit"])
+                .inc();
+            return ApiError::Unavailable(format!(
+                "connection limit reached ({limit} connections)"
+            ))
             .into_response();
-    }
-    let previous = state.connections.fetch_add(1, Ordering::AcqRel);
-    let slot = ConnectionSlot {
-        state: state.clone(),
-        ip: (per_ip_limit > 0).then_some(ip),
+        }
     };
-    if previous >= state.config.max_connections {
-        state
-            .metrics
-            .connections_refused
-            .with_label_values(&["limit"])
-            .inc();
-        drop(slot);
-        return ApiError::Unavailable(format!(
-            "connection limit reached ({} connections)",
-            state.config.max_connections
-        ))
-        .into_response();
-    }
     let config = &state.config;
     let tracker = state.sessions.clone();
     let session_state = state.clone();

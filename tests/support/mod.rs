@@ -18,7 +18,7 @@ use hyper::{Request, StatusCode};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
-use tidings::app::{App, AppState};
+use tidings::app::App;
 use tidings::Config;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -30,10 +30,34 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// How long any single wait may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(5);
 
+/// What tests may look at inside a running broker, through `App`'s accessors.
+#[derive(Clone)]
+pub struct ServerState {
+    pub config: Arc<tidings::Config>,
+    pub metrics: Arc<tidings::metrics::Metrics>,
+    pub registry: Arc<tidings::registry::Registry>,
+    pub hub: Arc<tidings::hub::Hub>,
+    pub backplane: Arc<dyn tidings::backplane::Backplane>,
+    pub ready: tidings::readiness::Readiness,
+}
+
+impl ServerState {
+    pub fn of(app: &App) -> Arc<ServerState> {
+        Arc::new(ServerState {
+            config: app.config().clone(),
+            metrics: app.metrics().clone(),
+            registry: app.registry().clone(),
+            hub: app.hub().clone(),
+            backplane: app.backplane().clone(),
+            ready: app.readiness().clone(),
+        })
+    }
+}
+
 /// A running broker.
 pub struct TestServer {
     pub addr: SocketAddr,
-    pub state: Arc<AppState>,
+    pub state: Arc<ServerState>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -43,7 +67,7 @@ pub async fn start(config: Config) -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let app = App::new(config).expect("valid config");
-    let state = app.state().clone();
+    let state = ServerState::of(&app);
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         app.serve(listener, async move {
