@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::ApiError;
+use super::{ApiError, ServerErrorReason};
 use crate::app::AppState;
 use crate::auth::PublishKeys;
 use crate::event::{
@@ -145,7 +145,11 @@ fn read_body(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Value, ApiError> {
     if !state.ready.load(Ordering::Acquire) {
-        return Err(ApiError::Unavailable("the broker is shutting down".into()));
+        return Err(ApiError::server(
+            &state.metrics,
+            ServerErrorReason::ShuttingDown,
+            "publish while draining",
+        ));
     }
     let authorization = headers
         .get(header::AUTHORIZATION)
@@ -195,11 +199,9 @@ async fn accept(state: &AppState, events: Vec<NewEvent>) -> Result<Response, Api
         .iter()
         .map(|e| (e.collection.clone(), e.kind, e.keys.len()))
         .collect();
-    let positions = state
-        .backplane
-        .publish(events)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let positions = state.backplane.publish(events).await.map_err(|e| {
+        ApiError::server(&state.metrics, ServerErrorReason::Backplane, e.to_string())
+    })?;
     let mut accepted = Vec::with_capacity(summary.len());
     for ((collection, kind, items), position) in summary.into_iter().zip(positions) {
         if position.duplicate {

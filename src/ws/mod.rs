@@ -19,7 +19,7 @@ use serde_json::json;
 use crate::app::AppState;
 use crate::auth::{authenticate, Identity};
 use crate::config::AuthMode;
-use crate::http::ApiError;
+use crate::http::{ApiError, ServerErrorReason};
 
 /// Initial read buffer per connection, allocated up front. tungstenite's default (128 KiB)
 /// would dominate the memory of an idle connection; client messages are small and the buffer
@@ -118,7 +118,12 @@ pub async fn upgrade_handler(
                 .into_response(),
         };
     if !state.ready.load(Ordering::Acquire) {
-        return ApiError::Unavailable("the broker is shutting down".into()).into_response();
+        return ApiError::server(
+            &state.metrics,
+            ServerErrorReason::ShuttingDown,
+            "WebSocket upgrade while draining",
+        )
+        .into_response();
     }
     // A token in the URL authenticates at upgrade in every mode; a bad one is refused here.
     let identity: Option<Identity> = match params.get("access_token") {
@@ -161,10 +166,14 @@ pub async fn upgrade_handler(
             .with_label_values(&["limit"])
             .inc();
         drop(slot);
-        return ApiError::Unavailable(format!(
-            "connection limit reached ({} connections)",
-            state.config.max_connections
-        ))
+        return ApiError::server(
+            &state.metrics,
+            ServerErrorReason::ConnectionLimit,
+            format!(
+                "connection limit reached ({} connections)",
+                state.config.max_connections
+            ),
+        )
         .into_response();
     }
     let config = &state.config;
