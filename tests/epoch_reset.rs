@@ -36,7 +36,12 @@ fn watchdog(name: &'static str) -> Arc<AtomicBool> {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        eprintln!("{name}: HUNG (every runtime worker blocked); aborting");
+        // Straight to the process's stderr: the test harness would swallow `eprintln!`.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "{name}: HUNG (every runtime worker blocked); aborting"
+        );
         std::process::exit(101);
     });
     done
