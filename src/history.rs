@@ -11,6 +11,12 @@
 //!
 //! Engines whose log outlives a node (Redis, NATS) fill the history on start from what they
 //! retain; the memory engine's history begins with its epoch.
+//!
+//! Each log carries the epoch its positions belong to, changed only under that log's lock.
+//! A subscribe therefore reads the epoch from the log it already holds and takes no other
+//! lock for it; [`History::reset`] moves to a new epoch one log at a time and never holds one
+//! lock while waiting for another. The current epoch for logs created later sits in a leaf
+//! mutex: nothing is locked while it is held.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,9 +24,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use parking_lot::{Mutex, RwLock};
-use serde_json::Value;
+use parking_lot::Mutex;
 use rand::distr::{Alphanumeric, SampleString};
+use serde_json::Value;
 
 use crate::event::Event;
 use crate::protocol::WirePosition;
@@ -86,8 +92,12 @@ pub enum Replay {
 }
 
 /// One collection's recent events.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct CollectionLog {
+    /// The epoch positions in this log belong to.
+    epoch: Arc<str>,
+    /// Which [`History::reset`] set `epoch` (so a slower, older reset never undoes a newer).
+    generation: u64,
     /// When recorded, the event, and its [`event_bytes`].
     events: VecDeque<(Instant, Arc<Event>, usize)>,
     /// Sum of the sizes in `events`.
@@ -103,6 +113,27 @@ impl CollectionLog {
     /// Offset of the last event recorded here (0: none).
     pub fn last(&self) -> u64 {
         self.last
+    }
+
+    /// The epoch this log's positions belong to.
+    pub fn epoch(&self) -> &Arc<str> {
+        &self.epoch
+    }
+
+    /// Moves this log to the epoch of reset `generation`: the old log's events mean nothing
+    /// in the new one.
+    fn enter(&mut self, epoch: &Arc<str>, generation: u64, joined_late: bool, total: &AtomicUsize) {
+        if self.generation >= generation {
+            return;
+        }
+        self.epoch = epoch.clone();
+        self.generation = generation;
+        self.events.clear();
+        total.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.bytes = 0;
+        self.last = 0;
+        // Otherwise the new log starts empty: complete from its start.
+        self.covers_after = (!joined_late).then_some(0);
     }
 
     fn record(&mut self, event: Arc<Event>, budget: &Budget<'_>, contiguous: bool, now: Instant) {
@@ -186,12 +217,14 @@ impl Budget<'_> {
     }
 }
 
-/// The epoch positions are handed out in.
+/// The epoch new logs start in.
 #[derive(Debug)]
 struct EpochState {
     epoch: Arc<str>,
     /// False until the engine named its log's lifetime (the first [`History::reset`]).
     named: bool,
+    /// Counts resets.
+    generation: u64,
 }
 
 /// Every collection's log, and the epoch they belong to.
@@ -205,7 +238,9 @@ pub struct History {
     /// sparse offsets (NATS: the stream sequence), where a log is complete only from the
     /// first event it recorded.
     contiguous: bool,
-    epoch: RwLock<EpochState>,
+    /// A leaf: read (briefly, under a map shard) when a log is created, written by `reset`
+    /// before it visits the logs; no other lock is taken while it is held.
+    epoch: Mutex<EpochState>,
     /// A random epoch of this node's own, for positions handed out while the history cannot
     /// be trusted (the engine is restoring or disconnected): no log ever matches it, so a
     /// resume from such a position is answered as lost instead of replaying the wrong thing.
@@ -225,7 +260,11 @@ impl History {
         History {
             limits,
             contiguous,
-            epoch: RwLock::new(EpochState { epoch, named }),
+            epoch: Mutex::new(EpochState {
+                epoch,
+                named,
+                generation: 0,
+            }),
             provisional: random_epoch(),
             logs: DashMap::new(),
             bytes: AtomicUsize::new(0),
@@ -245,9 +284,10 @@ impl History {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    /// The epoch current positions belong to.
+    /// The epoch new positions belong to (a log being moved by a concurrent reset may still
+    /// answer the previous one until its turn).
     pub fn epoch(&self) -> Arc<str> {
-        self.epoch.read().epoch.clone()
+        self.epoch.lock().epoch.clone()
     }
 
     /// The log of `collection`, created empty if needed.
@@ -258,9 +298,19 @@ impl History {
         self.logs
             .entry(collection.clone())
             .or_insert_with(|| {
+                // Under the shard's write lock: a reset that changes the epoch after this
+                // read visits this shard only once the log is in it.
+                let (epoch, generation) = {
+                    let state = self.epoch.lock();
+                    (state.epoch.clone(), state.generation)
+                };
                 Arc::new(Mutex::new(CollectionLog {
+                    epoch,
+                    generation,
+                    events: VecDeque::new(),
+                    bytes: 0,
+                    last: 0,
                     covers_after: self.contiguous.then_some(0),
-                    ..CollectionLog::default()
                 }))
             })
             .value()
@@ -280,7 +330,7 @@ impl History {
     /// The position a subscription registered now starts after.
     pub fn position(&self, log: &CollectionLog) -> WirePosition {
         WirePosition {
-            epoch: self.epoch(),
+            epoch: log.epoch.clone(),
             offset: log.last,
         }
     }
@@ -295,7 +345,7 @@ impl History {
 
     /// What to replay for a client that last saw `since`.
     pub fn replay(&self, log: &CollectionLog, since: &WirePosition) -> Replay {
-        if since.epoch != self.epoch() {
+        if since.epoch != log.epoch {
             return Replay::Lost;
         }
         log.after(since.offset)
@@ -303,23 +353,30 @@ impl History {
 
     /// The log's lifetime changed (the engine lost its history): forget everything, so no
     /// position of the old epoch can be resumed against the new one.
+    ///
+    /// The epoch lock is released before any log is visited, and each log is locked alone:
+    /// a subscribe holding a log never waits for the reset, nor the reset for more than that
+    /// one subscribe.
     pub fn reset(&self, epoch: Arc<str>) {
-        let mut current = self.epoch.write();
-        if current.epoch == epoch {
-            return;
-        }
-        // The first epoch of an engine whose log predates this node: logs created before it
-        // (subscriptions made while the engine connected) know nothing yet.
-        let joined_late = !current.named && !self.contiguous;
-        *current = EpochState { epoch, named: true };
-        for log in self.logs.iter() {
-            let mut log = log.value().lock();
-            log.events.clear();
-            self.bytes.fetch_sub(log.bytes, Ordering::Relaxed);
-            log.bytes = 0;
-            log.last = 0;
-            // Otherwise the new log starts empty: complete from its start.
-            log.covers_after = (!joined_late).then_some(0);
+        let (generation, joined_late) = {
+            let mut current = self.epoch.lock();
+            if current.epoch == epoch {
+                return;
+            }
+            // The first epoch of an engine whose log predates this node: logs created before
+            // it (subscriptions made while the engine connected) know nothing yet.
+            let joined_late = !current.named && !self.contiguous;
+            *current = EpochState {
+                epoch: epoch.clone(),
+                named: true,
+                generation: current.generation + 1,
+            };
+            (current.generation, joined_late)
+        };
+        // Collect first so no map shard is held while a log is locked.
+        let logs: Vec<_> = self.logs.iter().map(|l| l.value().clone()).collect();
+        for log in logs {
+            log.lock().enter(&epoch, generation, joined_late, &self.bytes);
         }
     }
 
@@ -348,11 +405,8 @@ impl History {
 
     /// Number of logs and events held (for tests and metrics).
     pub fn size(&self) -> (usize, usize) {
-        let events = self
-            .logs
-            .iter()
-            .map(|l| l.value().lock().events.len())
-            .sum();
+        let logs: Vec<_> = self.logs.iter().map(|l| l.value().clone()).collect();
+        let events = logs.iter().map(|l| l.lock().events.len()).sum();
         (self.logs.len(), events)
     }
 }
@@ -565,6 +619,55 @@ mod tests {
         assert_eq!(h.size(), (2, 10));
         h.reset(Arc::from("f"));
         assert_eq!(h.bytes(), 0);
+    }
+
+    #[test]
+    fn resets_racing_subscribes_never_deadlock() {
+        // Before the epoch lived in each log, a reset held the epoch while locking every log
+        // and a subscribe held a log while reading the epoch: this hung within milliseconds.
+        let h = Arc::new(History::new(limits(10), Arc::from("e0"), true));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let mut workers = Vec::new();
+        for t in 0..4 {
+            let (h, stop, done) = (h.clone(), stop.clone(), done_tx.clone());
+            workers.push(std::thread::spawn(move || {
+                let collection: Arc<str> = Arc::from(format!("c{}", t % 2));
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let log = h.log(&collection);
+                    let log = log.lock();
+                    let at = h.position(&log);
+                    assert!(matches!(h.replay(&log, &at), Replay::Events(_)));
+                    n += 1;
+                }
+                let _ = done.send(n);
+            }));
+        }
+        let resetter = {
+            let (h, done) = (h.clone(), done_tx.clone());
+            std::thread::spawn(move || {
+                for i in 1..=20_000u64 {
+                    h.reset(Arc::from(format!("e{i}")));
+                }
+                let _ = done.send(0);
+            })
+        };
+        drop(done_tx);
+        // A hang detector, not a speed target.
+        let bound = Duration::from_secs(60);
+        done_rx.recv_timeout(bound).expect("the reset finished");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for _ in 0..4 {
+            done_rx.recv_timeout(bound).expect("a subscriber finished");
+        }
+        resetter.join().expect("resetter");
+        for w in workers {
+            w.join().expect("worker");
+        }
+        assert_eq!(&*h.epoch(), "e20000");
+        let log = h.log(&Arc::from("c0"));
+        assert_eq!(&**log.lock().epoch(), "e20000");
     }
 
     #[test]

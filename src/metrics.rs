@@ -271,6 +271,8 @@ pub struct Metrics {
     pub backplane_restored: IntCounter,
     /// Protocol errors sent, by code.
     pub protocol_errors: IntCounterVec,
+    /// HTTP 5xx answers, by reason (`http::ServerErrorReason`).
+    pub server_errors: IntCounterVec,
     /// Frames queued per event.
     pub fanout_size: Histogram,
     /// Time to match, encode and queue one event.
@@ -445,6 +447,11 @@ impl Metrics {
                 "Protocol error frames sent to clients, by code.",
                 &["code"],
             )?,
+            server_errors: counter_vec(
+                "tidings_server_errors_total",
+                "HTTP 5xx answers, by reason (shutting_down, backplane, connection_limit, internal); the detail is in the log.",
+                &["reason"],
+            )?,
             fanout_size: histogram(
                 "tidings_fanout_frames",
                 "Frames queued for one published event.",
@@ -483,6 +490,9 @@ impl Metrics {
         }
         for code in ErrorCode::ALL {
             metrics.protocol_errors.with_label_values(&[code.as_str()]);
+        }
+        for reason in crate::http::ServerErrorReason::ALL {
+            metrics.server_errors.with_label_values(&[reason.as_str()]);
         }
         for reason in AUTH_REJECTION_REASONS {
             metrics.auth_rejections.with_label_values(&[reason]);

@@ -7,6 +7,7 @@
 //! caller counts the drop. Nothing else ever blocks on a slow reader.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
@@ -74,9 +75,25 @@ pub struct Outbox {
     max_bytes: usize,
 }
 
+/// Outboxes alive in this process (all brokers in it): the churn test checks that none
+/// outlives its connection.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Outbox {
+    /// Outboxes alive in this process.
+    pub fn live() -> usize {
+        LIVE.load(Ordering::Relaxed)
+    }
+
     /// An empty outbox with the given bounds.
     pub fn new(max_messages: usize, max_bytes: usize) -> Self {
+        LIVE.fetch_add(1, Ordering::Relaxed);
         Outbox {
             state: Mutex::new(State::default()),
             notify: Notify::new(),

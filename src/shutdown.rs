@@ -205,6 +205,7 @@ pub fn close_reason(position: Option<&WirePosition>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn close_reason_carries_the_position_when_it_fits() {

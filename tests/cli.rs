@@ -300,7 +300,7 @@ fn wait_readyz(server: &mut Server, want: u16) -> Instant {
             "/readyz stayed {status}, wanted {want}: {}",
             server.proc.transcript()
         );
-        thread::sleep(POLL);
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

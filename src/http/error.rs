@@ -5,6 +5,53 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::metrics::Metrics;
+
+/// Why a request got a 5xx: the `reason` label of `tidings_server_errors_total`. The body says
+/// only what the client can do; the detail goes to the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerErrorReason {
+    /// The broker is draining.
+    ShuttingDown,
+    /// The backplane refused or failed the operation.
+    Backplane,
+    /// `--max-connections` is reached.
+    ConnectionLimit,
+    /// A bug or an unexpected failure.
+    Internal,
+}
+
+impl ServerErrorReason {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerErrorReason::ShuttingDown => "shutting_down",
+            ServerErrorReason::Backplane => "backplane",
+            ServerErrorReason::ConnectionLimit => "connection_limit",
+            ServerErrorReason::Internal => "internal",
+        }
+    }
+
+    /// Every reason (for pre-registering the metric's series).
+    pub const ALL: [ServerErrorReason; 4] = [
+        ServerErrorReason::ShuttingDown,
+        ServerErrorReason::Backplane,
+        ServerErrorReason::ConnectionLimit,
+        ServerErrorReason::Internal,
+    ];
+
+    fn advice(self) -> &'static str {
+        match self {
+            ServerErrorReason::ShuttingDown => "the broker is shutting down; retry on another node",
+            ServerErrorReason::Backplane => "the backplane is unavailable; retry",
+            ServerErrorReason::ConnectionLimit => {
+                "the broker has no room for more connections; retry later"
+            }
+            ServerErrorReason::Internal => "internal error; retry, and report it if it persists",
+        }
+    }
+}
+
 /// Every way an HTTP request can fail. Internal details are logged, never sent.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -51,15 +98,34 @@ pub enum ApiError {
     /// Not `application/json`.
     #[error("the request body must be JSON: send `Content-Type: application/json`")]
     UnsupportedMediaType,
-    /// Not ready (shutting down, backplane down).
-    #[error("{0}")]
-    Unavailable(String),
-    /// A bug or an unexpected failure.
-    #[error("internal error")]
-    Internal(String),
+    /// Not ready (shutting down, backplane down, full), or a bug: a 5xx. Build it with
+    /// [`ApiError::server`], which logs the detail and counts the reason.
+    #[error("{}", reason.advice())]
+    Server {
+        /// Why (the metric label; decides the status and the advice sent).
+        reason: ServerErrorReason,
+        /// What went wrong inside: logged, never sent.
+        detail: String,
+    },
 }
 
 impl ApiError {
+    /// A 5xx: logs `detail` and counts `reason` in `tidings_server_errors_total`.
+    pub fn server(metrics: &Metrics, reason: ServerErrorReason, detail: impl Into<String>) -> Self {
+        let detail = detail.into();
+        match reason {
+            ServerErrorReason::Internal => {
+                tracing::error!(%detail, "internal error serving an HTTP request")
+            }
+            _ => tracing::warn!(reason = reason.as_str(), %detail, "HTTP request refused (5xx)"),
+        }
+        metrics
+            .server_errors
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        ApiError::Server { reason, detail }
+    }
+
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
@@ -71,8 +137,11 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Server {
+                reason: ServerErrorReason::Internal,
+                ..
+            } => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Server { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -87,8 +156,11 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
             ApiError::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
             ApiError::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
-            ApiError::Unavailable(_) => "SERVICE_UNAVAILABLE",
-            ApiError::Internal(_) => "INTERNAL",
+            ApiError::Server {
+                reason: ServerErrorReason::Internal,
+                ..
+            } => "INTERNAL",
+            ApiError::Server { .. } => "SERVICE_UNAVAILABLE",
         }
     }
 
@@ -105,9 +177,6 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let ApiError::Internal(detail) = &self {
-            tracing::error!(%detail, "internal error serving an HTTP request");
-        }
         let mut error = json!({"code": self.code(), "message": self.to_string()});
         if let (Some(pointer), Some(obj)) = (self.pointer(), error.as_object_mut()) {
             obj.insert("where".into(), pointer.into());
@@ -126,5 +195,36 @@ impl IntoResponse for ApiError {
             );
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_5xx_body_says_what_to_do_and_never_the_detail() {
+        let metrics = Metrics::new(10).expect("metrics");
+        let secret = "redis://user:hunter2@10.0.0.7:6379 refused: Connection reset by peer";
+        for reason in ServerErrorReason::ALL {
+            let error = ApiError::server(&metrics, reason, secret);
+            let status = error.status();
+            assert!(status.is_server_error(), "{reason:?}");
+            let message = error.to_string();
+            assert!(message.contains("retry"), "{reason:?}: {message}");
+            assert!(!message.contains("hunter2") && !message.contains("10.0.0.7"));
+            let response = error.into_response();
+            assert_eq!(response.status(), status);
+            let counted = metrics
+                .server_errors
+                .with_label_values(&[reason.as_str()])
+                .get();
+            assert_eq!(counted, 1, "{reason:?}");
+        }
+        let text = metrics.render().expect("render");
+        assert!(
+            text.contains("tidings_server_errors_total{reason=\"backplane\"} 1"),
+            "{text}"
+        );
     }
 }

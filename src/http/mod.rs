@@ -11,7 +11,7 @@
 mod error;
 mod publish;
 
-pub use error::ApiError;
+pub use error::{ApiError, ServerErrorReason};
 
 use std::sync::Arc;
 
@@ -102,7 +102,12 @@ async fn metrics_handler(State(state): State<Arc<HttpState>>) -> Response {
             text,
         )
             .into_response(),
-        Err(e) => ApiError::Internal(e.to_string()).into_response(),
+        Err(e) => ApiError::server(
+            &state.metrics,
+            error::ServerErrorReason::Internal,
+            format!("rendering metrics: {e}"),
+        )
+        .into_response(),
     }
 }
 

@@ -12,8 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::ApiError;
-use super::HttpState;
+use super::{ApiError, HttpState, ServerErrorReason};
 use crate::auth::PublishKeys;
 use crate::event::{
     idempotency_key, normalize_collection_body, normalize_publish, EventKind, NewEvent,
@@ -146,7 +145,11 @@ fn read_body(
     // Publishes are still served during the shutdown delay, readiness off: that is the delay's
     // point (the application's last publishes land).
     if state.shutdown.is_cancelled() {
-        return Err(ApiError::Unavailable("the broker is shutting down".into()));
+        return Err(ApiError::server(
+            &state.metrics,
+            ServerErrorReason::ShuttingDown,
+            "publish after the shutdown delay",
+        ));
     }
     let authorization = headers
         .get(header::AUTHORIZATION)
@@ -196,11 +199,9 @@ async fn accept(state: &HttpState, events: Vec<NewEvent>) -> Result<Response, Ap
         .iter()
         .map(|e| (e.collection.clone(), e.kind, e.keys.len()))
         .collect();
-    let positions = state
-        .backplane
-        .publish(events)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let positions = state.backplane.publish(events).await.map_err(|e| {
+        ApiError::server(&state.metrics, ServerErrorReason::Backplane, e.to_string())
+    })?;
     let mut accepted = Vec::with_capacity(summary.len());
     for ((collection, kind, items), position) in summary.into_iter().zip(positions) {
         if position.duplicate {

@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{Authenticator, Identity};
 use crate::config::{AuthMode, Config};
-use crate::http::ApiError;
+use crate::http::{ApiError, ServerErrorReason};
 use crate::hub::Subscriptions;
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
@@ -111,7 +111,12 @@ pub async fn upgrade_handler(
     // Still accepted during the shutdown delay: a client the load balancer sends here before
     // it notices readiness is off is served, then moved with a resume position like the rest.
     if state.shutdown.is_cancelled() {
-        return ApiError::Unavailable("the broker is shutting down".into()).into_response();
+        return ApiError::server(
+            &state.metrics,
+            ServerErrorReason::ShuttingDown,
+            "WebSocket upgrade after the shutdown delay",
+        )
+        .into_response();
     }
     // A token in the URL authenticates at upgrade in every mode; a bad one is refused here.
     let identity: Option<Identity> = match params.get("access_token") {
@@ -148,9 +153,11 @@ pub async fn upgrade_handler(
                 .connections_refused
                 .with_label_values(&["limit"])
                 .inc();
-            return ApiError::Unavailable(format!(
-                "connection limit reached ({limit} connections)"
-            ))
+            return ApiError::server(
+                &state.metrics,
+                ServerErrorReason::ConnectionLimit,
+                format!("connection limit reached ({limit} connections)"),
+            )
             .into_response();
         }
     };

@@ -39,6 +39,8 @@ pub struct ServerState {
     pub hub: Arc<tidings::hub::Hub>,
     pub backplane: Arc<dyn tidings::backplane::Backplane>,
     pub ready: tidings::readiness::Readiness,
+    /// The WebSocket sessions still running.
+    pub sessions: tokio_util::task::TaskTracker,
 }
 
 impl ServerState {
@@ -50,6 +52,7 @@ impl ServerState {
             hub: app.hub().clone(),
             backplane: app.backplane().clone(),
             ready: app.readiness().clone(),
+            sessions: app.ws_state().sessions.clone(),
         })
     }
 }

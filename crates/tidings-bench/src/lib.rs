@@ -15,6 +15,7 @@
 //! | `projection` | every item, `fields: ["seq","ts"]` | every event, two fields | as broadcast |
 //! | `connections` | the whole collection | nothing: the connections stay idle for `--settle` s | none |
 //! | `latency` | the whole collection | every event | `--rate` (default 400/s) for `--duration` (default 10 s) |
+//! | `churn` | the whole collection, then leave (close, reset mid-frame, half-close, silent, reset before `init`) | its `init` | `--rate` (default 100/s) for `--duration` (default 10 s), `--subscribers` workers cycling |
 //!
 //! Comparing `projection` with `broadcast` gives the cost of projecting per delivery;
 //! `connections` gives the broker's memory per idle subscribed connection.
@@ -46,6 +47,7 @@
 //! tidings bench projection --subscribers 1000 --events 20000
 //! tidings bench connections --subscribers 19000 --source-addrs 4 --settle 5 --broker-pid $!
 //! tidings bench latency --subscribers 1000 --rate 400 --duration 30 --json
+//! tidings bench churn --subscribers 64 --rate 200 --duration 600 --broker-pid $!
 //! ```
 //!
 //! # Output
@@ -68,6 +70,7 @@
 //! (they are in the report); it is non-zero when a flag is invalid or a subscriber cannot
 //! connect or subscribe.
 
+pub mod churn;
 mod procstat;
 mod publisher;
 mod report;
@@ -115,6 +118,8 @@ pub enum Scenario {
     Connections,
     /// A fixed publish rate; latency percentiles.
     Latency,
+    /// Connections made and dropped (gracefully and abruptly) while publishing continues.
+    Churn,
 }
 
 impl Scenario {
@@ -125,6 +130,7 @@ impl Scenario {
             Scenario::Projection => "projection",
             Scenario::Connections => "connections",
             Scenario::Latency => "latency",
+            Scenario::Churn => "churn",
         }
     }
 }
@@ -257,6 +263,9 @@ impl Clock {
 
 /// Runs `tidings bench` and prints the report.
 pub async fn bench(args: BenchArgs) -> Result<(), BenchError> {
+    if args.scenario == Scenario::Churn {
+        return churn::bench(&args).await;
+    }
     let run = Run::new(&args).await?;
     let report = run.execute().await?;
     if args.json {
@@ -430,7 +439,7 @@ impl Run {
                 ),
                 Expect::All,
             ),
-            Scenario::Broadcast | Scenario::Connections | Scenario::Latency => (
+            Scenario::Broadcast | Scenario::Connections | Scenario::Latency | Scenario::Churn => (
                 format!(r#"{{"type":"subscribe","collection":{collection},"uid":"b"}}"#),
                 Expect::All,
             ),
@@ -665,7 +674,9 @@ impl Run {
                 let group = index % outcome.per_group.len().max(1);
                 outcome.per_group.get(group).copied().unwrap_or(0)
             }
-            Scenario::Broadcast | Scenario::Projection | Scenario::Latency => outcome.published,
+            Scenario::Broadcast | Scenario::Projection | Scenario::Latency | Scenario::Churn => {
+                outcome.published
+            }
         }
     }
 
