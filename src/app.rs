@@ -118,19 +118,23 @@ impl App {
                 ))
             }
             Engine::Redis => {
-                Arc::new(RedisBackplane::new(&config.redis_url, engine).map_err(|e| {
-                    ConfigError {
-                        flag: "redis-url",
-                        message: e.to_string(),
-                    }
-                })?)
+                let ca = config.redis_ca.as_deref();
+                Arc::new(
+                    RedisBackplane::with_ca(&config.redis_url, ca, engine).map_err(|e| {
+                        ConfigError {
+                            flag: "redis-url",
+                            message: e.to_string(),
+                        }
+                    })?,
+                )
             }
-            Engine::Nats => Arc::new(NatsBackplane::new(engine, &config.nats_url).map_err(
-                |e| ConfigError {
-                    flag: "nats-url",
-                    message: e.to_string(),
-                },
-            )?),
+            Engine::Nats => Arc::new(
+                NatsBackplane::with_max_bytes(engine, &config.nats_url, config.nats_max_bytes)
+                    .map_err(|e| ConfigError {
+                        flag: "nats-url",
+                        message: e.to_string(),
+                    })?,
+            ),
         };
         let publish_keys: PublishKeys = config.publish_keys.clone();
         let anonymous = Arc::new(Principal::anonymous(config.public_permissions.clone()));

@@ -42,6 +42,16 @@ pub enum ApiError {
         /// The configured limit.
         limit: usize,
     },
+    /// One event is over the backplane's message limit (NATS `max_payload`).
+    #[error("event {index} is {size} bytes as sent to the backplane, over its limit of {limit} bytes; nothing was published")]
+    EventTooLarge {
+        /// Position of the event in the request.
+        index: usize,
+        /// Its encoded size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// Not `application/json`.
     #[error("the request body must be JSON: send `Content-Type: application/json`")]
     UnsupportedMediaType,
@@ -62,7 +72,9 @@ impl ApiError {
             ApiError::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound => StatusCode::NOT_FOUND,
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge { .. } | ApiError::EventTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -78,6 +90,7 @@ impl ApiError {
             ApiError::Unauthorized => "UNAUTHORIZED",
             ApiError::NotFound => "NOT_FOUND",
             ApiError::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
+            ApiError::EventTooLarge { .. } => "EVENT_TOO_LARGE",
             ApiError::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             ApiError::Unavailable(_) => "SERVICE_UNAVAILABLE",
             ApiError::Internal(_) => "INTERNAL",

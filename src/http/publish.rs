@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use super::ApiError;
 use crate::app::AppState;
 use crate::auth::PublishKeys;
+use crate::backplane::BackplaneError;
 use crate::event::{
     idempotency_key, normalize_collection_body, normalize_publish, EventKind, NewEvent,
     NormalizeError,
@@ -195,11 +196,12 @@ async fn accept(state: &AppState, events: Vec<NewEvent>) -> Result<Response, Api
         .iter()
         .map(|e| (e.collection.clone(), e.kind, e.keys.len()))
         .collect();
-    let positions = state
-        .backplane
-        .publish(events)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let positions = state.backplane.publish(events).await.map_err(|e| match e {
+        BackplaneError::TooLarge { index, size, limit } => {
+            ApiError::EventTooLarge { index, size, limit }
+        }
+        other => ApiError::Unavailable(other.to_string()),
+    })?;
     let mut accepted = Vec::with_capacity(summary.len());
     for ((collection, kind, items), position) in summary.into_iter().zip(positions) {
         if position.duplicate {
