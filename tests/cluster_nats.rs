@@ -786,3 +786,83 @@ async fn nodes_survive_a_nats_restart_without_losing_events_published_after_it()
     drop(_nats);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Limits: max_payload and the stream's byte limit
+// ---------------------------------------------------------------------------------------------
+
+/// The stream of `prefix`, as the server reports it.
+async fn stream_info(url: &str, prefix: &str) -> async_nats::jetstream::stream::Info {
+    let client = async_nats::connect(url).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let stream = js
+        .get_stream(format!("TIDINGS_{prefix}"))
+        .await
+        .expect("the node created its stream");
+    stream.cached_info().clone()
+}
+
+#[tokio::test]
+async fn an_event_over_max_payload_answers_413_and_its_batch_publishes_nothing() {
+    let url = nats_or_skip!();
+    let prefix = unique_prefix();
+    // The broker's own body limit is above the server's max_payload (1 MiB by default), so
+    // the backplane's limit is the one that trips.
+    let server = support::start(Config {
+        max_publish_bytes: 4 * 1024 * 1024,
+        ..nats_config(&url, &prefix)
+    })
+    .await;
+    wait_ready(&server, true).await;
+    let max_payload = {
+        let client = async_nats::connect(url.as_str()).await.expect("connect");
+        client.server_info().max_payload
+    };
+    let big = "x".repeat(max_payload + 1);
+    let batch = json!([
+        {"collection":"orders","event":"create","data":{"id":1}},
+        {"collection":"orders","event":"create","data":{"id":2,"blob":big}},
+    ]);
+    let mut client = server.ws().await;
+    subscribe(&mut client, None, None).await;
+    let (status, answer) = server.post("/v1/publish", &batch).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+    assert_eq!(answer["error"]["code"], "EVENT_TOO_LARGE", "{answer}");
+    let message = answer["error"]["message"].as_str().expect("message");
+    assert!(message.contains("event 1"), "names the event: {message}");
+    // Nothing of the batch reached the stream or a subscriber, and the connection to NATS
+    // survived (an oversized message would have made the server close it).
+    assert_eq!(stream_info(&url, &prefix).await.state.messages, 0);
+    client.expect_silence(Duration::from_millis(300)).await;
+    assert!(server.state.backplane.is_ready());
+    let ok = server.publish(orders(3, 1)).await;
+    assert_eq!(offsets_of(&ok), [1], "the stream's first message: {ok}");
+    delete_stream(&url, &prefix).await;
+}
+
+#[tokio::test]
+async fn the_stream_gets_the_configured_byte_limit() {
+    let url = nats_or_skip!();
+    let prefix = unique_prefix();
+    let server = support::start(Config {
+        nats_max_bytes: 8 * 1024 * 1024,
+        ..nats_config(&url, &prefix)
+    })
+    .await;
+    wait_ready(&server, true).await;
+    assert_eq!(
+        stream_info(&url, &prefix).await.config.max_bytes,
+        8 * 1024 * 1024
+    );
+    server.shutdown().await;
+    // A node with another limit brings the existing stream in line.
+    let server = support::start(Config {
+        nats_max_bytes: 0,
+        ..nats_config(&url, &prefix)
+    })
+    .await;
+    wait_ready(&server, true).await;
+    assert_eq!(stream_info(&url, &prefix).await.config.max_bytes, -1);
+    server.shutdown().await;
+    delete_stream(&url, &prefix).await;
+}
