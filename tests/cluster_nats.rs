@@ -866,3 +866,44 @@ async fn the_stream_gets_the_configured_byte_limit() {
     server.shutdown().await;
     delete_stream(&url, &prefix).await;
 }
+
+#[tokio::test]
+async fn a_publish_right_after_a_recreation_never_answers_the_old_epoch() {
+    let url = nats_or_skip!();
+    let prefix = unique_prefix();
+    let a = node(&url, &prefix).await;
+    let old = a.publish(orders(1, 5)).await;
+    let old_epoch = epoch_of(&old);
+    // Delivery reads the old stream back too (the high-water mark comes from acks anyway).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    delete_stream(&url, &prefix).await;
+    {
+        let client = async_nats::connect(url.as_str()).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: format!("TIDINGS_{prefix}"),
+            subjects: vec![format!("{prefix}.ev.>")],
+            ..Default::default()
+        })
+        .await
+        .expect("recreate the stream");
+    }
+    // At once, well inside the periodic identity check (5 s): the new stream's sequences
+    // restart at 1, and the answer must carry the new stream's epoch.
+    let (status, answer) = a.post("/v1/publish", &orders(6, 1)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let new_epoch = epoch_of(&answer);
+    assert_ne!(new_epoch, old_epoch, "a stale epoch was answered: {answer}");
+    // The node adopts the new stream promptly (woken by the publish, not the 5 s check).
+    let started = Instant::now();
+    wait_metric(&a, "tidings_backplane_epoch_changes_total", 1.0).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    wait_ready(&a, true).await;
+    let later = a.publish(orders(7, 1)).await;
+    assert_eq!(epoch_of(&later), new_epoch);
+    delete_stream(&url, &prefix).await;
+}

@@ -54,7 +54,7 @@
 
 use std::convert::Infallible;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -258,6 +258,13 @@ struct Shared {
     nats: OnceLock<(Client, jetstream::Context)>,
     /// The epoch of the stream being read; `None` until the stream was first found.
     epoch: RwLock<Option<Arc<str>>>,
+    /// The highest stream sequence known in the current epoch (from acks and delivery).
+    /// Sequences of one stream only grow, so a fresh (non-duplicate) ack at or below the
+    /// value read before sending comes from a recreated stream.
+    high_seq: AtomicU64,
+    /// Wakes the delivery task to check the stream's identity now (a publish saw a
+    /// sequence that only a recreated stream can give).
+    recheck: tokio::sync::Notify,
     /// The history of the current epoch has been read back.
     restored: AtomicBool,
     /// Shutdown began: refuse publishes, report not ready.
@@ -340,6 +347,8 @@ impl NatsBackplane {
             metrics: ctx.metrics.clone(),
             nats: OnceLock::new(),
             epoch: RwLock::new(None),
+            high_seq: AtomicU64::new(0),
+            recheck: tokio::sync::Notify::new(),
             restored: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             gauge: Mutex::new(()),
@@ -392,6 +401,7 @@ impl NatsBackplane {
             }
             messages.push((subject, message.payload(body.into())));
         }
+        let high_before = shared.high_seq.load(Ordering::Acquire);
         let mut acks = Vec::with_capacity(messages.len());
         for (subject, message) in messages {
             let ack = js
@@ -400,23 +410,58 @@ impl NatsBackplane {
                 .map_err(|e| unavailable(format!("NATS publish failed: {e}")))?;
             acks.push(ack);
         }
-        let mut accepted = Vec::with_capacity(acks.len());
+        let mut acked = Vec::with_capacity(acks.len());
         for ack in acks {
-            let ack = ack
-                .await
-                .map_err(|e| unavailable(format!("NATS publish was not acknowledged: {e}")))?;
-            let epoch = shared
+            acked.push(
+                ack.await
+                    .map_err(|e| unavailable(format!("NATS publish was not acknowledged: {e}")))?,
+            );
+        }
+        let epoch = if acked
+            .iter()
+            .any(|a| !a.duplicate && a.sequence <= high_before)
+        {
+            // The stream was recreated since this node last looked: answer with the new
+            // stream's epoch, never the old one, and have the delivery task adopt it now.
+            shared.recheck.notify_one();
+            self.live_epoch(js).await?
+        } else {
+            if let Some(last) = acked.iter().map(|a| a.sequence).max() {
+                shared.high_seq.fetch_max(last, Ordering::AcqRel);
+            }
+            shared
                 .epoch
                 .read()
                 .clone()
-                .ok_or_else(|| unavailable("the NATS stream is not set up".into()))?;
-            accepted.push(Accepted {
+                .ok_or_else(|| unavailable("the NATS stream is not set up".into()))?
+        };
+        let accepted = acked
+            .into_iter()
+            .map(|ack| Accepted {
                 offset: ack.sequence,
-                epoch,
+                epoch: epoch.clone(),
                 duplicate: ack.duplicate,
-            });
-        }
+            })
+            .collect();
         Ok(accepted)
+    }
+}
+
+impl NatsBackplane {
+    /// The epoch of the stream as it is on the server now (one stream info request).
+    async fn live_epoch(&self, js: &jetstream::Context) -> Result<Arc<str>, BackplaneError> {
+        let lookup = js.get_stream(&self.shared.names.stream);
+        match tokio::time::timeout(REQUEST_TIMEOUT, lookup).await {
+            Ok(Ok(stream)) => Ok(epoch_of(
+                stream.cached_info().created.unix_timestamp_nanos(),
+            )),
+            Ok(Err(e)) => Err(BackplaneError::Unavailable(format!(
+                "NATS stream info after a recreation: {e}"
+            ))),
+            Err(_) => Err(BackplaneError::Unavailable(
+                "NATS stream info after a recreation timed out".into(),
+            )),
+        }
     }
 }
 
@@ -648,6 +693,7 @@ impl Delivery {
         self.shared.set_restored(false);
         self.sink.reset(epoch.clone());
         *self.shared.epoch.write() = Some(epoch.clone());
+        self.shared.high_seq.store(0, Ordering::Release);
         self.cursor = Cursor {
             created: Some(created),
             epoch,
@@ -696,6 +742,11 @@ impl Delivery {
         loop {
             tokio::select! {
                 biased;
+                _ = self.shared.recheck.notified() => {
+                    if let Ok(false) = self.same_stream().await {
+                        return Err(SyncError::StreamReplaced);
+                    }
+                }
                 _ = check.tick() => {
                     // Only a definite answer counts: a timeout while disconnected does not.
                     if let Ok(false) = self.same_stream().await {
@@ -743,6 +794,7 @@ impl Delivery {
             return;
         }
         self.cursor.last_seq = seq;
+        self.shared.high_seq.fetch_max(seq, Ordering::AcqRel);
         let wire = match WireEvent::decode(payload) {
             Ok(wire) => wire,
             Err(e) => {
