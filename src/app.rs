@@ -30,8 +30,8 @@ use crate::http::HttpState;
 use crate::hub::{Hub, Subscriptions};
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
-use crate::shutdown::Shutdown;
 use crate::registry::Registry;
+use crate::shutdown::Shutdown;
 use crate::ws::limits::ConnectionLimits;
 use crate::ws::WsState;
 
@@ -116,19 +116,23 @@ impl App {
                 ))
             }
             Engine::Redis => {
-                Arc::new(RedisBackplane::new(&config.redis_url, engine).map_err(|e| {
-                    ConfigError {
-                        flag: "redis-url",
-                        message: e.to_string(),
-                    }
-                })?)
+                let ca = config.redis_ca.as_deref();
+                Arc::new(
+                    RedisBackplane::with_ca(&config.redis_url, ca, engine).map_err(|e| {
+                        ConfigError {
+                            flag: "redis-url",
+                            message: e.to_string(),
+                        }
+                    })?,
+                )
             }
-            Engine::Nats => Arc::new(NatsBackplane::new(engine, &config.nats_url).map_err(
-                |e| ConfigError {
-                    flag: "nats-url",
-                    message: e.to_string(),
-                },
-            )?),
+            Engine::Nats => Arc::new(
+                NatsBackplane::with_max_bytes(engine, &config.nats_url, config.nats_max_bytes)
+                    .map_err(|e| ConfigError {
+                        flag: "nats-url",
+                        message: e.to_string(),
+                    })?,
+            ),
         };
         let config = Arc::new(config);
         let readiness = Readiness::new();

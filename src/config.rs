@@ -96,6 +96,8 @@ pub mod defaults {
     pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
     /// `--nats-url`.
     pub const NATS_URL: &str = "nats://127.0.0.1:4222";
+    /// `--nats-max-bytes`.
+    pub const NATS_MAX_BYTES: u64 = 256 * 1024 * 1024;
     /// `--key-prefix`.
     pub const KEY_PREFIX: &str = "tidings";
     /// `--history-size`.
@@ -220,6 +222,10 @@ pub struct ServeArgs {
         default_value = defaults::REDIS_URL
     )]
     pub redis_url: String,
+    /// PEM file of the CA certificate(s) a `rediss://` server must be signed by, instead of
+    /// the system's roots (a private or managed Redis's CA).
+    #[arg(long, env = "TIDINGS_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
     /// NATS URL for `--engine nats`.
     #[arg(
         long,
@@ -227,6 +233,10 @@ pub struct ServeArgs {
         default_value = defaults::NATS_URL
     )]
     pub nats_url: String,
+    /// Bytes the NATS stream may hold (`max_bytes`); the oldest events go first past it.
+    /// 0: no byte limit (only the per-collection count and the age bound it).
+    #[arg(long, env = "TIDINGS_NATS_MAX_BYTES", default_value_t = defaults::NATS_MAX_BYTES)]
+    pub nats_max_bytes: u64,
     /// Prefix of every Redis key and NATS stream/subject this cluster uses; nodes with the
     /// same prefix form one cluster. Letters, digits, `_` and `-`.
     #[arg(long, env = "TIDINGS_KEY_PREFIX", default_value = defaults::KEY_PREFIX)]
@@ -363,8 +373,12 @@ pub struct Config {
     pub engine: Engine,
     /// Redis URL (redis engine).
     pub redis_url: String,
+    /// PEM CA certificates a `rediss://` server must be signed by; `None`: system roots.
+    pub redis_ca: Option<Arc<[u8]>>,
     /// NATS URL (nats engine).
     pub nats_url: String,
+    /// Byte limit of the NATS stream; 0: none.
+    pub nats_max_bytes: u64,
     /// Namespace of the cluster's keys, streams and subjects.
     pub key_prefix: String,
     /// History kept per collection for resume.
@@ -421,7 +435,9 @@ impl Default for Config {
             jwt: None,
             engine: defaults::ENGINE,
             redis_url: defaults::REDIS_URL.into(),
+            redis_ca: None,
             nats_url: defaults::NATS_URL.into(),
+            nats_max_bytes: defaults::NATS_MAX_BYTES,
             key_prefix: defaults::KEY_PREFIX.into(),
             history: HistoryLimits {
                 max_events: defaults::HISTORY_SIZE,
@@ -516,9 +532,15 @@ impl Config {
         if self.engine == Engine::Redis {
             crate::backplane::redis::check_url(&self.redis_url)
                 .map_err(|message| err("redis-url", message))?;
+            if self.redis_ca.is_some() && !crate::backplane::redis::is_tls_url(&self.redis_url) {
+                return Err(err("redis-ca-file", "needs a rediss:// --redis-url"));
+            }
         }
         if self.engine == Engine::Nats {
             crate::backplane::nats::check_url(&self.nats_url).map_err(|m| err("nats-url", m))?;
+            if self.nats_max_bytes > i64::MAX as u64 {
+                return Err(err("nats-max-bytes", "is too large"));
+            }
         }
         if self.auth_mode == AuthMode::Strict && self.tokens.is_empty() && self.jwt.is_none() {
             return Err(err(
@@ -573,6 +595,24 @@ impl ServeArgs {
                 .add_json(&text)
                 .map_err(|e| err("publish-keys-file", format!("{}: {e}", path.display())))?;
         }
+        let redis_ca = match &self.redis_ca_file {
+            None => None,
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    err(
+                        "redis-ca-file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+                    return Err(err(
+                        "redis-ca-file",
+                        format!("{} holds no PEM certificate", path.display()),
+                    ));
+                }
+                Some(Arc::from(pem))
+            }
+        };
         let jwt = JwtSettings {
             secret: self.jwt_secret,
             public_keys: self.jwt_public_keys,
@@ -594,7 +634,9 @@ impl ServeArgs {
             jwt,
             engine: self.engine,
             redis_url: self.redis_url,
+            redis_ca,
             nats_url: self.nats_url,
+            nats_max_bytes: self.nats_max_bytes,
             key_prefix: self.key_prefix,
             history: HistoryLimits {
                 max_events: self.history_size,

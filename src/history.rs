@@ -376,7 +376,8 @@ impl History {
         // Collect first so no map shard is held while a log is locked.
         let logs: Vec<_> = self.logs.iter().map(|l| l.value().clone()).collect();
         for log in logs {
-            log.lock().enter(&epoch, generation, joined_late, &self.bytes);
+            log.lock()
+                .enter(&epoch, generation, joined_late, &self.bytes);
         }
     }
 

@@ -7,8 +7,8 @@ mod support;
 
 use std::time::Duration;
 
-use tidings_bench::churn::{run, ChurnPlan};
 use tidings::outbox::Outbox;
+use tidings_bench::churn::{run, ChurnPlan};
 
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())

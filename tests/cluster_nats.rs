@@ -587,3 +587,128 @@ fn without_nats_server_the_suite_fails_saying_so() {
         &[("TIDINGS_TEST_NATS_SERVER", "/nonexistent/nats-server")],
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Limits: max_payload and the stream's byte limit
+// ---------------------------------------------------------------------------------------------
+
+/// The stream of `prefix`, as the server reports it.
+async fn stream_info(url: &str, prefix: &str) -> async_nats::jetstream::stream::Info {
+    let client = async_nats::connect(url).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let stream = js
+        .get_stream(format!("TIDINGS_{prefix}"))
+        .await
+        .expect("the node created its stream");
+    stream.cached_info().clone()
+}
+
+#[tokio::test]
+async fn an_event_over_max_payload_answers_413_and_its_batch_publishes_nothing() {
+    let nats = PrivateNats::start();
+    let url = nats.url();
+    let prefix = unique_prefix();
+    // The broker's own body limit is above the server's max_payload (1 MiB by default), so
+    // the backplane's limit is the one that trips.
+    let server = support::start(Config {
+        max_publish_bytes: 4 * 1024 * 1024,
+        ..nats_config(&url, &prefix)
+    })
+    .await;
+    server.wait_ready(true).await;
+    let max_payload = {
+        let client = async_nats::connect(url.as_str()).await.expect("connect");
+        client.server_info().max_payload
+    };
+    let big = "x".repeat(max_payload + 1);
+    let batch = json!([
+        {"collection":"orders","event":"create","data":{"id":1}},
+        {"collection":"orders","event":"create","data":{"id":2,"blob":big}},
+    ]);
+    let mut client = server.ws().await;
+    subscribe(&mut client, None, None).await;
+    let (status, answer) = server.post("/v1/publish", &batch).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+    assert_eq!(answer["error"]["code"], "EVENT_TOO_LARGE", "{answer}");
+    let message = answer["error"]["message"].as_str().expect("message");
+    assert!(message.contains("event 1"), "names the event: {message}");
+    // Nothing of the batch reached the stream or a subscriber, and the connection to NATS
+    // survived (an oversized message would have made the server close it).
+    assert_eq!(stream_info(&url, &prefix).await.state.messages, 0);
+    client.expect_silence(Duration::from_millis(300)).await;
+    assert!(server.state.backplane.is_ready());
+    let ok = server.publish(orders(3, 1)).await;
+    assert_eq!(offsets_of(&ok), [1], "the stream's first message: {ok}");
+    delete_stream(&url, &prefix).await;
+}
+
+#[tokio::test]
+async fn the_stream_gets_the_configured_byte_limit() {
+    let nats = PrivateNats::start();
+    let url = nats.url();
+    let prefix = unique_prefix();
+    let server = support::start(Config {
+        nats_max_bytes: 8 * 1024 * 1024,
+        ..nats_config(&url, &prefix)
+    })
+    .await;
+    server.wait_ready(true).await;
+    assert_eq!(
+        stream_info(&url, &prefix).await.config.max_bytes,
+        8 * 1024 * 1024
+    );
+    server.shutdown().await;
+    // A node with another limit brings the existing stream in line.
+    let server = support::start(Config {
+        nats_max_bytes: 0,
+        ..nats_config(&url, &prefix)
+    })
+    .await;
+    server.wait_ready(true).await;
+    assert_eq!(stream_info(&url, &prefix).await.config.max_bytes, -1);
+    server.shutdown().await;
+    delete_stream(&url, &prefix).await;
+}
+
+#[tokio::test]
+async fn a_publish_right_after_a_recreation_never_answers_the_old_epoch() {
+    let nats = PrivateNats::start();
+    let url = nats.url();
+    let prefix = unique_prefix();
+    let a = node(&url, &prefix).await;
+    let old = a.publish(orders(1, 5)).await;
+    let old_epoch = epoch_of(&old);
+    // Delivery reads the old stream back too (the high-water mark comes from acks anyway).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    delete_stream(&url, &prefix).await;
+    {
+        let client = async_nats::connect(url.as_str()).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: format!("TIDINGS_{prefix}"),
+            subjects: vec![format!("{prefix}.ev.>")],
+            ..Default::default()
+        })
+        .await
+        .expect("recreate the stream");
+    }
+    // At once, well inside the periodic identity check (5 s): the new stream's sequences
+    // restart at 1, and the answer must carry the new stream's epoch.
+    let (status, answer) = a.post("/v1/publish", &orders(6, 1)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let new_epoch = epoch_of(&answer);
+    assert_ne!(new_epoch, old_epoch, "a stale epoch was answered: {answer}");
+    // The node adopts the new stream promptly (woken by the publish, not the 5 s check).
+    let started = Instant::now();
+    a.wait_for_cluster_metric("tidings_backplane_epoch_changes_total", 1.0)
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    a.wait_ready(true).await;
+    let later = a.publish(orders(7, 1)).await;
+    assert_eq!(epoch_of(&later), new_epoch);
+    delete_stream(&url, &prefix).await;
+}

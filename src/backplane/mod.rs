@@ -55,6 +55,19 @@ pub enum BackplaneError {
     /// The engine cannot take events right now (disconnected, shutting down).
     #[error("the backplane is unavailable: {0}")]
     Unavailable(String),
+    /// An event is larger than the engine can carry (NATS `max_payload`): nothing of the
+    /// request was published.
+    #[error(
+        "event {index} is {size} bytes on the wire, over the backplane's limit of {limit} bytes"
+    )]
+    TooLarge {
+        /// Position of the event in the request (0-based).
+        index: usize,
+        /// Its size as the engine would send it.
+        size: usize,
+        /// The engine's limit.
+        limit: usize,
+    },
     /// The engine's settings are unusable (bad URL); reported at startup.
     #[error("{0}")]
     Config(String),

@@ -54,7 +54,7 @@
 
 use std::convert::Infallible;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -175,11 +175,17 @@ struct Limits {
     max_age: Duration,
     /// `None`: idempotency is off, the server's default window is left alone.
     duplicate_window: Option<Duration>,
+    /// The stream's `max_bytes` (`--nats-max-bytes`); -1: no byte limit.
+    max_bytes: i64,
 }
 
 impl Limits {
-    fn new(history: HistoryLimits, window: Duration) -> Limits {
+    fn new(history: HistoryLimits, window: Duration, max_bytes: u64) -> Limits {
         Limits {
+            max_bytes: match max_bytes {
+                0 => -1,
+                n => i64::try_from(n).unwrap_or(i64::MAX),
+            },
             // JetStream reads 0 as "unlimited"; with resume disabled one message per
             // collection is the least the stream can keep.
             max_per_subject: i64::try_from(history.max_events.max(1)).unwrap_or(i64::MAX),
@@ -193,6 +199,7 @@ impl Limits {
         config.subjects == [names.filter.clone()]
             && config.max_messages_per_subject == self.max_per_subject
             && config.max_age == self.max_age
+            && config.max_bytes == self.max_bytes
             && config.discard == DiscardPolicy::Old
             && self
                 .duplicate_window
@@ -205,6 +212,7 @@ impl Limits {
         base.subjects = vec![names.filter.clone()];
         base.max_messages_per_subject = self.max_per_subject;
         base.max_age = self.max_age;
+        base.max_bytes = self.max_bytes;
         base.discard = DiscardPolicy::Old;
         if let Some(window) = self.duplicate_window {
             base.duplicate_window = window;
@@ -250,6 +258,13 @@ struct Shared {
     nats: OnceLock<(Client, jetstream::Context)>,
     /// The epoch of the stream being read; `None` until the stream was first found.
     epoch: RwLock<Option<Arc<str>>>,
+    /// The highest stream sequence known in the current epoch (from acks and delivery).
+    /// Sequences of one stream only grow, so a fresh (non-duplicate) ack at or below the
+    /// value read before sending comes from a recreated stream.
+    high_seq: AtomicU64,
+    /// Wakes the delivery task to check the stream's identity now (a publish saw a
+    /// sequence that only a recreated stream can give).
+    recheck: tokio::sync::Notify,
     /// The history of the current epoch has been read back.
     restored: AtomicBool,
     /// Shutdown began: refuse publishes, report not ready.
@@ -310,19 +325,30 @@ impl NatsBackplane {
     /// the engine reports ready once connected and the history is restored. Must be called
     /// within a Tokio runtime.
     pub fn new(ctx: EngineContext, url: &str) -> Result<NatsBackplane, BackplaneError> {
+        Self::with_max_bytes(ctx, url, 0)
+    }
+
+    /// [`NatsBackplane::new`] with a byte limit on the stream (`--nats-max-bytes`; 0: none).
+    pub fn with_max_bytes(
+        ctx: EngineContext,
+        url: &str,
+        max_bytes: u64,
+    ) -> Result<NatsBackplane, BackplaneError> {
         let servers = parse_servers(url).map_err(BackplaneError::Config)?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             BackplaneError::Config("the NATS engine must be started within a Tokio runtime".into())
         })?;
         let names = Names::new(&ctx.key_prefix);
         let shared = Arc::new(Shared {
-            limits: Limits::new(ctx.history, ctx.idempotency_window),
+            limits: Limits::new(ctx.history, ctx.idempotency_window, max_bytes),
             names,
             history: ctx.history,
             idempotency: !ctx.idempotency_window.is_zero(),
             metrics: ctx.metrics.clone(),
             nats: OnceLock::new(),
             epoch: RwLock::new(None),
+            high_seq: AtomicU64::new(0),
+            recheck: tokio::sync::Notify::new(),
             restored: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             gauge: Mutex::new(()),
@@ -352,10 +378,11 @@ impl NatsBackplane {
         if shared.epoch.read().is_none() {
             return Err(unavailable("the NATS stream is not set up yet".into()));
         }
-        // The server closes a connection that sends a message over its limit: refuse here.
+        // The server closes a connection that sends a message over its limit: every event is
+        // checked before any is sent, so a request with one oversized event publishes nothing.
         let max_payload = client.server_info().max_payload;
-        let mut acks = Vec::with_capacity(events.len());
-        for event in &events {
+        let mut messages = Vec::with_capacity(events.len());
+        for (index, event) in events.iter().enumerate() {
             let body = WireEvent::encode(event);
             let subject = shared.names.subject(&event.collection);
             let mut message = PublishMessage::build().expected_stream(&shared.names.stream);
@@ -366,34 +393,75 @@ impl NatsBackplane {
                 message = message.message_id(id);
             }
             if body.len() + overhead > max_payload {
-                return Err(unavailable(format!(
-                    "an event of {} bytes is larger than the NATS server's max_payload ({max_payload} bytes)",
-                    body.len()
-                )));
+                return Err(BackplaneError::TooLarge {
+                    index,
+                    size: body.len() + overhead,
+                    limit: max_payload,
+                });
             }
+            messages.push((subject, message.payload(body.into())));
+        }
+        let high_before = shared.high_seq.load(Ordering::Acquire);
+        let mut acks = Vec::with_capacity(messages.len());
+        for (subject, message) in messages {
             let ack = js
-                .send_publish(subject, message.payload(body.into()))
+                .send_publish(subject, message)
                 .await
                 .map_err(|e| unavailable(format!("NATS publish failed: {e}")))?;
             acks.push(ack);
         }
-        let mut accepted = Vec::with_capacity(acks.len());
+        let mut acked = Vec::with_capacity(acks.len());
         for ack in acks {
-            let ack = ack
-                .await
-                .map_err(|e| unavailable(format!("NATS publish was not acknowledged: {e}")))?;
-            let epoch = shared
+            acked.push(
+                ack.await
+                    .map_err(|e| unavailable(format!("NATS publish was not acknowledged: {e}")))?,
+            );
+        }
+        let epoch = if acked
+            .iter()
+            .any(|a| !a.duplicate && a.sequence <= high_before)
+        {
+            // The stream was recreated since this node last looked: answer with the new
+            // stream's epoch, never the old one, and have the delivery task adopt it now.
+            shared.recheck.notify_one();
+            self.live_epoch(js).await?
+        } else {
+            if let Some(last) = acked.iter().map(|a| a.sequence).max() {
+                shared.high_seq.fetch_max(last, Ordering::AcqRel);
+            }
+            shared
                 .epoch
                 .read()
                 .clone()
-                .ok_or_else(|| unavailable("the NATS stream is not set up".into()))?;
-            accepted.push(Accepted {
+                .ok_or_else(|| unavailable("the NATS stream is not set up".into()))?
+        };
+        let accepted = acked
+            .into_iter()
+            .map(|ack| Accepted {
                 offset: ack.sequence,
-                epoch,
+                epoch: epoch.clone(),
                 duplicate: ack.duplicate,
-            });
-        }
+            })
+            .collect();
         Ok(accepted)
+    }
+}
+
+impl NatsBackplane {
+    /// The epoch of the stream as it is on the server now (one stream info request).
+    async fn live_epoch(&self, js: &jetstream::Context) -> Result<Arc<str>, BackplaneError> {
+        let lookup = js.get_stream(&self.shared.names.stream);
+        match tokio::time::timeout(REQUEST_TIMEOUT, lookup).await {
+            Ok(Ok(stream)) => Ok(epoch_of(
+                stream.cached_info().created.unix_timestamp_nanos(),
+            )),
+            Ok(Err(e)) => Err(BackplaneError::Unavailable(format!(
+                "NATS stream info after a recreation: {e}"
+            ))),
+            Err(_) => Err(BackplaneError::Unavailable(
+                "NATS stream info after a recreation timed out".into(),
+            )),
+        }
     }
 }
 
@@ -625,6 +693,7 @@ impl Delivery {
         self.shared.set_restored(false);
         self.sink.reset(epoch.clone());
         *self.shared.epoch.write() = Some(epoch.clone());
+        self.shared.high_seq.store(0, Ordering::Release);
         self.cursor = Cursor {
             created: Some(created),
             epoch,
@@ -673,6 +742,11 @@ impl Delivery {
         loop {
             tokio::select! {
                 biased;
+                _ = self.shared.recheck.notified() => {
+                    if let Ok(false) = self.same_stream().await {
+                        return Err(SyncError::StreamReplaced);
+                    }
+                }
                 _ = check.tick() => {
                     // Only a definite answer counts: a timeout while disconnected does not.
                     if let Ok(false) = self.same_stream().await {
@@ -720,6 +794,7 @@ impl Delivery {
             return;
         }
         self.cursor.last_seq = seq;
+        self.shared.high_seq.fetch_max(seq, Ordering::AcqRel);
         let wire = match WireEvent::decode(payload) {
             Ok(wire) => wire,
             Err(e) => {
@@ -800,25 +875,30 @@ mod tests {
             max_age: Duration::from_secs(secs),
             max_bytes: usize::MAX,
         };
-        let l = Limits::new(history(100, 300), Duration::from_secs(120));
+        let l = Limits::new(history(100, 300), Duration::from_secs(120), 0);
+        assert_eq!(l.max_bytes, -1);
+        assert_eq!(
+            Limits::new(history(100, 300), Duration::ZERO, 1 << 20).max_bytes,
+            1 << 20
+        );
         assert_eq!(l.max_per_subject, 100);
         assert_eq!(l.max_age, Duration::from_secs(300));
         assert_eq!(l.duplicate_window, Some(Duration::from_secs(120)));
         // A window longer than the history: the stream keeps events for the window.
-        let l = Limits::new(history(0, 90), Duration::from_secs(600));
+        let l = Limits::new(history(0, 90), Duration::from_secs(600), 0);
         assert_eq!(l.max_per_subject, 1);
         assert_eq!(l.max_age, Duration::from_secs(600));
         // No history, no idempotency: never 0 (JetStream's "forever").
-        let l = Limits::new(history(10, 0), Duration::ZERO);
+        let l = Limits::new(history(10, 0), Duration::ZERO, 0);
         assert_eq!(l.max_age, MIN_STREAM_AGE);
         assert_eq!(l.duplicate_window, None);
 
         let names = Names::new("p");
-        let l = Limits::new(history(100, 300), Duration::from_secs(120));
+        let l = Limits::new(history(100, 300), Duration::from_secs(120), 0);
         let config = l.new_stream(&names);
         assert!(l.satisfied_by(&names, &config));
         assert_eq!(config.storage, StorageType::File);
-        let other = Limits::new(history(50, 300), Duration::from_secs(120));
+        let other = Limits::new(history(50, 300), Duration::from_secs(120), 0);
         assert!(!other.satisfied_by(&names, &config));
         let updated = other.apply(
             &names,

@@ -95,6 +95,16 @@ pub enum ApiError {
         /// The configured limit.
         limit: usize,
     },
+    /// One event is over the backplane's message limit (NATS `max_payload`).
+    #[error("event {index} is {size} bytes as sent to the backplane, over its limit of {limit} bytes; nothing was published")]
+    EventTooLarge {
+        /// Position of the event in the request.
+        index: usize,
+        /// Its encoded size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// Not `application/json`.
     #[error("the request body must be JSON: send `Content-Type: application/json`")]
     UnsupportedMediaType,
@@ -135,7 +145,9 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge { .. } | ApiError::EventTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Server {
                 reason: ServerErrorReason::Internal,
@@ -155,6 +167,7 @@ impl ApiError {
             ApiError::NotFound => "NOT_FOUND",
             ApiError::MethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
             ApiError::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
+            ApiError::EventTooLarge { .. } => "EVENT_TOO_LARGE",
             ApiError::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             ApiError::Server {
                 reason: ServerErrorReason::Internal,

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::{ApiError, HttpState, ServerErrorReason};
 use crate::auth::PublishKeys;
+use crate::backplane::BackplaneError;
 use crate::event::{
     idempotency_key, normalize_collection_body, normalize_publish, EventKind, NewEvent,
     NormalizeError,
@@ -199,8 +200,15 @@ async fn accept(state: &HttpState, events: Vec<NewEvent>) -> Result<Response, Ap
         .iter()
         .map(|e| (e.collection.clone(), e.kind, e.keys.len()))
         .collect();
-    let positions = state.backplane.publish(events).await.map_err(|e| {
-        ApiError::server(&state.metrics, ServerErrorReason::Backplane, e.to_string())
+    let positions = state.backplane.publish(events).await.map_err(|e| match e {
+        BackplaneError::TooLarge { index, size, limit } => {
+            ApiError::EventTooLarge { index, size, limit }
+        }
+        other => ApiError::server(
+            &state.metrics,
+            ServerErrorReason::Backplane,
+            other.to_string(),
+        ),
     })?;
     let mut accepted = Vec::with_capacity(summary.len());
     for ((collection, kind, items), position) in summary.into_iter().zip(positions) {

@@ -122,6 +122,32 @@ pub fn check_url(url: &str) -> Result<(), String> {
     Client::open(url).map(drop).map_err(|e| e.to_string())
 }
 
+/// Whether `url` asks for TLS (`rediss://`, `valkeys://`).
+pub fn is_tls_url(url: &str) -> bool {
+    let scheme = url.split_once("://").map_or("", |(s, _)| s);
+    scheme.eq_ignore_ascii_case("rediss") || scheme.eq_ignore_ascii_case("valkeys")
+}
+
+/// The client of `url`: a `rediss://` URL verifies the server against the system's roots,
+/// or only against `ca_pem` (`--redis-ca-file`) when given. A `user:password@` in the URL
+/// authenticates as that ACL user (`AUTH user password`) on every connection.
+fn client(url: &str, ca_pem: Option<&[u8]>) -> Result<Client, String> {
+    match ca_pem {
+        None => Client::open(url).map_err(|e| e.to_string()),
+        Some(_) if !is_tls_url(url) => {
+            Err("a CA file (--redis-ca-file) needs a rediss:// URL".into())
+        }
+        Some(pem) => Client::build_with_tls(
+            url,
+            ::redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.to_vec()),
+            },
+        )
+        .map_err(|e| e.to_string()),
+    }
+}
+
 /// The Redis backplane.
 pub struct RedisBackplane {
     shared: Arc<Shared>,
@@ -139,8 +165,18 @@ impl RedisBackplane {
     /// Checks `url` and starts connecting in the background (must be called inside a Tokio
     /// runtime). The engine is ready once connected, agreed on the epoch and restored.
     pub fn new(url: &str, ctx: EngineContext) -> Result<Self, BackplaneError> {
+        Self::with_ca(url, None, ctx)
+    }
+
+    /// [`RedisBackplane::new`], trusting only the CA certificates of `ca_pem` (PEM) for a
+    /// `rediss://` URL instead of the system's roots.
+    pub fn with_ca(
+        url: &str,
+        ca_pem: Option<&[u8]>,
+        ctx: EngineContext,
+    ) -> Result<Self, BackplaneError> {
         // The URL may carry a password: report the error, not the URL.
-        let client = Client::open(url).map_err(|e| BackplaneError::Config(e.to_string()))?;
+        let client = client(url, ca_pem).map_err(BackplaneError::Config)?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             BackplaneError::Config("the Redis engine must be started inside a Tokio runtime".into())
         })?;
