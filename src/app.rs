@@ -84,6 +84,7 @@ impl App {
     pub fn new(config: Config) -> Result<App, AppError> {
         config.validate()?;
         let metrics = Arc::new(Metrics::new(config.metrics_max_collections)?);
+        metrics.describe_config(&config);
         let registry = Arc::new(Registry::new());
         // The memory engine's history starts with its epoch; the Redis engine restores the
         // tail of every collection it holds; other engines' logs predate us.

@@ -739,10 +739,18 @@ mod tests {
 
     #[test]
     fn defaults_are_valid_and_match_config_default() {
-        // Every field: the Debug forms are equal (no field is skipped by hand).
+        // Every field: the Debug forms are equal (no field is skipped by hand). The one
+        // deliberate difference: embedders get no shutdown delay unless they ask.
+        assert_eq!(Config::default().shutdown_delay, Duration::ZERO);
         assert_eq!(
             format!("{:#?}", parse_defaults()),
-            format!("{:#?}", Config::default())
+            format!(
+                "{:#?}",
+                Config {
+                    shutdown_delay: defaults::SHUTDOWN_DELAY.duration(),
+                    ..Config::default()
+                }
+            )
         );
         assert_eq!(
             Permissions::from_json_str(defaults::PUBLIC_PERMISSIONS)
