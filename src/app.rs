@@ -30,8 +30,8 @@ use crate::http::HttpState;
 use crate::hub::{Hub, Subscriptions};
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
-use crate::shutdown::Shutdown;
 use crate::registry::Registry;
+use crate::shutdown::Shutdown;
 use crate::ws::limits::ConnectionLimits;
 use crate::ws::WsState;
 

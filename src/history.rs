@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
-use serde_json::Value;
 use rand::distr::{Alphanumeric, SampleString};
+use serde_json::Value;
 
 use crate::event::Event;
 use crate::protocol::WirePosition;

@@ -204,6 +204,8 @@ pub fn close_reason(position: Option<&WirePosition>) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]

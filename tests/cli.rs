@@ -13,6 +13,7 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -24,6 +25,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// The longest any single wait may take before the test fails.
 const WAIT: Duration = Duration::from_secs(10);
+/// Poll period of the `/readyz` wait.
+const POLL: Duration = Duration::from_millis(20);
 
 /// Runs `tidings ARGS…` to completion, at most [`WAIT`] (then it is killed and the test fails).
 fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {

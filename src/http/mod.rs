@@ -91,7 +91,10 @@ async fn readyz_handler(State(state): State<Arc<HttpState>>) -> Response {
 async fn metrics_handler(State(state): State<Arc<HttpState>>) -> Response {
     let (_, events) = state.history.size();
     let gauge = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
-    state.metrics.history_bytes.set(gauge(state.history.bytes()));
+    state
+        .metrics
+        .history_bytes
+        .set(gauge(state.history.bytes()));
     state.metrics.history_events.set(gauge(events));
     match state.metrics.render() {
         Ok(text) => (
