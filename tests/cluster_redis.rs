@@ -201,9 +201,8 @@ async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
 /// node resumes from with exactly the matching events published after it.
 #[tokio::test]
 async fn a_draining_node_hands_its_subscribers_a_position_another_node_resumes() {
-    let Some(url) = shared_redis().await else {
-        return;
-    };
+    let redis = PrivateRedis::start();
+    let url = redis.url();
     let prefix = unique_prefix();
     let a = node(Config {
         shutdown_delay: Duration::from_secs(1),
@@ -218,7 +217,7 @@ async fn a_draining_node_hands_its_subscribers_a_position_another_node_resumes()
 
     let mut a = a;
     let stopped = a.begin_shutdown();
-    wait_ready(&a, false).await;
+    a.wait_ready(false).await;
     // During the delay: through the draining node and through the other one.
     publish_orders(&a, 4, 3).await;
     publish_orders(&b, 7, 3).await;
@@ -252,7 +251,6 @@ async fn a_draining_node_hands_its_subscribers_a_position_another_node_resumes()
     let replayed: Vec<u64> = receive(&mut back, 1).await.iter().map(|r| r.0).collect();
     assert_eq!(replayed, [10]);
     back.expect_silence(Duration::from_millis(200)).await;
-    cleanup(&url, &prefix).await;
 }
 
 #[tokio::test]
