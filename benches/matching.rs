@@ -1,5 +1,5 @@
 //! The publish path: one event against N live subscriptions, through the real public API
-//! (`registry::compile` → `Registry::insert` → `Hub::dispatch` → `Outbox`).
+//! (`subscription::compile` → `Registry::insert` → `Hub::dispatch` → `Outbox`).
 //!
 //! - `matching_distinct_eq/N`: N subscriptions, each `{"tenant_id":{"_eq": i}}` with fields
 //!   `["id","total"]` and its own uid and outbox (N groups); each event matches exactly one.
@@ -7,7 +7,7 @@
 //! - `matching_distinct_eq_miss/N`: same registry, an event whose tenant nobody filters on.
 //! - `broadcast_identical/N`: N identical subscriptions (same filter, fields and uid "1"): one
 //!   group, one encoding, N outbox pushes. Throughput is per delivery.
-//! - `projection_encode`: `hub::payloads` (project + serialize) of one 20-field item, to two
+//! - `projection_encode`: `subscription::payloads` (project + serialize) of one 20-field item, to two
 //!   fields and to the whole item.
 //!
 //! Outboxes are drained outside the timed region (`iter_custom`).
@@ -24,11 +24,12 @@ use serde_json::{json, Map, Value};
 use tidings::auth::{Permissions, Principal};
 use tidings::event::{Event, EventKind};
 use tidings::filter::FilterLimits;
-use tidings::hub::{payloads, Hub};
+use tidings::hub::Hub;
 use tidings::metrics::Metrics;
 use tidings::outbox::{Frame, Outbox};
 use tidings::protocol::{SubscribeRequest, Uid};
-use tidings::registry::{compile, Registry, Spec, SpecContext};
+use tidings::registry::Registry;
+use tidings::subscription::{compile, payloads, Spec, SpecContext};
 
 const COLLECTION: &str = "orders";
 const SIZES: [usize; 3] = [1_000, 10_000, 100_000];

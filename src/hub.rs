@@ -12,15 +12,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
-use serde_json::{Map, Value};
 
 use crate::backplane::{Backplane, EventSink};
-use crate::event::{key_string, Event, EventKind};
+use crate::event::Event;
 use crate::history::{History, Replay};
 use crate::metrics::Metrics;
 use crate::outbox::{Frame, Live, Outbox, PushError};
-use crate::protocol::{init_frame, json_string, subscription_frame, WirePosition};
-use crate::registry::{Dialect, Group, Registry, Spec, SubHandle};
+use crate::protocol::{init_frame, subscription_frame, WirePosition};
+use crate::registry::{Group, Registry, SubHandle};
+use crate::subscription::{payloads, Spec};
 
 /// Delivers events to the subscriptions of this node.
 #[derive(Debug)]
@@ -101,8 +101,9 @@ impl Hub {
     /// Registers a subscription and queues its `init` frame, then the events it missed when
     /// it resumes. Holding the collection's log lock throughout makes the cut exact: every
     /// event up to the `init` position is replayed or not wanted; every later one is
-    /// dispatched live. Returns the handle and the number of replayed frames.
-    pub fn subscribe<'a>(
+    /// dispatched live. Returns the handle and the number of replayed frames. Sessions reach
+    /// it only through [`Subscriptions::subscribe`].
+    fn subscribe<'a>(
         &self,
         sub: Box<NewSubscription<'a>>,
     ) -> Result<(SubHandle, usize), SubscribeError<'a>> {
@@ -318,7 +319,8 @@ impl Subscriptions {
 
     /// Registers `sub` (see [`Hub::subscribe`]). A resume from a position this node has not
     /// delivered yet waits, up to `catch_up`, for the history to move (woken by the delivery,
-    /// not by polling), then retries; past the wait its position counts as lost.
+    /// not by polling), then retries; past the wait its position counts as lost. Counts the
+    /// replayed frames.
     pub async fn subscribe(
         &self,
         mut sub: Box<NewSubscription<'_>>,
@@ -327,7 +329,7 @@ impl Subscriptions {
         let deadline = tokio::time::Instant::now() + catch_up;
         loop {
             sub = match self.hub.subscribe(sub) {
-                Ok(done) => return done,
+                Ok(done) => return self.replayed(done),
                 Err(SubscribeError::Ahead(back)) => back,
             };
             // Registered before the retry: an event recorded after the retry's look wakes us.
@@ -336,7 +338,7 @@ impl Subscriptions {
             moved.as_mut().enable();
             let _waiting = Waiting::new(&self.hub.waiting);
             sub = match self.hub.subscribe(sub) {
-                Ok(done) => return done,
+                Ok(done) => return self.replayed(done),
                 Err(SubscribeError::Ahead(back)) => back,
             };
             if tokio::time::timeout_at(deadline, moved).await.is_err() {
@@ -345,7 +347,13 @@ impl Subscriptions {
         }
     }
 
-    /// Swaps a subscription for a recompiled (or suspended) spec under one lock.
+    fn replayed(&self, done: (SubHandle, usize)) -> (SubHandle, usize) {
+        self.hub.metrics.replayed_frames.inc_by(done.1 as u64);
+        done
+    }
+
+    /// Swaps a subscription for a recompiled spec (a re-auth changed the permissions) under
+    /// one lock, so no event is missed or delivered twice in between.
     pub fn replace(
         &self,
         old: &SubHandle,
@@ -356,133 +364,15 @@ impl Subscriptions {
         self.registry.replace(old, spec, uid, outbox)
     }
 
-    /// Removes a subscription.
+    /// Suspends a subscription whose token expired: it keeps its place and uid (so a re-auth
+    /// can swap the real spec back in) but receives nothing.
+    pub fn suspend(&self, old: &SubHandle, key_field: &str, outbox: Arc<Outbox>) -> SubHandle {
+        let spec = Spec::suspended(old.collection(), key_field);
+        self.registry.replace(old, spec, old.uid().cloned(), outbox)
+    }
+
+    /// Removes a subscription. Removing twice is harmless.
     pub fn remove(&self, handle: &SubHandle) {
         self.registry.remove(handle);
     }
-}
-
-/// The `data` of every message `spec` gets for `event`, encoded as JSON, in order.
-/// Empty when nothing matches (including an event kind the spec does not receive).
-pub fn payloads(spec: &Spec, event: &Event) -> Vec<String> {
-    if !spec.events.contains(event.kind) {
-        return Vec::new();
-    }
-    match event.kind {
-        EventKind::Create | EventKind::Update => item_payloads(spec, event),
-        EventKind::Delete => delete_payloads(spec, event),
-    }
-}
-
-fn encode(v: &impl serde::Serialize) -> String {
-    // Serializing a serde_json::Value (or a list of them) to a String cannot fail.
-    serde_json::to_string(v).unwrap_or_else(|_| "null".to_string())
-}
-
-fn project(spec: &Spec, item: &Value) -> Value {
-    if spec.projection.is_all() {
-        item.clone()
-    } else {
-        spec.projection.apply(item)
-    }
-}
-
-fn item_payloads(spec: &Spec, event: &Event) -> Vec<String> {
-    if let Some(item_key) = &spec.item {
-        // Directus never sends creates to item subscriptions; updates carry the one item
-        // as an object.
-        if event.kind == EventKind::Create {
-            return Vec::new();
-        }
-        let found = event.keys.iter().position(|k| key_string(k) == *item_key);
-        return match found.and_then(|i| event.items.get(i)) {
-            Some(item) if spec.matches(item) => vec![encode(&project(spec, item))],
-            _ => Vec::new(),
-        };
-    }
-    let matched: Vec<&Value> = event
-        .items
-        .iter()
-        .filter(|item| spec.matches(item))
-        .collect();
-    if matched.is_empty() {
-        return Vec::new();
-    }
-    match (spec.dialect, event.kind) {
-        // Nested dialect: one frame per item, `data` an object.
-        (Dialect::Nested, EventKind::Update) => spec
-            .list
-            .apply(matched)
-            .into_iter()
-            .map(|item| encode(&project(spec, item)))
-            .collect(),
-        (Dialect::Nested, _) => matched
-            .into_iter()
-            .filter(|item| keeps_single(spec, item))
-            .map(|item| encode(&project(spec, item)))
-            .collect(),
-        // Directus: one message per created item; one message with every updated item.
-        (Dialect::Flat, EventKind::Create) => matched
-            .into_iter()
-            .filter(|item| keeps_single(spec, item))
-            .map(|item| encode(&[project(spec, item)]))
-            .collect(),
-        (Dialect::Flat, _) => {
-            let kept = spec.list.apply(matched);
-            if kept.is_empty() {
-                return Vec::new();
-            }
-            let projected: Vec<Value> = kept.into_iter().map(|item| project(spec, item)).collect();
-            vec![encode(&projected)]
-        }
-    }
-}
-
-/// Whether the list shape keeps a message of one item (e.g. `offset: 1` drops it, as in
-/// Directus); the common identity shape needs no work.
-fn keeps_single(spec: &Spec, item: &Value) -> bool {
-    spec.list.is_identity() || !spec.list.apply(vec![item]).is_empty()
-}
-
-fn delete_payloads(spec: &Spec, event: &Event) -> Vec<String> {
-    // With the deleted items, a delete is filtered like a create; key-only deletes reach
-    // only subscriptions whose rows are not restricted.
-    let keys: Vec<&Value> = if event.has_items() {
-        event
-            .items
-            .iter()
-            .zip(&event.keys)
-            .filter(|(item, _)| spec.matches(item))
-            .map(|(_, k)| k)
-            .collect()
-    } else if spec.key_only_deletes {
-        event.keys.iter().collect()
-    } else {
-        Vec::new()
-    };
-    if keys.is_empty() {
-        return Vec::new();
-    }
-    if let Some(item_key) = &spec.item {
-        return match keys.iter().any(|k| key_string(k) == *item_key) {
-            true if spec.dialect == Dialect::Nested => vec![nested_key(spec, item_key)],
-            true => vec![json_string(item_key)],
-            false => Vec::new(),
-        };
-    }
-    match spec.dialect {
-        Dialect::Flat => vec![encode(&keys)],
-        Dialect::Nested => keys
-            .into_iter()
-            .map(|k| nested_key(spec, &key_string(k)))
-            .collect(),
-    }
-}
-
-/// `{"<key field>":"<key>"}`: fcs_directus reads `message.data['id']` and hands it to a
-/// callback typed `String`.
-fn nested_key(spec: &Spec, key: &str) -> String {
-    let mut obj = Map::new();
-    obj.insert(spec.key_field.to_string(), Value::String(key.to_string()));
-    encode(&obj)
 }

@@ -18,7 +18,9 @@
 //! - [`filter`], [`projection`]: compile a subscriber's filter and field list once; evaluate them.
 //! - [`auth`]: subscriber credentials (static tokens, JWTs), the permissions they grant,
 //!   publisher keys.
-//! - [`registry`]: live subscriptions, grouped by identical (filter, projection, permission).
+//! - [`subscription`]: what a subscription is: the query grammar, permission narrowing, the
+//!   compiled `Spec` and its group key, and the payloads it renders per dialect.
+//! - [`registry`]: live subscriptions, grouped by identical spec, and the equality index.
 //! - [`hub`]: one event → matching groups → one encoding per group → outboxes.
 //! - [`outbox`]: the bounded per-connection queue between the hub and a session.
 //! - [`backplane`]: ordering and distribution of events (in-memory engine by default).
@@ -50,6 +52,7 @@ pub mod protocol;
 pub mod readiness;
 pub mod registry;
 pub mod shutdown;
+pub mod subscription;
 pub mod ws;
 
 pub use app::{run, App};

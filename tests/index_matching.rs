@@ -20,7 +20,8 @@ use tidings::hub::Hub;
 use tidings::metrics::Metrics;
 use tidings::outbox::{Drained, Frame, Outbox};
 use tidings::protocol::{SubscribeRequest, Uid};
-use tidings::registry::{compile, Registry, SpecContext};
+use tidings::registry::Registry;
+use tidings::subscription::{compile, SpecContext};
 
 const COLLECTION: &str = "orders";
 const FIELDS: [&str; 3] = ["tenant", "status", "n"];

@@ -8,14 +8,13 @@
 //!
 //! Locking: one `RwLock` per collection. The hub holds the read lock while it matches and
 //! queues an event (queueing never waits); subscribe and unsubscribe take the write lock.
-//! No lock is held across an await. Lock order: registry map shard → collection lock →
+//! No lock is held across an await.
+//!
+//! What a spec is, and its identity, belong to [`crate::subscription`]; the broker changes
+//! the registry only through `hub::Subscriptions`. Lock order: registry map shard → collection lock →
 //! outbox lock (see docs/ARCHITECTURE.md).
 
-mod spec;
-
-pub use spec::{compile, Dialect, ListShape, Spec, SpecContext};
-
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -25,6 +24,7 @@ use parking_lot::RwLock;
 use crate::event::{key_string, Event};
 use crate::filter::{index_key, index_keys_at, Filter};
 use crate::outbox::Outbox;
+use crate::subscription::{Spec, SpecKey};
 
 /// Identifies one subscription in the registry; returned by [`Registry::insert`] and needed
 /// to remove it.
@@ -32,8 +32,20 @@ use crate::outbox::Outbox;
 pub struct SubHandle {
     id: u64,
     collection: Arc<str>,
-    group_key: Arc<str>,
+    group: u64,
     bucket: Option<Arc<str>>,
+}
+
+impl SubHandle {
+    /// The collection it is subscribed to.
+    pub fn collection(&self) -> &Arc<str> {
+        &self.collection
+    }
+
+    /// The uid string its frames carry.
+    pub fn uid(&self) -> Option<&Arc<str>> {
+        self.bucket.as_ref()
+    }
 }
 
 /// Subscriptions of one group whose frames carry the same uid.
@@ -44,8 +56,6 @@ pub type Bucket = BTreeMap<u64, Arc<Outbox>>;
 pub struct Group {
     /// What the members receive.
     pub spec: Arc<Spec>,
-    /// Creation order, so groups are visited in subscription order.
-    seq: u64,
     /// Members by the uid string their frames carry (`None`: subscribed without uid), keyed
     /// by the bucket's creation sequence so buckets are visited in subscription order: a
     /// connection whose two subscriptions share this group gets their frames in the order it
@@ -113,100 +123,94 @@ impl Group {
 /// 100,000 subscriptions filtering on distinct `tenant_id`s, an event evaluates one.
 #[derive(Debug, Default)]
 pub struct CollectionSubs {
-    /// Groups by spec key.
-    groups: HashMap<Arc<str>, Group>,
+    /// Groups by creation sequence (what the index files), so finding a candidate hashes a
+    /// number, not a spec key.
+    groups: HashMap<u64, Group>,
+    /// Which group holds each spec.
+    by_key: HashMap<Arc<SpecKey>, u64>,
     /// Every group without `item`, in creation order (key-only deletes reach all of them).
-    general: BTreeMap<u64, Arc<str>>,
+    general: BTreeSet<u64>,
     /// General groups without an equality term: candidates for every event.
-    unindexed: BTreeMap<u64, Arc<str>>,
+    unindexed: BTreeSet<u64>,
     /// Indexed general groups: field → index key → groups.
-    by_term: HashMap<String, HashMap<String, BTreeMap<u64, Arc<str>>>>,
-    /// Keys of `item` groups by item key, in creation order.
-    by_item: HashMap<String, BTreeMap<u64, Arc<str>>>,
-    next_seq: u64,
+    by_term: HashMap<String, HashMap<String, BTreeSet<u64>>>,
+    /// `item` groups by item key, in creation order.
+    by_item: HashMap<String, BTreeSet<u64>>,
 }
 
 impl CollectionSubs {
     /// The groups that may receive `event`, in creation order. A key-only delete has no item
     /// data to look up, so it reaches every general group (and the item groups of its keys).
     pub fn candidates<'a>(&'a self, event: &Event) -> Vec<&'a Group> {
-        let mut seqs: Vec<(u64, &Arc<str>)> = if event.has_items() {
-            let mut seqs: Vec<(u64, &Arc<str>)> =
-                self.unindexed.iter().map(|(s, k)| (*s, k)).collect();
+        let mut seqs: Vec<u64> = if event.has_items() {
+            let mut seqs: Vec<u64> = self.unindexed.iter().copied().collect();
             for (field, keys) in &self.by_term {
                 for item in &event.items {
                     for key in index_keys_at(item, field) {
                         if let Some(groups) = keys.get(&key) {
-                            seqs.extend(groups.iter().map(|(s, k)| (*s, k)));
+                            seqs.extend(groups.iter().copied());
                         }
                     }
                 }
             }
             seqs
         } else {
-            self.general.iter().map(|(s, k)| (*s, k)).collect()
+            self.general.iter().copied().collect()
         };
         if !self.by_item.is_empty() {
             for key in &event.keys {
                 if let Some(groups) = self.by_item.get(&key_string(key)) {
-                    seqs.extend(groups.iter().map(|(s, k)| (*s, k)));
+                    seqs.extend(groups.iter().copied());
                 }
             }
         }
-        seqs.sort_unstable_by_key(|(s, _)| *s);
-        seqs.dedup_by_key(|(s, _)| *s);
+        seqs.sort_unstable();
+        seqs.dedup();
         seqs.into_iter()
-            .filter_map(|(_, k)| self.groups.get(k))
+            .filter_map(|seq| self.groups.get(&seq))
             .collect()
     }
 
-    fn add_group(&mut self, spec: Spec) -> Arc<str> {
-        let key = spec.key.clone();
-        let seq = self.next_seq;
-        self.next_seq += 1;
+    /// Files a new group for `spec` under `seq` (a fresh subscription id: unique and
+    /// increasing across the registry, so group order is creation order).
+    fn add_group(&mut self, spec: Spec, seq: u64) -> u64 {
         let mut term = None;
         match &spec.item {
             Some(item) => {
-                self.by_item
-                    .entry(item.clone())
-                    .or_default()
-                    .insert(seq, key.clone());
+                self.by_item.entry(item.clone()).or_default().insert(seq);
             }
             None => {
-                self.general.insert(seq, key.clone());
+                self.general.insert(seq);
                 term = spec.filter.as_ref().and_then(index_term);
                 match &term {
                     Some((field, keys)) => {
                         let by_key = self.by_term.entry(field.clone()).or_default();
                         for k in keys {
-                            by_key
-                                .entry(k.clone())
-                                .or_default()
-                                .insert(seq, key.clone());
+                            by_key.entry(k.clone()).or_default().insert(seq);
                         }
                     }
                     None => {
-                        self.unindexed.insert(seq, key.clone());
+                        self.unindexed.insert(seq);
                     }
                 }
             }
         }
+        self.by_key.insert(spec.key.clone(), seq);
         let group = Group {
             spec: Arc::new(spec),
-            seq,
             buckets: BTreeMap::new(),
             bucket_seq: HashMap::new(),
             term,
         };
-        self.groups.insert(key.clone(), group);
-        key
+        self.groups.insert(seq, group);
+        seq
     }
 
-    fn remove_group(&mut self, key: &Arc<str>) {
-        let Some(group) = self.groups.remove(key) else {
+    fn remove_group(&mut self, seq: u64) {
+        let Some(group) = self.groups.remove(&seq) else {
             return;
         };
-        let seq = group.seq;
+        self.by_key.remove(&group.spec.key);
         if let Some(item) = &group.spec.item {
             if let Some(groups) = self.by_item.get_mut(item) {
                 groups.remove(&seq);
@@ -245,12 +249,12 @@ impl CollectionSubs {
     }
 
     fn remove_member(&mut self, handle: &SubHandle) {
-        let Some(group) = self.groups.get_mut(&handle.group_key) else {
+        let Some(group) = self.groups.get_mut(&handle.group) else {
             return;
         };
         group.remove(handle.id, &handle.bucket);
         if group.is_empty() {
-            self.remove_group(&handle.group_key);
+            self.remove_group(handle.group);
         }
     }
 }
@@ -327,17 +331,17 @@ impl Registry {
         if let Some(old) = old {
             subs.remove_member(old);
         }
-        let group_key = match subs.groups.contains_key(&spec.key) {
-            true => spec.key.clone(),
-            false => subs.add_group(spec),
+        let group = match subs.by_key.get(&spec.key) {
+            Some(seq) => *seq,
+            None => subs.add_group(spec, id),
         };
-        if let Some(group) = subs.groups.get_mut(&group_key) {
-            group.add(id, uid.clone(), outbox);
+        if let Some(g) = subs.groups.get_mut(&group) {
+            g.add(id, uid.clone(), outbox);
         }
         SubHandle {
             id,
             collection,
-            group_key,
+            group,
             bucket: uid,
         }
     }
@@ -379,6 +383,7 @@ mod tests {
     use crate::event::EventKind;
     use crate::filter::FilterLimits;
     use crate::protocol::SubscribeRequest;
+    use crate::subscription::{compile, SpecContext};
 
     fn spec(filter: Value) -> Spec {
         let principal = Principal::anonymous(Permissions::all());

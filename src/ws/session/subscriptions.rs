@@ -11,7 +11,8 @@ use super::{Flow, Session, Socket};
 use crate::auth::Principal;
 use crate::hub::{NewSubscription, Resume};
 use crate::protocol::{unsubscribe_ack, ErrorCode, ProtocolError, SubscribeRequest, Uid};
-use crate::registry::{compile, Dialect, Spec, SpecContext, SubHandle};
+use crate::registry::SubHandle;
+use crate::subscription::{compile, Dialect, Spec, SpecContext};
 
 /// How long a resume from a position this node has not reached yet waits for it.
 pub(super) const RESUME_CATCH_UP: Duration = Duration::from_secs(2);
@@ -54,14 +55,9 @@ impl Session {
     /// Swaps every subscription for one that receives nothing (the token expired).
     pub(super) fn suspend_subscriptions(&mut self) {
         for sub in &mut self.subs {
-            let spec = Spec::suspended(
-                &sub.request.collection,
-                self.state.config.key_field(&sub.request.collection),
-            );
-            sub.handle = self.state.subscriptions.replace(
+            sub.handle = self.state.subscriptions.suspend(
                 &sub.handle,
-                spec,
-                sub.uid_str.clone(),
+                self.state.config.key_field(&sub.request.collection),
                 self.outbox.clone(),
             );
         }
@@ -167,8 +163,7 @@ impl Session {
             },
             history_trusted: subscriptions.history_trusted(),
         });
-        let (handle, replayed) = subscriptions.subscribe(sub, RESUME_CATCH_UP).await;
-        self.state.metrics.replayed_frames.inc_by(replayed as u64);
+        let (handle, _replayed) = subscriptions.subscribe(sub, RESUME_CATCH_UP).await;
         self.state
             .metrics
             .subscriptions

@@ -1,11 +1,26 @@
-//! Compiling a `subscribe` request, under the subscriber's permissions, into a [`Spec`]: the
-//! immutable description of what one subscription receives and in which shape.
+//! What a subscription is: a `subscribe` request compiled, under the subscriber's
+//! permissions, into a [`Spec`], the immutable description of what one subscription receives
+//! and in which shape, and the rendering of an event's payloads for that spec
+//! ([`render::payloads`]).
+//!
+//! - [`compile`]: the Directus query grammar (`filter`, `jsonpath`, `fields`, `sort`,
+//!   `limit`/`offset`/`page`, `search`) and permission narrowing (event set, field grant, row
+//!   rule), in the order Directus reports errors;
+//! - [`list`]: [`ListShape`], sort/offset/limit of each message's items;
+//! - [`render`]: the `data` of every message a spec gets for an event, per [`Dialect`].
+//!
+//! Identical specs share one registry group; their identity is [`SpecKey`], built from the
+//! canonical forms of every part (never from `Debug` text).
 //!
 //! Everything that can fail does so here, at subscribe time, with the error the client sees;
 //! the publish path only evaluates.
 
-use std::cmp::Ordering;
-use std::fmt::Write as _;
+pub mod list;
+pub mod render;
+
+pub use list::ListShape;
+pub use render::payloads;
+
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -26,76 +41,23 @@ pub enum Dialect {
     Nested,
 }
 
-/// How the items of one message are ordered and cut (`sort`, `offset`, `limit`), as Directus
-/// applies the subscription query to every event's items.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ListShape {
-    /// Sort keys: dotted field and descending flag.
-    pub sort: Vec<(String, bool)>,
-    /// Items to skip.
-    pub offset: usize,
-    /// Most items to keep; `None` = all (Tidings has no default limit).
-    pub limit: Option<usize>,
-}
-
-impl ListShape {
-    /// True when the shape leaves lists untouched.
-    pub fn is_identity(&self) -> bool {
-        self.sort.is_empty() && self.offset == 0 && self.limit.is_none()
-    }
-
-    /// Applies sort, offset and limit to matched items.
-    pub fn apply<'a>(&self, mut items: Vec<&'a Value>) -> Vec<&'a Value> {
-        if !self.sort.is_empty() {
-            items.sort_by(|a, b| {
-                for (field, desc) in &self.sort {
-                    let ord = compare_for_sort(lookup(a, field), lookup(b, field));
-                    let ord = if *desc { ord.reverse() } else { ord };
-                    if ord != Ordering::Equal {
-                        return ord;
-                    }
-                }
-                Ordering::Equal
-            });
-        }
-        items
-            .into_iter()
-            .skip(self.offset)
-            .take(self.limit.unwrap_or(usize::MAX))
-            .collect()
-    }
-}
-
-fn lookup<'a>(item: &'a Value, dotted: &str) -> Option<&'a Value> {
-    dotted.split('.').try_fold(item, |v, part| v.get(part))
-}
-
-/// Nulls and missing values first (as PostgreSQL sorts ascending with NULLS FIRST in
-/// Directus' default), then numbers, then strings, then anything else by its JSON text.
-fn compare_for_sort(a: Option<&Value>, b: Option<&Value>) -> Ordering {
-    fn rank(v: Option<&Value>) -> u8 {
-        match v {
-            None | Some(Value::Null) => 0,
-            Some(Value::Bool(_)) => 1,
-            Some(Value::Number(_)) => 2,
-            Some(Value::String(_)) => 3,
-            Some(_) => 4,
-        }
-    }
-    match (a, b) {
-        (Some(Value::Number(x)), Some(Value::Number(y))) => x
-            .as_f64()
-            .unwrap_or(0.0)
-            .partial_cmp(&y.as_f64().unwrap_or(0.0))
-            .unwrap_or(Ordering::Equal),
-        (Some(Value::String(x)), Some(Value::String(y))) => x.cmp(y),
-        (Some(Value::Bool(x)), Some(Value::Bool(y))) => x.cmp(y),
-        _ => rank(a).cmp(&rank(b)).then_with(|| {
-            a.map(Value::to_string)
-                .unwrap_or_default()
-                .cmp(&b.map(Value::to_string).unwrap_or_default())
-        }),
-    }
+/// The identity of a [`Spec`]: equal keys receive the same frames, so their subscriptions
+/// share one group. Built from canonical forms (filter and projection canonicals ignore JSON
+/// key order, `_and`/`_or` member order and redundant entries). The collection is implicit
+/// (groups live per collection). A suspended spec is the only one with an empty event set.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SpecKey {
+    events: u8,
+    item: Option<String>,
+    /// Empty without a filter, as for a filter whose canonical form is empty (both match all).
+    filter: String,
+    projection: String,
+    list: ListShape,
+    search: Option<String>,
+    search_fields: Option<Vec<String>>,
+    dialect: Dialect,
+    key_only_deletes: bool,
+    key_field: Arc<str>,
 }
 
 /// What one subscription receives, compiled. Identical specs share one group (see
@@ -127,7 +89,7 @@ pub struct Spec {
     /// The collection's key field (for nested-dialect deletes).
     pub key_field: Arc<str>,
     /// Canonical identity of everything above.
-    pub key: Arc<str>,
+    pub key: Arc<SpecKey>,
 }
 
 impl Spec {
@@ -155,8 +117,19 @@ impl Spec {
             list: ListShape::default(),
             dialect: Dialect::Flat,
             key_only_deletes: false,
+            key: Arc::new(SpecKey {
+                events: 0,
+                item: None,
+                filter: String::new(),
+                projection: String::new(),
+                list: ListShape::default(),
+                search: None,
+                search_fields: None,
+                dialect: Dialect::Flat,
+                key_only_deletes: false,
+                key_field: Arc::from(key_field),
+            }),
             key_field: Arc::from(key_field),
-            key: Arc::from(format!("suspended|{key_field}")),
         }
     }
 }
@@ -483,21 +456,19 @@ pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, Pr
         Dialect::Flat
     };
     let key_only_deletes = !permission.restricts_rows();
-    let mut key = String::new();
-    let _ = write!(
-        key,
-        "{}|{:?}|{}|{}|{:?}|{:?}|{:?}|{:?}|{}|{}",
-        events.0,
-        req.item,
-        filter.as_ref().map_or("", Filter::canonical),
-        projection.canonical(),
-        list,
-        search,
-        search_fields,
+    let key_field: Arc<str> = Arc::from(ctx.key_field);
+    let key = Arc::new(SpecKey {
+        events: events.0,
+        item: req.item.clone(),
+        filter: filter.as_ref().map_or("", Filter::canonical).to_string(),
+        projection: projection.canonical().to_string(),
+        list: list.clone(),
+        search: search.clone(),
+        search_fields: search_fields.clone(),
         dialect,
         key_only_deletes,
-        ctx.key_field
-    );
+        key_field: key_field.clone(),
+    });
     Ok(Spec {
         collection: Arc::from(req.collection.as_str()),
         events,
@@ -509,7 +480,7 @@ pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, Pr
         list,
         dialect,
         key_only_deletes,
-        key_field: Arc::from(ctx.key_field),
-        key: Arc::from(key),
+        key_field,
+        key,
     })
 }
