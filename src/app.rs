@@ -84,7 +84,8 @@ impl App {
     pub fn new(config: Config) -> Result<App, AppError> {
         config.validate()?;
         let metrics = Arc::new(Metrics::new(config.metrics_max_collections)?);
-        metrics.describe_config(&config);
+        let key_names: Vec<&str> = config.publish_keys.names().collect();
+        metrics.describe_config(&config.limit_gauges(), &key_names);
         let registry = Arc::new(Registry::new());
         // The memory engine's history starts with its epoch; the Redis engine restores the
         // tail of every collection it holds; other engines' logs predate us.

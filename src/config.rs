@@ -421,6 +421,32 @@ pub struct Config {
     pub metrics_max_collections: usize,
 }
 
+impl Config {
+    /// The configured limits as `tidings_config_limit{limit}` gauges show them.
+    pub fn limit_gauges(&self) -> Vec<(&'static str, u64)> {
+        let n = |v: usize| v as u64;
+        vec![
+            ("max_connections", n(self.max_connections)),
+            ("max_connections_per_ip", n(self.max_connections_per_ip)),
+            ("max_subscriptions", n(self.max_subscriptions)),
+            (
+                "max_messages_per_second",
+                u64::from(self.max_messages_per_second),
+            ),
+            ("max_frame_bytes", n(self.max_frame_bytes)),
+            ("max_publish_bytes", n(self.max_publish_bytes)),
+            ("max_publish_events", n(self.max_publish_events)),
+            ("outbox_messages", n(self.outbox_messages)),
+            ("outbox_bytes", n(self.outbox_bytes)),
+            ("history_size", n(self.history.max_events)),
+            ("history_bytes", n(self.history.max_bytes)),
+            ("metrics_max_collections", n(self.metrics_max_collections)),
+            ("history_age_seconds", self.history.max_age.as_secs()),
+            ("write_timeout_seconds", self.write_timeout.as_secs()),
+        ]
+    }
+}
+
 impl Default for Config {
     /// The embedded defaults ([`defaults`], the same as the CLI's): public mode, memory engine.
     fn default() -> Self {

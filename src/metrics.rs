@@ -76,6 +76,11 @@ impl CloseReason {
     }
 }
 
+/// The `reason` labels of `tidings_server_errors_total`, pre-registered at zero; the HTTP
+/// edge's `ServerErrorReason` names the same ones (a test there checks it).
+pub const SERVER_ERROR_REASONS: [&str; 4] =
+    ["shutting_down", "backplane", "connection_limit", "internal"];
+
 /// Every `reason` of `tidings_auth_rejections_total`.
 pub const AUTH_REJECTION_REASONS: [&str; 11] = [
     "unknown_token",
@@ -491,8 +496,8 @@ impl Metrics {
         for code in ErrorCode::ALL {
             metrics.protocol_errors.with_label_values(&[code.as_str()]);
         }
-        for reason in crate::http::ServerErrorReason::ALL {
-            metrics.server_errors.with_label_values(&[reason.as_str()]);
+        for reason in SERVER_ERROR_REASONS {
+            metrics.server_errors.with_label_values(&[reason]);
         }
         for reason in AUTH_REJECTION_REASONS {
             metrics.auth_rejections.with_label_values(&[reason]);
@@ -511,35 +516,12 @@ impl Metrics {
     }
 
     /// Exports the configured limits, and creates the per-key publish series at zero.
-    pub fn describe_config(&self, config: &crate::config::Config) {
-        let as_i64 = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
-        let limits = [
-            ("max_connections", config.max_connections),
-            ("max_connections_per_ip", config.max_connections_per_ip),
-            ("max_subscriptions", config.max_subscriptions),
-            (
-                "max_messages_per_second",
-                config.max_messages_per_second as usize,
-            ),
-            ("max_frame_bytes", config.max_frame_bytes),
-            ("max_publish_bytes", config.max_publish_bytes),
-            ("max_publish_events", config.max_publish_events),
-            ("outbox_messages", config.outbox_messages),
-            ("outbox_bytes", config.outbox_bytes),
-            ("history_size", config.history.max_events),
-            ("history_bytes", config.history.max_bytes),
-            ("metrics_max_collections", config.metrics_max_collections),
-        ];
+    pub fn describe_config(&self, limits: &[(&'static str, u64)], publish_key_names: &[&str]) {
         for (name, value) in limits {
-            self.limits.with_label_values(&[name]).set(as_i64(value));
+            let value = i64::try_from(*value).unwrap_or(i64::MAX);
+            self.limits.with_label_values(&[name]).set(value);
         }
-        self.limits
-            .with_label_values(&["history_age_seconds"])
-            .set(as_i64(config.history.max_age.as_secs() as usize));
-        self.limits
-            .with_label_values(&["write_timeout_seconds"])
-            .set(as_i64(config.write_timeout.as_secs() as usize));
-        for key in config.publish_keys.names() {
+        for key in publish_key_names {
             self.publish_requests_by_key.with_label_values(&[key]);
         }
     }
@@ -618,7 +600,8 @@ mod tests {
     #[test]
     fn build_info_limits_and_zero_series() {
         let m = Metrics::new(10).unwrap();
-        m.describe_config(&crate::config::Config::default());
+        let config = crate::config::Config::default();
+        m.describe_config(&config.limit_gauges(), &[]);
         let text = m.render().unwrap();
         for line in [
             format!(

@@ -32,7 +32,7 @@ impl ServerErrorReason {
         }
     }
 
-    /// Every reason (for pre-registering the metric's series).
+    /// Every reason (`metrics::SERVER_ERROR_REASONS` pre-registers the same labels).
     pub const ALL: [ServerErrorReason; 4] = [
         ServerErrorReason::ShuttingDown,
         ServerErrorReason::Backplane,
@@ -214,6 +214,12 @@ impl IntoResponse for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_reason_is_pre_registered_by_metrics() {
+        let labels: Vec<&str> = ServerErrorReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(labels, crate::metrics::SERVER_ERROR_REASONS);
+    }
 
     #[test]
     fn a_5xx_body_says_what_to_do_and_never_the_detail() {
