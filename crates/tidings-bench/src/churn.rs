@@ -344,14 +344,7 @@ pub async fn bench(args: &super::BenchArgs) -> Result<(), super::BenchError> {
     let authority = broker.authority;
     let ws_path = broker.ws_path.as_deref().unwrap_or(&args.ws_path);
     let addr = super::resolve(&authority).await?;
-    let mut ws_url = format!("ws://{authority}{ws_path}");
-    if let Some(token) = &args.token {
-        let sep = if ws_url.contains('?') { '&' } else { '?' };
-        ws_url = format!(
-            "{ws_url}{sep}access_token={}",
-            percent_encoding::utf8_percent_encode(token, percent_encoding::NON_ALPHANUMERIC)
-        );
-    }
+    let ws_url = super::subscriber_url(&authority, ws_path, args.token.as_deref());
     let broker = args.broker_pid.map(super::Proc::Pid);
     let rss_kib = move || broker.and_then(|p| p.memory()).map(|m| m.rss / 1024);
     let plan = ChurnPlan {

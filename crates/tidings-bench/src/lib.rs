@@ -362,14 +362,7 @@ impl Run {
         if !ws_path.starts_with('/') {
             return usage(format!("--ws-path must start with '/': {ws_path}"));
         }
-        let mut ws_url = format!("ws://{authority}{ws_path}");
-        if let Some(token) = &args.token {
-            let sep = if ws_url.contains('?') { '&' } else { '?' };
-            ws_url = format!(
-                "{ws_url}{sep}access_token={}",
-                percent_encoding::utf8_percent_encode(token, percent_encoding::NON_ALPHANUMERIC)
-            );
-        }
+        let ws_url = subscriber_url(&authority, ws_path, args.token.as_deref());
         check_capacity(args.subscribers, args.in_flight, args.source_addrs)?;
 
         let broker = args.broker_pid.map(Proc::Pid);
@@ -754,6 +747,21 @@ fn parse_broker_url(flag: &str, url: &str) -> Result<BrokerUrl, BenchError> {
         authority,
         ws_path: (ws && !path.is_empty()).then(|| path.to_string()),
     })
+}
+
+/// The WebSocket URL subscribers connect to, with `?access_token=` (percent-encoded) when
+/// a token is given.
+fn subscriber_url(authority: &str, ws_path: &str, token: Option<&str>) -> String {
+    let url = format!("ws://{authority}{ws_path}");
+    match token {
+        None => url,
+        Some(token) => {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            let token =
+                percent_encoding::utf8_percent_encode(token, percent_encoding::NON_ALPHANUMERIC);
+            format!("{url}{sep}access_token={token}")
+        }
+    }
 }
 
 async fn resolve(authority: &str) -> Result<SocketAddr, BenchError> {
