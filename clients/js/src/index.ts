@@ -1,0 +1,552 @@
+// Tidings client: the Directus realtime protocol plus Tidings' positions, resume and live views.
+// Zero runtime dependencies: it uses the platform's WebSocket and fetch (browsers, Node >= 22,
+// or Node 20 with --experimental-websocket, or any constructor passed as `WebSocket`).
+
+/** Where a subscription stands in its collection's log (protocol/README.md §5a). */
+export interface Position {
+  epoch: string;
+  offset: number;
+}
+
+export type ConnectionState = 'connecting' | 'open' | 'reconnecting' | 'closed';
+export type AuthMode = 'public' | 'handshake' | 'strict';
+export type TokenProvider = () => string | Promise<string>;
+
+/** The minimal WebSocket surface the client uses (browser WebSocket, Node's, or `ws`). */
+export interface WebSocketLike {
+  readyState: number;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+  onopen: ((ev: unknown) => void) | null;
+  onclose: ((ev: { code: number; reason: string }) => void) | null;
+  onerror: ((ev: unknown) => void) | null;
+  onmessage: ((ev: { data: unknown }) => void) | null;
+}
+export type WebSocketConstructor = new (url: string) => WebSocketLike;
+
+export interface ReconnectOptions {
+  /** First delay, before jitter (default 250 ms). */
+  initialDelayMs?: number;
+  /** Largest delay, before jitter (default 10 s). */
+  maxDelayMs?: number;
+  /** Attempts in a row before giving up and going `closed` (default: never give up). */
+  maxAttempts?: number;
+}
+
+export interface ClientOptions {
+  /** `ws://host:port/websocket` (or `http(s)://host:port`, `/websocket` is added). */
+  url: string;
+  /** Base of the HTTP API for `publish` (default: derived from `url`). */
+  httpUrl?: string;
+  mode?: AuthMode;
+  /** A token, or a function asked for one on every connect and on `TOKEN_EXPIRED`. */
+  token?: string | TokenProvider;
+  /** Publisher key for `publish` (trusted services only: never ship it to a browser). */
+  publishKey?: string;
+  reconnect?: ReconnectOptions | false;
+  WebSocket?: WebSocketConstructor;
+  fetch?: typeof fetch;
+  /** Source of jitter in [0, 1) (tests pass a fixed one). */
+  random?: () => number;
+}
+
+export interface SubscribeOptions {
+  event?: 'create' | 'update' | 'delete';
+  item?: string | number;
+  query?: Record<string, unknown>;
+}
+
+/**
+ * One frame as a subscriber sees it. `reset` replaces `init` when a resume could not be
+ * recovered (`recovered: false`): the app must replace its state with `data`.
+ */
+export interface SubscriptionMessage {
+  event: 'init' | 'reset' | 'create' | 'update' | 'delete';
+  data?: unknown;
+  position?: Position;
+  recovered?: boolean;
+  cause?: 'enter' | 'leave';
+}
+
+export class TidingsError extends Error {
+  constructor(
+    public readonly code: string,
+    message: string,
+    public readonly status?: number,
+  ) {
+    super(message);
+    this.name = 'TidingsError';
+  }
+}
+
+type Listener<T> = (value: T) => void;
+
+/** Delay before reconnect attempt `attempt` (0-based): exponential, capped, half-jittered. */
+export function backoffDelay(attempt: number, opts: ReconnectOptions, random: () => number): number {
+  const initial = opts.initialDelayMs ?? 250;
+  const max = opts.maxDelayMs ?? 10_000;
+  const base = Math.min(max, initial * 2 ** Math.min(attempt, 30));
+  return Math.round(base / 2 + (base / 2) * random());
+}
+
+function wsUrl(url: string): string {
+  let u = url.replace(/^http(s?):\/\//, 'ws$1://');
+  if (!/\/websocket\/?(\?|$)/.test(u)) u = u.replace(/\/?(\?|$)/, '/websocket$1');
+  return u;
+}
+
+function httpBase(url: string): string {
+  return url.replace(/^ws(s?):\/\//, 'http$1://').replace(/\/websocket.*$/, '').replace(/\/$/, '');
+}
+
+/**
+ * A subscription: an async iterator of frames and a callback source, fed from one unbounded
+ * client-side queue so that no frame is ever dropped, however many arrive at once.
+ */
+export class Subscription implements AsyncIterable<SubscriptionMessage> {
+  /** The last position received: the `since` of the next resume. */
+  position: Position | undefined;
+  /** The uid on the wire now (a fresh one per (re)subscribe, so stale frames are ignored). */
+  wireUid = '';
+  private queue: SubscriptionMessage[] = [];
+  private waiters: ((r: IteratorResult<SubscriptionMessage>) => void)[] = [];
+  private listeners = new Set<Listener<SubscriptionMessage>>();
+  private errorListeners = new Set<Listener<TidingsError>>();
+  /** Whether the next init answers a `since` (so recovered:false is a reset). */
+  resuming = false;
+  closed = false;
+
+  constructor(
+    private readonly client: Client,
+    readonly collection: string,
+    readonly options: SubscribeOptions,
+  ) {}
+
+  /** Calls `cb` for every frame from now on; returns the function that stops it. */
+  on(cb: Listener<SubscriptionMessage>): () => void {
+    this.listeners.add(cb);
+    return () => this.listeners.delete(cb);
+  }
+
+  onError(cb: Listener<TidingsError>): () => void {
+    this.errorListeners.add(cb);
+    return () => this.errorListeners.delete(cb);
+  }
+
+  unsubscribe(): void {
+    if (this.closed) return;
+    this.client.dropSubscription(this);
+    this.end();
+  }
+
+  /** @internal */
+  deliver(msg: SubscriptionMessage): void {
+    if (msg.position) this.position = msg.position;
+    for (const cb of this.listeners) cb(msg);
+    // Frames queue for an iterator (also one not started yet); a callback-only consumer
+    // leaves nothing behind.
+    const waiter = this.waiters.shift();
+    if (waiter) waiter({ value: msg, done: false });
+    else if (this.iterating || this.listeners.size === 0) this.queue.push(msg);
+  }
+
+  /** @internal */
+  fail(err: TidingsError): void {
+    for (const cb of this.errorListeners) cb(err);
+  }
+
+  /** @internal */
+  end(): void {
+    this.closed = true;
+    for (const w of this.waiters.splice(0)) w({ value: undefined, done: true });
+  }
+
+  private iterating = false;
+
+  [Symbol.asyncIterator](): AsyncIterator<SubscriptionMessage> {
+    this.iterating = true;
+    return {
+      next: () => {
+        const msg = this.queue.shift();
+        if (msg) return Promise.resolve({ value: msg, done: false });
+        if (this.closed) return Promise.resolve({ value: undefined, done: true });
+        return new Promise((resolve) => this.waiters.push(resolve));
+      },
+      return: () => {
+        this.unsubscribe();
+        return Promise.resolve({ value: undefined, done: true });
+      },
+    };
+  }
+}
+
+export interface ViewQuery {
+  filter?: unknown;
+  fields?: string[] | string;
+  /** Fields, `-` prefix for descending (Directus style). */
+  sort?: string[] | string;
+  limit?: number;
+}
+
+export interface ViewOptions {
+  /** The primary key field (default `id`). */
+  key?: string;
+}
+
+type Item = Record<string, unknown>;
+
+/** Applies one frame to a keyed item map (exported for tests and custom stores). */
+export function applyFrame(items: Map<string, Item>, msg: SubscriptionMessage, key: string): void {
+  const list = (d: unknown): unknown[] => (Array.isArray(d) ? d : d === undefined || d === null ? [] : [d]);
+  const keyOf = (v: unknown): string | undefined => {
+    if (v !== null && typeof v === 'object') {
+      const k = (v as Item)[key];
+      return k === undefined ? undefined : String(k);
+    }
+    return String(v);
+  };
+  switch (msg.event) {
+    case 'init':
+    case 'reset':
+      if (msg.event === 'reset' || Array.isArray(msg.data)) items.clear();
+      for (const it of list(msg.data)) {
+        const k = keyOf(it);
+        if (k !== undefined && typeof it === 'object') items.set(k, { ...(it as Item) });
+      }
+      break;
+    case 'create':
+    case 'update':
+      for (const it of list(msg.data)) {
+        const k = keyOf(it);
+        if (k === undefined || typeof it !== 'object') continue;
+        // An update carries the changed item as projected: merge onto what we hold.
+        items.set(k, { ...(items.get(k) ?? {}), ...(it as Item) });
+      }
+      break;
+    case 'delete':
+      for (const it of list(msg.data)) {
+        const k = keyOf(it);
+        if (k !== undefined) items.delete(k);
+      }
+      break;
+  }
+}
+
+function compareBy(sort: string[]): (a: Item, b: Item) => number {
+  return (a, b) => {
+    for (const s of sort) {
+      const desc = s.startsWith('-');
+      const f = desc ? s.slice(1) : s;
+      const x = a[f] as never;
+      const y = b[f] as never;
+      if (x === y) continue;
+      if (x === undefined || x === null) return 1;
+      if (y === undefined || y === null) return -1;
+      const c = x < y ? -1 : 1;
+      return desc ? -c : c;
+    }
+    return 0;
+  };
+}
+
+/**
+ * A live list: the current items matching a query, kept from `init` plus every create, update,
+ * delete (and enter/leave) frame, sorted and limited on the client. Survives reconnects (resume,
+ * or replacement on a reset).
+ */
+export class LiveView {
+  private readonly map = new Map<string, Item>();
+  private readonly listeners = new Set<Listener<Item[]>>();
+  private readonly sort: string[];
+  private readonly limit: number | undefined;
+  private readonly stop: () => void;
+  readonly subscription: Subscription;
+  /** Frames applied so far. */
+  frames = 0;
+
+  constructor(client: Client, collection: string, query: ViewQuery, opts: ViewOptions) {
+    const key = opts.key ?? 'id';
+    const sort = query.sort ?? [];
+    this.sort = typeof sort === 'string' ? sort.split(',').filter(Boolean) : sort;
+    this.limit = query.limit;
+    const wire: Record<string, unknown> = {};
+    if (query.filter !== undefined) wire.filter = query.filter;
+    if (query.fields !== undefined) wire.fields = query.fields;
+    this.subscription = client.subscribe(collection, { query: wire });
+    this.stop = this.subscription.on((msg) => {
+      applyFrame(this.map, msg, key);
+      this.frames += 1;
+      const now = this.items;
+      for (const cb of this.listeners) cb(now);
+    });
+  }
+
+  /** The items now, sorted and limited. */
+  get items(): Item[] {
+    const all = [...this.map.values()];
+    if (this.sort.length) all.sort(compareBy(this.sort));
+    return this.limit === undefined ? all : all.slice(0, this.limit);
+  }
+
+  /** Calls `cb` with the items after every frame. */
+  onChange(cb: Listener<Item[]>): () => void {
+    this.listeners.add(cb);
+    return () => this.listeners.delete(cb);
+  }
+
+  close(): void {
+    this.stop();
+    this.subscription.unsubscribe();
+  }
+}
+
+/** `POST /v1/publish` (one event); resolves with the broker's JSON answer. */
+export async function publish(
+  httpUrl: string,
+  collection: string,
+  event: 'create' | 'update' | 'delete',
+  data: unknown,
+  opts: { publishKey?: string; fetch?: typeof fetch } = {},
+): Promise<unknown> {
+  const headers: Record<string, string> = { 'content-type': 'application/json' };
+  if (opts.publishKey) headers.authorization = `Bearer ${opts.publishKey}`;
+  const f = opts.fetch ?? fetch;
+  const res = await f(`${httpBase(httpUrl)}/v1/publish`, {
+    method: 'POST',
+    headers,
+    body: JSON.stringify({ collection, event, data }),
+  });
+  const body = await res.json().catch(() => null);
+  if (!res.ok) {
+    const err = (body as { error?: { code?: string; message?: string } } | null)?.error;
+    throw new TidingsError(err?.code ?? 'HTTP_ERROR', err?.message ?? `HTTP ${res.status}`, res.status);
+  }
+  return body;
+}
+
+/** A connection to a broker that keeps itself connected and its subscriptions resumed. */
+export class Client {
+  state: ConnectionState = 'connecting';
+  private ws: WebSocketLike | undefined;
+  private readonly subs = new Map<string, Subscription>();
+  private readonly all = new Set<Subscription>();
+  private readonly stateListeners = new Set<Listener<ConnectionState>>();
+  private readonly errorListeners = new Set<Listener<TidingsError>>();
+  private nextUid = 1;
+  private attempt = 0;
+  private timer: ReturnType<typeof setTimeout> | undefined;
+  private ready = false;
+  private readonly opts: ClientOptions;
+  /** Connections opened so far (1 + reconnects). */
+  connects = 0;
+
+  constructor(opts: ClientOptions) {
+    this.opts = opts;
+    if (!(opts.WebSocket ?? (globalThis as { WebSocket?: unknown }).WebSocket)) {
+      throw new TidingsError('NO_WEBSOCKET', 'no global WebSocket: pass options.WebSocket');
+    }
+    void this.open();
+  }
+
+  onState(cb: Listener<ConnectionState>): () => void {
+    this.stateListeners.add(cb);
+    return () => this.stateListeners.delete(cb);
+  }
+
+  /** Errors not tied to one subscription (auth failures, rate limits). */
+  onError(cb: Listener<TidingsError>): () => void {
+    this.errorListeners.add(cb);
+    return () => this.errorListeners.delete(cb);
+  }
+
+  subscribe(collection: string, options: SubscribeOptions = {}): Subscription {
+    const sub = new Subscription(this, collection, options);
+    this.all.add(sub);
+    if (this.ready) this.sendSubscribe(sub);
+    return sub;
+  }
+
+  view(collection: string, query: ViewQuery = {}, opts: ViewOptions = {}): LiveView {
+    return new LiveView(this, collection, query, opts);
+  }
+
+  publish(collection: string, event: 'create' | 'update' | 'delete', data: unknown): Promise<unknown> {
+    return publish(this.opts.httpUrl ?? this.opts.url, collection, event, data, {
+      publishKey: this.opts.publishKey,
+      fetch: this.opts.fetch,
+    });
+  }
+
+  /** Closes for good: no reconnect; every subscription's iterator ends. */
+  close(): void {
+    this.setState('closed');
+    clearTimeout(this.timer);
+    this.ws?.close(1000);
+    for (const s of this.all) s.end();
+    this.all.clear();
+    this.subs.clear();
+  }
+
+  /** @internal */
+  dropSubscription(sub: Subscription): void {
+    this.all.delete(sub);
+    if (sub.wireUid) {
+      this.subs.delete(sub.wireUid);
+      if (this.ready) this.send({ type: 'unsubscribe', uid: sub.wireUid });
+    }
+  }
+
+  private setState(s: ConnectionState): void {
+    if (this.state === s) return;
+    this.state = s;
+    for (const cb of this.stateListeners) cb(s);
+  }
+
+  private async token(): Promise<string | undefined> {
+    const t = this.opts.token;
+    return typeof t === 'function' ? await t() : t;
+  }
+
+  private async open(): Promise<void> {
+    const Ctor = this.opts.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
+    if (!Ctor) return;
+    let url = wsUrl(this.opts.url);
+    const mode = this.opts.mode ?? 'public';
+    let token: string | undefined;
+    try {
+      token = await this.token();
+    } catch (e) {
+      this.emitError(new TidingsError('TOKEN_PROVIDER', String(e)));
+      return this.scheduleReconnect();
+    }
+    if (this.state === 'closed') return;
+    if (mode === 'strict' && token) url += `${url.includes('?') ? '&' : '?'}access_token=${encodeURIComponent(token)}`;
+    const ws = new Ctor(url);
+    this.ws = ws;
+    this.connects += 1;
+    ws.onopen = () => {
+      if (mode === 'handshake' || (mode === 'public' && token)) {
+        this.send({ type: 'auth', access_token: token ?? '' });
+      } else {
+        this.onReady();
+      }
+    };
+    ws.onmessage = (ev) => this.onFrame(String(ev.data));
+    ws.onerror = () => {};
+    ws.onclose = () => {
+      if (this.ws !== ws) return;
+      this.ready = false;
+      this.ws = undefined;
+      this.subs.clear();
+      if (this.state !== 'closed') this.scheduleReconnect();
+    };
+  }
+
+  private scheduleReconnect(): void {
+    const r = this.opts.reconnect;
+    if (r === false || (r?.maxAttempts !== undefined && this.attempt >= r.maxAttempts)) {
+      this.close();
+      return;
+    }
+    this.setState('reconnecting');
+    const delay = backoffDelay(this.attempt, r ?? {}, this.opts.random ?? Math.random);
+    this.attempt += 1;
+    this.timer = setTimeout(() => void this.open(), delay);
+  }
+
+  private onReady(): void {
+    this.ready = true;
+    this.attempt = 0;
+    this.setState('open');
+    for (const s of this.all) this.sendSubscribe(s);
+  }
+
+  private sendSubscribe(sub: Subscription): void {
+    if (sub.wireUid) this.subs.delete(sub.wireUid);
+    sub.wireUid = `t${this.nextUid++}`;
+    this.subs.set(sub.wireUid, sub);
+    const msg: Record<string, unknown> = { type: 'subscribe', collection: sub.collection, uid: sub.wireUid };
+    if (sub.options.event) msg.event = sub.options.event;
+    if (sub.options.item !== undefined) msg.item = sub.options.item;
+    if (sub.options.query) msg.query = sub.options.query;
+    sub.resuming = sub.position !== undefined;
+    if (sub.position) msg.since = sub.position;
+    this.send(msg);
+  }
+
+  private send(msg: unknown): void {
+    if (this.ws && this.ws.readyState === 1) this.ws.send(JSON.stringify(msg));
+  }
+
+  private emitError(err: TidingsError): void {
+    for (const cb of this.errorListeners) cb(err);
+  }
+
+  private onFrame(text: string): void {
+    let msg: Record<string, unknown>;
+    try {
+      msg = JSON.parse(text);
+    } catch {
+      return;
+    }
+    const err = msg.error as { code?: string; message?: string } | undefined;
+    switch (msg.type) {
+      case 'ping':
+        this.send({ type: 'pong' });
+        return;
+      case 'auth':
+        if (msg.status === 'ok') {
+          if (!this.ready) this.onReady();
+          else {
+            // A re-auth after TOKEN_EXPIRED: events sent while suspended were not delivered;
+            // resubscribing with `since` replays them.
+            for (const s of this.all) {
+              this.send({ type: 'unsubscribe', uid: s.wireUid });
+              this.sendSubscribe(s);
+            }
+          }
+        } else if (err?.code === 'TOKEN_EXPIRED') {
+          void this.token().then(
+            (t) => this.send({ type: 'auth', access_token: t ?? '' }),
+            (e) => this.emitError(new TidingsError('TOKEN_PROVIDER', String(e))),
+          );
+        } else {
+          this.emitError(new TidingsError(err?.code ?? 'AUTH_FAILED', err?.message ?? 'auth failed'));
+        }
+        return;
+      case 'subscription': {
+        const sub = this.subs.get(String(msg.uid));
+        if (!sub || msg.event === 'unsubscribe') return;
+        const out: SubscriptionMessage = { event: msg.event as SubscriptionMessage['event'] };
+        if ('data' in msg) out.data = msg.data;
+        if (msg.position) out.position = msg.position as Position;
+        if (msg.cause) out.cause = msg.cause as 'enter' | 'leave';
+        if (msg.event === 'init') {
+          if (msg.recovered !== undefined) out.recovered = msg.recovered as boolean;
+          const resumed = sub.resuming;
+          sub.resuming = false;
+          // A recovered resume continues the stream: nothing to tell. A lost one is a reset.
+          if (resumed && msg.recovered === true) {
+            if (out.position) sub.position = out.position;
+            return;
+          }
+          if (resumed) out.event = 'reset';
+        }
+        sub.deliver(out);
+        return;
+      }
+      default:
+        if (msg.status === 'error' && err) {
+          const e = new TidingsError(err.code ?? 'ERROR', err.message ?? '');
+          const sub = msg.uid !== undefined ? this.subs.get(String(msg.uid)) : undefined;
+          if (sub) sub.fail(e);
+          else this.emitError(e);
+        }
+    }
+  }
+}
+
+/** Opens a client (same as `new Client(opts)`). */
+export function connect(opts: ClientOptions): Client {
+  return new Client(opts);
+}

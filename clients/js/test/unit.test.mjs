@@ -1,0 +1,154 @@
+// Unit tests of the client against a scripted fake WebSocket (no network).
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { Client, applyFrame, backoffDelay } from '../dist/index.js';
+
+class FakeWS {
+  static all = [];
+  constructor(url) {
+    this.url = url;
+    this.readyState = 0;
+    this.sent = [];
+    FakeWS.all.push(this);
+    queueMicrotask(() => {
+      this.readyState = 1;
+      this.onopen?.({});
+    });
+  }
+  send(d) { this.sent.push(JSON.parse(d)); }
+  close() { this.readyState = 3; this.onclose?.({ code: 1000, reason: '' }); }
+  // Several frames handed over in one go, as one socket read would.
+  push(...frames) { for (const f of frames) this.onmessage?.({ data: JSON.stringify(f) }); }
+  drop() { this.readyState = 3; this.onclose?.({ code: 1001, reason: 'shutdown' }); }
+}
+const tick = () => new Promise((r) => setTimeout(r, 5));
+const last = () => FakeWS.all[FakeWS.all.length - 1];
+const pos = (offset) => ({ epoch: 'e1', offset });
+
+test('backoff grows, is capped, and is jittered within [base/2, base]', () => {
+  const o = { initialDelayMs: 100, maxDelayMs: 1000 };
+  assert.equal(backoffDelay(0, o, () => 0), 50);
+  assert.equal(backoffDelay(0, o, () => 0.999), 100);
+  assert.equal(backoffDelay(3, o, () => 0.999), 800);
+  assert.equal(backoffDelay(20, o, () => 0.999), 1000);
+  assert.equal(backoffDelay(20, o, () => 0), 500);
+});
+
+test('applyFrame handles init, create, update merge, delete, enter and leave', () => {
+  const m = new Map();
+  applyFrame(m, { event: 'init', data: [{ id: 1, a: 1 }] }, 'id');
+  applyFrame(m, { event: 'create', data: [{ id: 2, a: 2 }] }, 'id');
+  applyFrame(m, { event: 'update', data: [{ id: 1, b: 3 }] }, 'id');
+  assert.deepEqual(m.get('1'), { id: 1, a: 1, b: 3 });
+  applyFrame(m, { event: 'delete', data: ['2'] }, 'id');
+  assert.equal(m.has('2'), false);
+  applyFrame(m, { event: 'create', cause: 'enter', data: [{ id: 5 }] }, 'id');
+  applyFrame(m, { event: 'delete', cause: 'leave', data: [1] }, 'id');
+  assert.deepEqual([...m.keys()], ['5']);
+  applyFrame(m, { event: 'reset', data: [{ id: 9 }] }, 'id');
+  assert.deepEqual([...m.keys()], ['9']);
+});
+
+test('five frames arriving at once are all yielded, heartbeat answered', async () => {
+  const c = new Client({ url: 'ws://x', WebSocket: FakeWS });
+  const sub = c.subscribe('orders');
+  await tick();
+  const ws = last();
+  const uid = ws.sent.find((m) => m.type === 'subscribe').uid;
+  ws.push({ type: 'ping' });
+  assert.deepEqual(ws.sent.at(-1), { type: 'pong' });
+  ws.push(
+    { type: 'subscription', event: 'init', data: [], uid, position: pos(0) },
+    ...[1, 2, 3, 4, 5].map((i) => ({ type: 'subscription', event: 'create', data: [{ id: i }], uid, position: pos(i) })),
+  );
+  const seen = [];
+  for await (const m of sub) {
+    seen.push(m);
+    if (seen.length === 6) break;
+  }
+  assert.deepEqual(seen.map((m) => m.event), ['init', 'create', 'create', 'create', 'create', 'create']);
+  c.close();
+});
+
+test('reconnect resumes with since; recovered:false is a reset; states are visible', async () => {
+  const states = [];
+  const c = new Client({ url: 'ws://x', WebSocket: FakeWS, reconnect: { initialDelayMs: 1 }, random: () => 0 });
+  c.onState((s) => states.push(s));
+  const sub = c.subscribe('orders', { query: { filter: { a: { _eq: 1 } } } });
+  const got = [];
+  sub.on((m) => got.push(m));
+  await tick();
+  let ws = last();
+  let uid = ws.sent[0].uid;
+  ws.push({ type: 'subscription', event: 'init', data: [], uid, position: pos(3) },
+          { type: 'subscription', event: 'create', data: [{ id: 1 }], uid, position: pos(4) });
+  ws.drop();
+  await tick(); await tick();
+  ws = last();
+  const again = ws.sent.find((m) => m.type === 'subscribe');
+  assert.deepEqual(again.since, pos(4));
+  assert.deepEqual(again.query, { filter: { a: { _eq: 1 } } });
+  uid = again.uid;
+  ws.push({ type: 'subscription', event: 'init', data: [], uid, position: pos(6), recovered: true },
+          { type: 'subscription', event: 'create', data: [{ id: 2 }], uid, position: pos(5) });
+  ws.drop();
+  await tick(); await tick();
+  ws = last();
+  uid = ws.sent.find((m) => m.type === 'subscribe').uid;
+  ws.push({ type: 'subscription', event: 'init', data: [{ id: 7 }], uid, position: { epoch: 'e2', offset: 0 }, recovered: false });
+  assert.deepEqual(got.map((m) => m.event), ['init', 'create', 'create', 'reset']);
+  assert.deepEqual(states, ['open', 'reconnecting', 'open', 'reconnecting', 'open']);
+  c.close();
+  assert.equal(c.state, 'closed');
+});
+
+test('handshake auth, TOKEN_EXPIRED asks the provider and resubscribes with since', async () => {
+  let n = 0;
+  const c = new Client({ url: 'http://x', mode: 'handshake', token: () => `tok${++n}`, WebSocket: FakeWS });
+  const sub = c.subscribe('orders');
+  const got = [];
+  sub.on((m) => got.push(m));
+  await tick();
+  const ws = last();
+  assert.equal(ws.url, 'ws://x/websocket');
+  assert.deepEqual(ws.sent, [{ type: 'auth', access_token: 'tok1' }]);
+  ws.push({ type: 'auth', status: 'ok' });
+  const uid = ws.sent[1].uid;
+  ws.push({ type: 'subscription', event: 'init', uid, position: pos(2) });
+  ws.push({ type: 'auth', status: 'error', error: { code: 'TOKEN_EXPIRED', message: 'Token expired.' } });
+  await tick();
+  assert.deepEqual(ws.sent.at(-1), { type: 'auth', access_token: 'tok2' });
+  ws.push({ type: 'auth', status: 'ok' });
+  const re = ws.sent.at(-1);
+  assert.equal(re.type, 'subscribe');
+  assert.deepEqual(re.since, pos(2));
+  assert.notEqual(re.uid, uid);
+  // A stale frame of the old uid is ignored.
+  ws.push({ type: 'subscription', event: 'create', data: [{ id: 1 }], uid, position: pos(3) });
+  assert.equal(got.length, 1);
+  c.close();
+});
+
+test('strict mode puts the token in the URL', async () => {
+  const c = new Client({ url: 'ws://h/websocket', mode: 'strict', token: 's 1', WebSocket: FakeWS });
+  await tick();
+  assert.equal(last().url, 'ws://h/websocket?access_token=s%201');
+  c.close();
+});
+
+test('live view sorts and limits', async () => {
+  const c = new Client({ url: 'ws://x', WebSocket: FakeWS });
+  const v = c.view('orders', { sort: ['-total'], limit: 2 });
+  await tick();
+  const ws = last();
+  const uid = ws.sent[0].uid;
+  assert.deepEqual(ws.sent[0].query, {});
+  let changes = 0;
+  v.onChange(() => changes++);
+  ws.push({ type: 'subscription', event: 'init', data: [], uid, position: pos(0) },
+          { type: 'subscription', event: 'create', data: [{ id: 1, total: 5 }, { id: 2, total: 9 }, { id: 3, total: 7 }], uid, position: pos(1) },
+          { type: 'subscription', event: 'delete', data: [2], uid, position: pos(2) });
+  assert.deepEqual(v.items.map((i) => i.id), [3, 1]);
+  assert.equal(changes, 3);
+  c.close();
+});
