@@ -111,6 +111,15 @@ fn assert_resources(report: &Value, server: &Server) {
     ] {
         assert!(f(report, field) >= 0.0, "{field} in {report}");
     }
+    // Every scenario that delivers reports the broker's CPU per delivery.
+    if u(report, "received_deliveries") > 0 {
+        let per = f(report, "broker_cpu_us_per_delivery");
+        let expect =
+            f(report, "broker_cpu_seconds") * 1e6 / u(report, "received_deliveries") as f64;
+        assert!((per - expect).abs() <= 0.001 + expect * 0.01, "{report}");
+    } else {
+        assert!(report["broker_cpu_us_per_delivery"].is_null(), "{report}");
+    }
 }
 
 /// Latency percentiles are present, positive and ordered.

@@ -63,7 +63,7 @@
 //! `latency_p99_ms`, `latency_p999_ms`, `latency_max_ms`, `latency_mean_ms`,
 //! `measured_seconds`, `generator_cpu_seconds`, `generator_cpu_percent`,
 //! `generator_rss_bytes`, `generator_rss_peak_bytes`, `broker_pid`, `broker_cpu_seconds`,
-//! `broker_cpu_percent`, `broker_rss_start_bytes`, `broker_rss_end_bytes`,
+//! `broker_cpu_percent`, `broker_cpu_us_per_delivery`, `broker_rss_start_bytes`, `broker_rss_end_bytes`,
 //! `broker_rss_peak_bytes`, `settle_seconds`, `broker_bytes_per_connection`,
 //! `generator_bytes_per_connection`. Numbers that do not apply are `null`. Progress goes to
 //! stderr. The exit status is 0 whenever the run completed, even with loss or publish errors
@@ -519,6 +519,13 @@ impl Run {
         }
 
         self.tally(&stats, &expected, &mut report);
+        if let Some(cpu) = report.broker_cpu_seconds {
+            if report.received_deliveries > 0 {
+                report.broker_cpu_us_per_delivery = Some(report::round3(
+                    cpu * 1e6 / report.received_deliveries as f64,
+                ));
+            }
+        }
         if report.expected_deliveries > 0 || report.received_deliveries > 0 {
             let merged = latencies.merged().map_err(BenchError::Internal)?;
             report.set_latencies(&merged);

@@ -108,6 +108,10 @@ pub struct Report {
     pub broker_cpu_seconds: Option<f64>,
     /// `broker_cpu_seconds` as a percentage of one core.
     pub broker_cpu_percent: Option<f64>,
+    /// `broker_cpu_seconds` per received delivery, in microseconds: the cost that stays
+    /// comparable across runs on a shared machine (it counts the broker's whole CPU over the
+    /// measured span, HTTP and backplane included).
+    pub broker_cpu_us_per_delivery: Option<f64>,
     /// Broker resident memory before the first connection.
     pub broker_rss_start_bytes: Option<u64>,
     /// Broker resident memory at the end (`connections`: after the settle).
@@ -271,6 +275,9 @@ impl Report {
                     "broker CPU",
                     format!("{cpu:.2} s = {percent:.0}% of one core (pid {pid})"),
                 );
+            }
+            if let Some(us) = self.broker_cpu_us_per_delivery {
+                row("broker CPU per delivery", format!("{us:.3} µs"));
             }
             let fmt = |b: Option<u64>| b.map(mib).unwrap_or_else(|| "?".into());
             row(
