@@ -15,8 +15,10 @@ use clap::{Args, ValueEnum};
 
 use crate::auth::jwt::{JwtSettings, JwtVerifier};
 use crate::auth::{Permissions, Principal, PublishKeys, TokenStore};
+use crate::event::EventKind;
 use crate::filter::FilterLimits;
 use crate::history::HistoryLimits;
+use crate::ingest::cloudevents::{valid_attribute_name, Mapping};
 
 /// How WebSocket clients authenticate (Directus `WEBSOCKETS_REST_AUTH`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -124,6 +126,10 @@ pub mod defaults {
     pub const MAX_PUBLISH_BYTES: usize = 1024 * 1024;
     /// `--max-publish-events`.
     pub const MAX_PUBLISH_EVENTS: usize = 1000;
+    /// `--cloudevents-collection-from`: `subject`, else the `collection` extension.
+    pub const CLOUDEVENTS_COLLECTION_FROM: &str = "subject,collection";
+    /// `--cloudevents-webhook-origins`: any origin.
+    pub const CLOUDEVENTS_WEBHOOK_ORIGINS: &str = "*";
     /// `--max-subscriptions`.
     pub const MAX_SUBSCRIPTIONS: usize = 100;
     /// `--max-connections`.
@@ -282,6 +288,21 @@ pub struct ServeArgs {
     /// Most events in one publish request.
     #[arg(long, env = "TIDINGS_MAX_PUBLISH_EVENTS", default_value_t = defaults::MAX_PUBLISH_EVENTS)]
     pub max_publish_events: usize,
+    /// CloudEvents attributes that name an event's collection, tried in order (comma-separated).
+    #[arg(long, env = "TIDINGS_CLOUDEVENTS_COLLECTION_FROM", default_value = defaults::CLOUDEVENTS_COLLECTION_FROM)]
+    pub cloudevents_collection_from: String,
+    /// A CloudEvents `type` and the event kind it means, `TYPE=create|update|delete`, looked up
+    /// before the `.created`/`.updated`/`.deleted` suffix rule. Repeatable.
+    #[arg(
+        long = "cloudevents-type-kind",
+        env = "TIDINGS_CLOUDEVENTS_TYPE_KIND",
+        value_delimiter = ';'
+    )]
+    pub cloudevents_type_kinds: Vec<String>,
+    /// Origins the CloudEvents webhook handshake (`OPTIONS /v1/cloudevents`) allows,
+    /// comma-separated; `*` allows any.
+    #[arg(long, env = "TIDINGS_CLOUDEVENTS_WEBHOOK_ORIGINS", default_value = defaults::CLOUDEVENTS_WEBHOOK_ORIGINS)]
+    pub cloudevents_webhook_origins: String,
     /// Most subscriptions one connection may hold.
     #[arg(long, env = "TIDINGS_MAX_SUBSCRIPTIONS", default_value_t = defaults::MAX_SUBSCRIPTIONS)]
     pub max_subscriptions: usize,
@@ -403,6 +424,10 @@ pub struct Config {
     pub max_publish_bytes: usize,
     /// Most events per publish request.
     pub max_publish_events: usize,
+    /// How `POST /v1/cloudevents` maps an event to a collection and kind.
+    pub cloudevents: Mapping,
+    /// Origins the CloudEvents webhook handshake allows; `*` allows any.
+    pub cloudevents_webhook_origins: Vec<String>,
     /// Most subscriptions per connection.
     pub max_subscriptions: usize,
     /// Most concurrent connections.
@@ -482,6 +507,8 @@ impl Default for Config {
             max_frame_bytes: defaults::MAX_FRAME_BYTES,
             max_publish_bytes: defaults::MAX_PUBLISH_BYTES,
             max_publish_events: defaults::MAX_PUBLISH_EVENTS,
+            cloudevents: Mapping::default(),
+            cloudevents_webhook_origins: vec![defaults::CLOUDEVENTS_WEBHOOK_ORIGINS.into()],
             max_subscriptions: defaults::MAX_SUBSCRIPTIONS,
             max_connections: defaults::MAX_CONNECTIONS,
             max_connections_per_ip: defaults::MAX_CONNECTIONS_PER_IP,
@@ -606,6 +633,17 @@ impl ServeArgs {
                 .ok_or_else(|| err("key-field", format!("`{spec}` is not COLLECTION=FIELD")))?;
             key_fields.insert(collection.trim().to_string(), field.trim().to_string());
         }
+        let cloudevents = cloudevents_mapping(
+            &self.cloudevents_collection_from,
+            &self.cloudevents_type_kinds,
+        )?;
+        let cloudevents_webhook_origins = list(&self.cloudevents_webhook_origins);
+        if cloudevents_webhook_origins.is_empty() {
+            return Err(err(
+                "cloudevents-webhook-origins",
+                "names no origin (`*` allows any)",
+            ));
+        }
         let mut publish_keys = PublishKeys::default();
         publish_keys
             .add_flags(&self.publish_keys)
@@ -679,6 +717,8 @@ impl ServeArgs {
             max_frame_bytes: self.max_frame_bytes,
             max_publish_bytes: self.max_publish_bytes,
             max_publish_events: self.max_publish_events,
+            cloudevents,
+            cloudevents_webhook_origins,
             max_subscriptions: self.max_subscriptions,
             max_connections: self.max_connections,
             max_connections_per_ip: self.max_connections_per_ip,
@@ -696,6 +736,57 @@ impl ServeArgs {
         config.validate()?;
         Ok(config)
     }
+}
+
+/// The items of a comma-separated flag, trimmed, empty ones dropped.
+fn list(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// `--cloudevents-collection-from` and `--cloudevents-type-kind` into the mapping.
+fn cloudevents_mapping(
+    collection_from: &str,
+    type_kinds: &[String],
+) -> Result<Mapping, ConfigError> {
+    let collection_from = list(collection_from);
+    if collection_from.is_empty() {
+        return Err(err(
+            "cloudevents-collection-from",
+            "names no attribute (the default is subject,collection)",
+        ));
+    }
+    for name in &collection_from {
+        valid_attribute_name(name).map_err(|m| err("cloudevents-collection-from", m))?;
+    }
+    let mut mapping = Mapping {
+        collection_from,
+        type_kinds: HashMap::new(),
+    };
+    for spec in type_kinds {
+        let (ty, kind) = spec
+            .rsplit_once('=')
+            .map(|(t, k)| (t.trim(), k.trim()))
+            .filter(|(t, _)| !t.is_empty())
+            .ok_or_else(|| {
+                err(
+                    "cloudevents-type-kind",
+                    format!("`{spec}` is not TYPE=KIND"),
+                )
+            })?;
+        let kind = EventKind::parse(kind).ok_or_else(|| {
+            err(
+                "cloudevents-type-kind",
+                format!("`{kind}` in `{spec}` is not create, update or delete"),
+            )
+        })?;
+        mapping.type_kinds.insert(ty.to_string(), kind);
+    }
+    Ok(mapping)
 }
 
 /// `TOKEN` grants every collection; `TOKEN=a,b` grants collections `a` and `b`.
@@ -983,5 +1074,58 @@ mod tests {
         assert!(t2.permissions.for_collection("c").is_none());
         assert_eq!(c.key_field("orders"), "order_id");
         assert_eq!(c.key_field("other"), "id");
+    }
+
+    #[test]
+    fn cloudevents_flags() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.cloudevents, Mapping::default());
+        assert_eq!(c.cloudevents_webhook_origins, ["*"]);
+        let c = parse(&[
+            "--cloudevents-collection-from",
+            "tenant, subject",
+            "--cloudevents-type-kind",
+            "com.shop.order.placed=create",
+            "--cloudevents-type-kind",
+            "a=b=delete",
+            "--cloudevents-webhook-origins",
+            "eventgrid.azure.net, example.com",
+        ])
+        .unwrap();
+        assert_eq!(c.cloudevents.collection_from, ["tenant", "subject"]);
+        assert_eq!(
+            c.cloudevents.kind("com.shop.order.placed"),
+            Some(EventKind::Create)
+        );
+        assert_eq!(c.cloudevents.kind("a=b"), Some(EventKind::Delete));
+        assert_eq!(
+            c.cloudevents_webhook_origins,
+            ["eventgrid.azure.net", "example.com"]
+        );
+        for (args, flag) in [
+            (
+                ["--cloudevents-collection-from", " , "],
+                "cloudevents-collection-from",
+            ),
+            (
+                ["--cloudevents-collection-from", "Subject"],
+                "cloudevents-collection-from",
+            ),
+            (
+                ["--cloudevents-type-kind", "x.placed"],
+                "cloudevents-type-kind",
+            ),
+            (
+                ["--cloudevents-type-kind", "x.placed=upsert"],
+                "cloudevents-type-kind",
+            ),
+            (
+                ["--cloudevents-webhook-origins", ","],
+                "cloudevents-webhook-origins",
+            ),
+        ] {
+            let e = parse(&args).unwrap_err();
+            assert_eq!(e.flag, flag, "{args:?}");
+        }
     }
 }

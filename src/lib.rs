@@ -14,6 +14,7 @@
 //!
 //! - [`config`]: every flag, limit and timeout, and their validation.
 //! - [`event`]: events, event kinds, item keys; normalization of publish payloads.
+//! - [`ingest`]: front-ends to that normalization for standard formats (CloudEvents 1.0).
 //! - [`protocol`]: wire types of the WebSocket protocol (client and server messages).
 //! - [`filter`], [`projection`]: compile a subscriber's filter and field list once; evaluate them.
 //! - [`auth`]: subscriber credentials (static tokens, JWTs), the permissions they grant,
@@ -45,6 +46,7 @@ pub mod filter;
 pub mod history;
 pub mod http;
 pub mod hub;
+pub mod ingest;
 pub mod metrics;
 pub mod outbox;
 pub mod projection;

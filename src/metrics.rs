@@ -120,6 +120,10 @@ const PUBLISH_STATUSES: [&str; 9] = [
     "202", "400", "401", "404", "413", "415", "422", "500", "503",
 ];
 
+/// Every `format` of `tidings_publish_requests_total`: which front-end read the request
+/// (`json` is `/v1/publish` and `/v1/collections/…`).
+pub const PUBLISH_FORMATS: [&str; 2] = ["json", "cloudevents"];
+
 /// The process collector of the `prometheus` crate, with `process_cpu_seconds_total` at the
 /// kernel's resolution (clock ticks, usually 10 ms) instead of whole seconds, which drew a
 /// broker using 2 % of a core as a 0/1 s sawtooth.
@@ -235,7 +239,7 @@ pub struct Metrics {
     pub published_events: IntCounterVec,
     /// Published items (keys for key-only deletes), by collection and event.
     pub published_items: IntCounterVec,
-    /// Publish requests, by HTTP status.
+    /// Publish requests, by body format (`PUBLISH_FORMATS`) and HTTP status.
     pub publish_requests: IntCounterVec,
     /// Publish requests that passed authentication, by the publish key's name (`_loopback`:
     /// trusted loopback publisher without a key; `_open`: no key configured).
@@ -379,8 +383,8 @@ impl Metrics {
             )?,
             publish_requests: counter_vec(
                 "tidings_publish_requests_total",
-                "Publish HTTP requests, by response status.",
-                &["status"],
+                "Publish HTTP requests, by body format and response status.",
+                &["format", "status"],
             )?,
             deliveries: counter("tidings_deliveries_total", "Live event frames written to WebSocket connections (not init or replayed frames).")?,
             delivered_bytes: counter("tidings_delivered_bytes_total", "Bytes of live event frames written to WebSocket connections.")?,
@@ -505,8 +509,12 @@ impl Metrics {
         for outcome in ["recovered", "lost"] {
             metrics.resumes.with_label_values(&[outcome]);
         }
-        for status in PUBLISH_STATUSES {
-            metrics.publish_requests.with_label_values(&[status]);
+        for format in PUBLISH_FORMATS {
+            for status in PUBLISH_STATUSES {
+                metrics
+                    .publish_requests
+                    .with_label_values(&[format, status]);
+            }
         }
         metrics
             .build_info
@@ -611,7 +619,8 @@ mod tests {
             "tidings_config_limit{limit=\"max_connections\"} 10000".into(),
             "tidings_config_limit{limit=\"history_bytes\"} 67108864".into(),
             "tidings_resumes_total{outcome=\"lost\"} 0".into(),
-            "tidings_publish_requests_total{status=\"202\"} 0".into(),
+            "tidings_publish_requests_total{format=\"json\",status=\"202\"} 0".into(),
+            "tidings_publish_requests_total{format=\"cloudevents\",status=\"422\"} 0".into(),
             "tidings_history_bytes 0".into(),
         ] {
             assert!(text.contains(&line), "missing {line} in\n{text}");

@@ -304,7 +304,10 @@ async fn health_readiness_and_metrics_reflect_traffic() {
             "tidings_published_items_total{collection=\"orders\",event=\"create\"}",
             2.0,
         ),
-        ("tidings_publish_requests_total{status=\"202\"}", 1.0),
+        (
+            "tidings_publish_requests_total{format=\"json\",status=\"202\"}",
+            1.0,
+        ),
         ("tidings_deliveries_total", 5.0),
         ("tidings_fanout_frames_count", 1.0),
         ("tidings_fanout_frames_sum", 5.0),
@@ -414,7 +417,7 @@ async fn metrics_match_the_traffic_under_load() {
             events,
         ),
         (
-            "tidings_publish_requests_total{status=\"202\"}",
+            "tidings_publish_requests_total{format=\"json\",status=\"202\"}",
             (EVENTS / BATCH) as f64,
         ),
         ("tidings_deliveries_total", frames),

@@ -136,14 +136,14 @@ async fn bad_inputs_get_clear_errors_and_publish_nothing() {
         .await;
     assert!(
         server
-            .metric("tidings_publish_requests_total{status=\"422\"}")
+            .metric("tidings_publish_requests_total{format=\"json\",status=\"422\"}")
             .await
             .unwrap()
             >= 7.0
     );
     assert_eq!(
         server
-            .metric("tidings_publish_requests_total{status=\"413\"}")
+            .metric("tidings_publish_requests_total{format=\"json\",status=\"413\"}")
             .await,
         Some(1.0)
     );

@@ -1,5 +1,7 @@
 //! The HTTP API's error type and its JSON rendering.
 
+use std::borrow::Cow;
+
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -72,10 +74,17 @@ pub enum ApiError {
     /// A request header has an invalid value.
     #[error("invalid {header} header: {message}")]
     InvalidHeader {
-        /// The header's name.
-        header: &'static str,
+        /// The header's name, lowercase.
+        header: Cow<'static, str>,
         /// Why.
         message: String,
+    },
+    /// The CloudEvents webhook handshake came from an origin `--cloudevents-webhook-origins`
+    /// does not list.
+    #[error("events from origin `{origin}` are not accepted here")]
+    OriginNotAllowed {
+        /// The `WebHook-Request-Origin` asked for.
+        origin: String,
     },
     /// Missing or wrong publish key.
     #[error("a valid publish key is required: send `Authorization: Bearer <key>`")]
@@ -143,6 +152,7 @@ impl ApiError {
             ApiError::InvalidPayload { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::OriginNotAllowed { .. } => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } | ApiError::EventTooLarge { .. } => {
@@ -164,6 +174,7 @@ impl ApiError {
             ApiError::InvalidPayload { .. } => "INVALID_PAYLOAD",
             ApiError::InvalidHeader { .. } => "INVALID_HEADER",
             ApiError::Unauthorized => "UNAUTHORIZED",
+            ApiError::OriginNotAllowed { .. } => "FORBIDDEN",
             ApiError::NotFound => "NOT_FOUND",
             ApiError::MethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
             ApiError::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
@@ -182,6 +193,7 @@ impl ApiError {
             ApiError::InvalidPayload { pointer, .. } => Some(pointer),
             ApiError::InvalidHeader { header, .. } => Some(header),
             ApiError::UnsupportedMediaType => Some("content-type"),
+            ApiError::OriginNotAllowed { .. } => Some("webhook-request-origin"),
             ApiError::Unauthorized => Some("authorization"),
             _ => None,
         }

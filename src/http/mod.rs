@@ -2,6 +2,8 @@
 //!
 //! - `POST /v1/publish`: one event or an array of events.
 //! - `POST /v1/collections/{collection}/{event}`: the item(s) (or keys) as the body.
+//! - `POST /v1/cloudevents`: CloudEvents 1.0 in any HTTP content mode; `OPTIONS` answers the
+//!   webhook handshake.
 //! - `GET /healthz`: the process is up.
 //! - `GET /readyz`: the broker accepts publishes and connections (false while shutting down).
 //! - `GET /metrics`: Prometheus text format.
@@ -9,6 +11,7 @@
 //! Every error is JSON, `{"error":{"code","message","where"?}}`, built by [`ApiError`].
 
 mod error;
+mod ingest;
 mod publish;
 
 pub use error::{ApiError, ServerErrorReason};
@@ -66,6 +69,10 @@ pub fn routes(state: Arc<HttpState>) -> Router {
             "/v1/collections/{collection}/{event}",
             post(publish::collection_handler),
         )
+        .route(
+            "/v1/cloudevents",
+            post(ingest::cloudevents_handler).options(ingest::webhook_handshake_handler),
+        )
         .route("/healthz", get(healthz_handler))
         .route("/readyz", get(readyz_handler))
         .route("/metrics", get(metrics_handler))
@@ -114,10 +121,12 @@ async fn metrics_handler(State(state): State<Arc<HttpState>>) -> Response {
     }
 }
 
-/// JSON 405 for a known route asked with another method: the publish routes take `POST`,
-/// the others (health, readiness, metrics, the WebSocket) `GET`.
+/// JSON 405 for a known route asked with another method: the publish routes take `POST`
+/// (and `/v1/cloudevents` `OPTIONS`, the webhook handshake), the others (health, readiness, metrics, the WebSocket) `GET`.
 pub async fn method_not_allowed_handler(uri: axum::http::Uri) -> Response {
-    let allow = if uri.path().starts_with("/v1/") {
+    let allow = if uri.path() == "/v1/cloudevents" {
+        "POST, OPTIONS"
+    } else if uri.path().starts_with("/v1/") {
         "POST"
     } else {
         "GET, HEAD"

@@ -40,7 +40,7 @@ pub async fn publish_handler(
         accept(&state, events).await
     }
     .await;
-    count(&state, result)
+    count(&state, "json", result)
 }
 
 /// `POST /v1/collections/{collection}/{event}`.
@@ -64,7 +64,7 @@ pub async fn collection_handler(
         accept(&state, events).await
     }
     .await;
-    count(&state, result)
+    count(&state, "json", result)
 }
 
 /// `Idempotency-Key: K` names the request's events: `K` for a single event, `K#0`, `K#1`…
@@ -78,7 +78,7 @@ fn apply_idempotency_header(headers: &HeaderMap, events: &mut [NewEvent]) -> Res
         .map_err(|_| "not printable ASCII".to_string())
         .and_then(idempotency_key)
         .map_err(|message| ApiError::InvalidHeader {
-            header: "idempotency-key",
+            header: "idempotency-key".into(),
             message,
         })?;
     let single = events.len() == 1;
@@ -93,19 +93,25 @@ fn apply_idempotency_header(headers: &HeaderMap, events: &mut [NewEvent]) -> Res
     Ok(())
 }
 
-fn invalid(e: NormalizeError) -> ApiError {
+pub(super) fn invalid(e: NormalizeError) -> ApiError {
     ApiError::InvalidPayload {
         message: e.message,
         pointer: e.pointer,
     }
 }
 
-fn count(state: &HttpState, result: Result<Response, ApiError>) -> Response {
+/// Counts the answer in `tidings_publish_requests_total{format,status}` (`format`: one of
+/// `metrics::PUBLISH_FORMATS`).
+pub(super) fn count(
+    state: &HttpState,
+    format: &str,
+    result: Result<Response, ApiError>,
+) -> Response {
     let response = result.unwrap_or_else(IntoResponse::into_response);
     state
         .metrics
         .publish_requests
-        .with_label_values(&[response.status().as_str()])
+        .with_label_values(&[format, response.status().as_str()])
         .inc();
     response
 }
@@ -137,7 +143,7 @@ fn authorize(
 }
 
 /// Readiness, publisher key, content type, size and JSON syntax, in that order.
-fn read_body(
+pub(super) fn read_body(
     state: &HttpState,
     peer: SocketAddr,
     headers: &HeaderMap,
@@ -195,7 +201,7 @@ fn read_body(
     })
 }
 
-async fn accept(state: &HttpState, events: Vec<NewEvent>) -> Result<Response, ApiError> {
+pub(super) async fn accept(state: &HttpState, events: Vec<NewEvent>) -> Result<Response, ApiError> {
     let summary: Vec<(Arc<str>, EventKind, usize)> = events
         .iter()
         .map(|e| (e.collection.clone(), e.kind, e.keys.len()))

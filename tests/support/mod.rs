@@ -192,6 +192,32 @@ impl TestServer {
         (status, value)
     }
 
+    /// Any method, with headers: status, response headers and body text.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> (StatusCode, hyper::HeaderMap, String) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(Bytes::from(body))).expect("request");
+        let response = tokio::time::timeout(WAIT, http_client().request(req))
+            .await
+            .expect("HTTP request timed out")
+            .expect("HTTP request");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await.expect("body");
+        let text = String::from_utf8_lossy(&body.to_bytes()).into_owned();
+        (status, headers, text)
+    }
+
     /// GETs `path`, returning status and body text.
     pub async fn get(&self, path: &str) -> (StatusCode, String) {
         let req = Request::get(format!("http://{}{path}", self.addr))
