@@ -295,7 +295,13 @@ impl Broker {
     }
 
     pub fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Broker {
-        let mut argv = vec!["serve", "--listen", "127.0.0.1:0"];
+        Broker::start_listening("127.0.0.1:0", args, envs)
+    }
+
+    /// `tidings serve --listen LISTEN ARGS…` (a restart binds the address of the broker
+    /// it replaces).
+    pub fn start_listening(listen: &str, args: &[&str], envs: &[(&str, &str)]) -> Broker {
+        let mut argv = vec!["serve", "--listen", listen];
         argv.extend_from_slice(args);
         let mut proc = Proc::spawn(&argv, envs);
         let line = match proc.stdout.next_line(Instant::now() + START) {

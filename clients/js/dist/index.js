@@ -344,8 +344,7 @@ export class Client {
             }
         };
         ws.onmessage = (ev) => this.onFrame(String(ev.data));
-        ws.onerror = () => { };
-        ws.onclose = () => {
+        const lost = () => {
             if (this.ws !== ws)
                 return;
             this.ready = false;
@@ -354,6 +353,19 @@ export class Client {
             if (this.state !== 'closed')
                 this.scheduleReconnect();
         };
+        // Node 20's WebSocket reports a refused connection only as `error` (no `close` follows,
+        // readyState stays CONNECTING), so an error counts as the end of this socket too; `lost`
+        // runs once per socket whichever comes first.
+        ws.onerror = () => {
+            lost();
+            try {
+                ws.close();
+            }
+            catch {
+                // Closing a socket that never opened may throw; it is gone either way.
+            }
+        };
+        ws.onclose = lost;
     }
     scheduleReconnect() {
         const r = this.opts.reconnect;

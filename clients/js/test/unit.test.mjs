@@ -152,3 +152,26 @@ test('live view sorts and limits', async () => {
   assert.equal(changes, 3);
   c.close();
 });
+
+test('a refused connection reported only as `error` (Node 20) still reconnects', async () => {
+  // Node 20's WebSocket on a refused connection: `error` with readyState CONNECTING, and no
+  // `close` ever follows.
+  let refusals = 2;
+  class RefusedWS {
+    constructor(url) {
+      if (refusals-- <= 0) return new FakeWS(url);
+      this.readyState = 0;
+      queueMicrotask(() => this.onerror?.({}));
+    }
+    send() { throw new Error('not open'); }
+    close() {}
+  }
+  const states = [];
+  const c = new Client({ url: 'ws://x', WebSocket: RefusedWS, reconnect: { initialDelayMs: 1 }, random: () => 0 });
+  c.onState((s) => states.push(s));
+  for (let i = 0; i < 40 && c.state !== 'open'; i++) await tick();
+  assert.equal(c.state, 'open');
+  assert.equal(c.connects, 3);
+  assert.deepEqual(states, ['reconnecting', 'open']);
+  c.close();
+});
