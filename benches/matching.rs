@@ -113,6 +113,7 @@ fn create(item: Value) -> Event {
         kind: EventKind::Create,
         items: vec![item],
         keys: vec![key],
+        before: Vec::new(),
         offset: 1,
         epoch: Arc::from("bench"),
         received: Instant::now(),

@@ -89,6 +89,10 @@ pub struct NewEvent {
     pub items: Vec<Value>,
     /// The items' keys, as the publisher gave them (string or number), in item order.
     pub keys: Vec<Value>,
+    /// The previous version of each item, in item order, when the publisher knows it (a
+    /// Debezium update with `REPLICA IDENTITY FULL`); empty otherwise. Never partial: empty
+    /// or one per item.
+    pub before: Vec<Value>,
     /// Publishing again with the same key (per collection) within the deduplication window
     /// returns the first publish's position instead of a new event.
     pub idempotency_key: Option<Arc<str>>,
@@ -105,6 +109,8 @@ pub struct Event {
     pub items: Vec<Value>,
     /// Keys, one per item (or the delete's keys).
     pub keys: Vec<Value>,
+    /// The previous version of each item when the publisher sent it ([`NewEvent::before`]).
+    pub before: Vec<Value>,
     /// Position in the collection's log (1-based, monotonic within an epoch).
     pub offset: u64,
     /// Lifetime of the log the offset belongs to.
@@ -423,6 +429,7 @@ fn normalize_keys_at(
         kind,
         items: Vec::new(),
         keys,
+        before: Vec::new(),
     })
 }
 
@@ -490,6 +497,7 @@ fn normalize_data_at(
         kind,
         items,
         keys,
+        before: Vec::new(),
     })
 }
 

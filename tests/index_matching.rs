@@ -108,6 +108,7 @@ impl World {
             kind,
             items,
             keys,
+            before: Vec::new(),
             offset: self.offset,
             epoch: Arc::from("test"),
             received: Instant::now(),

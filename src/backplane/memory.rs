@@ -89,6 +89,7 @@ impl MemoryBackplane {
             kind: new.kind,
             items: new.items,
             keys: new.keys,
+            before: new.before,
             offset: *last,
             epoch: self.epoch.clone(),
             received,
@@ -141,6 +142,7 @@ mod tests {
             kind: EventKind::Create,
             items: vec![],
             keys: vec![],
+            before: Vec::new(),
             idempotency_key: None,
         }
     }

@@ -136,6 +136,9 @@ pub struct WireEvent {
     /// Keys.
     #[serde(rename = "ks")]
     pub keys: Vec<serde_json::Value>,
+    /// Previous versions of the items, when the publisher sent them.
+    #[serde(rename = "b", default, skip_serializing_if = "Vec::is_empty")]
+    pub before: Vec<serde_json::Value>,
     /// Milliseconds since the Unix epoch when the publishing node accepted it (history age).
     #[serde(rename = "t")]
     pub accepted_ms: u64,
@@ -151,6 +154,8 @@ impl WireEvent {
             #[serde(skip_serializing_if = "<[serde_json::Value]>::is_empty")]
             i: &'a [serde_json::Value],
             ks: &'a [serde_json::Value],
+            #[serde(skip_serializing_if = "<[serde_json::Value]>::is_empty")]
+            b: &'a [serde_json::Value],
             t: u64,
         }
         let t = std::time::SystemTime::now()
@@ -162,6 +167,7 @@ impl WireEvent {
             k: event.kind,
             i: &event.items,
             ks: &event.keys,
+            b: &event.before,
             t,
         })
         .unwrap_or_default()
@@ -179,6 +185,7 @@ impl WireEvent {
             kind: self.kind,
             items: self.items,
             keys: self.keys,
+            before: self.before,
             offset,
             epoch,
             received: std::time::Instant::now(),
@@ -197,6 +204,7 @@ mod tests {
             kind: EventKind::Delete,
             items: vec![],
             keys: vec![serde_json::json!(5), serde_json::json!("a")],
+            before: Vec::new(),
             idempotency_key: Some(Arc::from("k")),
         };
         let bytes = WireEvent::encode(&new);
@@ -214,5 +222,20 @@ mod tests {
         );
         assert!(event.items.is_empty());
         assert!(!String::from_utf8_lossy(&bytes).contains("\"k\":\"k\""));
+        assert!(!String::from_utf8_lossy(&bytes).contains("\"b\""));
+
+        // An update carrying the previous versions keeps them.
+        let update = NewEvent {
+            kind: EventKind::Update,
+            items: vec![serde_json::json!({"id": 5, "status": "paid"})],
+            keys: vec![serde_json::json!(5)],
+            before: vec![serde_json::json!({"id": 5, "status": "new"})],
+            ..new
+        };
+        let event = WireEvent::decode(&WireEvent::encode(&update))
+            .expect("decodes")
+            .into_event(8, Arc::from("e"));
+        assert_eq!(event.before, update.before);
+        assert_eq!(event.items, update.items);
     }
 }

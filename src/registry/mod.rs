@@ -418,6 +418,7 @@ mod tests {
             },
             items,
             keys,
+            before: Vec::new(),
             offset: 1,
             epoch: Arc::from("e"),
             received: Instant::now(),

@@ -148,6 +148,7 @@ async fn publish(app: &App, id: i64) {
             kind: EventKind::Create,
             items: vec![json!({"id": id, "text": "hi"})],
             keys: vec![json!(id)],
+            before: Vec::new(),
             idempotency_key: None,
         }])
         .await
