@@ -32,6 +32,7 @@ use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 use crate::registry::Registry;
 use crate::shutdown::Shutdown;
+use crate::state::State;
 use crate::ws::limits::ConnectionLimits;
 use crate::ws::WsState;
 
@@ -95,7 +96,14 @@ impl App {
             // NATS offsets are the stream sequence, shared by all collections: sparse.
             matches!(config.engine, Engine::Memory | Engine::Redis),
         ));
-        let hub = Arc::new(Hub::new(registry.clone(), metrics.clone(), history));
+        let state = (!config.state.collections.is_empty())
+            .then(|| Arc::new(State::new(config.state.clone(), metrics.clone())));
+        let hub = Arc::new(Hub::with_state(
+            registry.clone(),
+            metrics.clone(),
+            history,
+            state.clone(),
+        ));
         let shutdown = CancellationToken::new();
         // The engine outlives the sessions: it stops only once they are closed and in-flight
         // publishes are answered (see `shutdown::drain`).
@@ -111,10 +119,11 @@ impl App {
         let backplane: Arc<dyn Backplane> = match config.engine {
             Engine::Memory => {
                 metrics.backplane_ready.set(1);
-                Arc::new(MemoryBackplane::new(
+                Arc::new(MemoryBackplane::with_state(
                     engine.sink,
                     engine.idempotency_window,
                     metrics.idempotency_evictions.clone(),
+                    state,
                 ))
             }
             Engine::Redis => {

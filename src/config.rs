@@ -19,6 +19,7 @@ use crate::event::EventKind;
 use crate::filter::FilterLimits;
 use crate::history::HistoryLimits;
 use crate::ingest::cloudevents::{valid_attribute_name, Mapping};
+use crate::state::StateSettings;
 
 /// How WebSocket clients authenticate (Directus `WEBSOCKETS_REST_AUTH`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -152,6 +153,12 @@ pub mod defaults {
     pub const MAX_REGEX_BYTES: usize = FilterLimits::DEFAULT.max_regex_bytes;
     /// `--metrics-max-collections`.
     pub const METRICS_MAX_COLLECTIONS: usize = 100;
+    /// `--state-max-items` (per collection).
+    pub const STATE_MAX_ITEMS: usize = 1_000_000;
+    /// `--state-max-bytes` (all collections together).
+    pub const STATE_MAX_BYTES: usize = 512 * 1024 * 1024;
+    /// `--max-init-items`.
+    pub const MAX_INIT_ITEMS: usize = 10_000;
     /// `--log-format`.
     pub const LOG_FORMAT: LogFormat = LogFormat::Text;
 }
@@ -337,6 +344,21 @@ pub struct ServeArgs {
     /// Most distinct `collection` label values in metrics; the rest are reported as `_other`.
     #[arg(long, env = "TIDINGS_METRICS_MAX_COLLECTIONS", default_value_t = defaults::METRICS_MAX_COLLECTIONS)]
     pub metrics_max_collections: usize,
+    /// A collection that retains the latest version of every item (`*`: every collection):
+    /// `init` lists them, updates may be partial, deletes may carry keys only. Repeatable.
+    /// Memory engine only for now.
+    #[arg(long = "state", env = "TIDINGS_STATE", value_delimiter = ';')]
+    pub state: Vec<String>,
+    /// Most items one retained collection may hold; creating more is refused (507).
+    #[arg(long, env = "TIDINGS_STATE_MAX_ITEMS", default_value_t = defaults::STATE_MAX_ITEMS)]
+    pub state_max_items: usize,
+    /// Approximate bytes all retained collections may hold together; creating more is
+    /// refused (507).
+    #[arg(long, env = "TIDINGS_STATE_MAX_BYTES", default_value_t = defaults::STATE_MAX_BYTES)]
+    pub state_max_bytes: usize,
+    /// Most items one retained `init` may carry; a subscribe over it gets LIMIT_EXCEEDED.
+    #[arg(long, env = "TIDINGS_MAX_INIT_ITEMS", default_value_t = defaults::MAX_INIT_ITEMS)]
+    pub max_init_items: usize,
     /// Log format.
     #[arg(long, env = "TIDINGS_LOG_FORMAT", value_enum, default_value_t = defaults::LOG_FORMAT)]
     pub log_format: LogFormat,
@@ -444,6 +466,8 @@ pub struct Config {
     pub filter_limits: FilterLimits,
     /// Cap on distinct `collection` label values.
     pub metrics_max_collections: usize,
+    /// Retained state: which collections, how much.
+    pub state: StateSettings,
 }
 
 impl Config {
@@ -466,6 +490,9 @@ impl Config {
             ("history_size", n(self.history.max_events)),
             ("history_bytes", n(self.history.max_bytes)),
             ("metrics_max_collections", n(self.metrics_max_collections)),
+            ("state_max_items", n(self.state.max_items)),
+            ("state_max_bytes", n(self.state.max_bytes)),
+            ("max_init_items", n(self.state.max_init_items)),
             ("history_age_seconds", self.history.max_age.as_secs()),
             ("write_timeout_seconds", self.write_timeout.as_secs()),
         ]
@@ -517,6 +544,12 @@ impl Default for Config {
             outbox_bytes: defaults::OUTBOX_BYTES,
             filter_limits: FilterLimits::DEFAULT,
             metrics_max_collections: defaults::METRICS_MAX_COLLECTIONS,
+            state: StateSettings {
+                collections: Vec::new(),
+                max_items: defaults::STATE_MAX_ITEMS,
+                max_bytes: defaults::STATE_MAX_BYTES,
+                max_init_items: defaults::MAX_INIT_ITEMS,
+            },
         }
     }
 }
@@ -558,6 +591,9 @@ impl Config {
             ("max-filter-nodes", self.filter_limits.max_nodes),
             ("max-filter-list", self.filter_limits.max_list),
             ("max-regex-bytes", self.filter_limits.max_regex_bytes),
+            ("state-max-items", self.state.max_items),
+            ("state-max-bytes", self.state.max_bytes),
+            ("max-init-items", self.state.max_init_items),
         ];
         for (flag, value) in positive {
             if value == 0 {
@@ -594,6 +630,20 @@ impl Config {
             if self.nats_max_bytes > i64::MAX as u64 {
                 return Err(err("nats-max-bytes", "is too large"));
             }
+        }
+        for collection in &self.state.collections {
+            if collection != "*" && !crate::event::valid_collection_name(collection) {
+                return Err(err(
+                    "state",
+                    format!("`{collection}` is not a collection name (or `*`)"),
+                ));
+            }
+        }
+        if !self.state.collections.is_empty() && self.engine != Engine::Memory {
+            return Err(err(
+                "state",
+                "retained state needs --engine memory for now (state shared through Redis or NATS is not built yet)",
+            ));
         }
         if self.auth_mode == AuthMode::Strict && self.tokens.is_empty() && self.jwt.is_none() {
             return Err(err(
@@ -732,6 +782,17 @@ impl ServeArgs {
                 max_regex_bytes: self.max_regex_bytes,
             },
             metrics_max_collections: self.metrics_max_collections,
+            state: StateSettings {
+                collections: self
+                    .state
+                    .iter()
+                    .map(|c| c.trim().to_string())
+                    .filter(|c| !c.is_empty())
+                    .collect(),
+                max_items: self.state_max_items,
+                max_bytes: self.state_max_bytes,
+                max_init_items: self.max_init_items,
+            },
         };
         config.validate()?;
         Ok(config)

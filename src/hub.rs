@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::outbox::{Frame, Live, Outbox, PushError};
 use crate::protocol::{init_frame, subscription_frame, WirePosition};
 use crate::registry::{Group, Registry, SubHandle};
+use crate::state::{State, StateError};
 use crate::subscription::{payloads, Spec};
 
 /// Delivers events to the subscriptions of this node.
@@ -28,6 +29,8 @@ pub struct Hub {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     history: Arc<History>,
+    /// The retained state (`--state`), folded in the deliver path; `None`: nothing retained.
+    state: Option<Arc<State>>,
     /// Woken when the history moves (an event recorded or restored, an epoch reset) while a
     /// resume waits for this node to catch up (see [`Subscriptions::subscribe`]).
     moved: tokio::sync::Notify,
@@ -57,6 +60,9 @@ pub struct NewSubscription<'a> {
     pub outbox: Arc<Outbox>,
     /// The `data` of its `init` frame, raw JSON (`None`: no data).
     pub init_data: Option<&'a str>,
+    /// On a retained collection, `init` carries the retained view instead of `init_data`
+    /// (a collection subscription that is not resuming with its history intact).
+    pub snapshot: bool,
     /// Where it starts.
     pub resume: Resume,
     /// False while the backplane is not ready (a shared engine restoring its history or
@@ -71,15 +77,29 @@ pub enum SubscribeError<'a> {
     /// `since` is ahead of what this node has delivered; retry shortly with the subscription
     /// handed back.
     Ahead(Box<NewSubscription<'a>>),
+    /// The retained `init` would be over `--max-init-items`: nothing was registered.
+    Init(StateError),
 }
 
 impl Hub {
     /// A hub over `registry`, recording delivered events in `history`.
     pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, history: Arc<History>) -> Self {
+        Hub::with_state(registry, metrics, history, None)
+    }
+
+    /// A hub that also folds every event of a retained collection into `state` before it
+    /// records and dispatches it.
+    pub fn with_state(
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        history: Arc<History>,
+        state: Option<Arc<State>>,
+    ) -> Self {
         Hub {
             registry,
             metrics,
             history,
+            state,
             moved: tokio::sync::Notify::new(),
             waiting: AtomicUsize::new(0),
         }
@@ -98,10 +118,16 @@ impl Hub {
         &self.history
     }
 
+    /// The retained state, if any collection keeps one.
+    pub fn state(&self) -> Option<&Arc<State>> {
+        self.state.as_ref()
+    }
+
     /// Registers a subscription and queues its `init` frame, then the events it missed when
     /// it resumes. Holding the collection's log lock throughout makes the cut exact: every
-    /// event up to the `init` position is replayed or not wanted; every later one is
-    /// dispatched live. Returns the handle and the number of replayed frames. Sessions reach
+    /// event up to the `init` position is replayed, in the retained snapshot, or not wanted;
+    /// every later one is dispatched live (the deliver path folds and dispatches under the
+    /// same lock). Returns the handle and the number of replayed frames. Sessions reach
     /// it only through [`Subscriptions::subscribe`].
     fn subscribe<'a>(
         &self,
@@ -131,8 +157,27 @@ impl Hub {
             false => self.history.provisional_position(),
         };
         let uid = sub.uid.as_deref();
+        // A resume that recovered keeps the client's list: it gets the missed events, not a
+        // snapshot (which would repeat them).
+        let retained = match &self.state {
+            Some(state)
+                if sub.snapshot
+                    && recovered != Some(true)
+                    && state.retains(&sub.spec.collection) =>
+            {
+                match state.snapshot(&sub.spec) {
+                    Ok(data) => Some(data),
+                    Err(e) => {
+                        drop(log);
+                        return Err(SubscribeError::Init(e));
+                    }
+                }
+            }
+            _ => None,
+        };
+        let init_data = retained.as_deref().or(sub.init_data);
         let mut frames = vec![Frame {
-            text: init_frame(sub.init_data, uid, &position, recovered).into(),
+            text: init_frame(init_data, uid, &position, recovered).into(),
             live: None,
         }];
         for event in &missed {
@@ -228,6 +273,12 @@ impl EventSink for Hub {
     fn deliver(&self, event: Arc<Event>) {
         let log = self.history.log(&event.collection);
         let mut log = log.lock();
+        // Folded under the log lock, in offset order: the history, live frames and `init`
+        // snapshots all see the same sequence of versions.
+        let event = match self.state.as_ref().and_then(|s| s.fold(&event)) {
+            Some(folded) => Arc::new(folded),
+            None => event,
+        };
         self.history.record(&mut log, event.clone());
         self.dispatch(&event);
         drop(log);
@@ -320,17 +371,19 @@ impl Subscriptions {
     /// Registers `sub` (see [`Hub::subscribe`]). A resume from a position this node has not
     /// delivered yet waits, up to `catch_up`, for the history to move (woken by the delivery,
     /// not by polling), then retries; past the wait its position counts as lost. Counts the
-    /// replayed frames.
+    /// replayed frames. Fails, registering nothing, when a retained `init` would be over
+    /// `--max-init-items`.
     pub async fn subscribe(
         &self,
         mut sub: Box<NewSubscription<'_>>,
         catch_up: Duration,
-    ) -> (SubHandle, usize) {
+    ) -> Result<(SubHandle, usize), StateError> {
         let deadline = tokio::time::Instant::now() + catch_up;
         loop {
             sub = match self.hub.subscribe(sub) {
-                Ok(done) => return self.replayed(done),
+                Ok(done) => return Ok(self.replayed(done)),
                 Err(SubscribeError::Ahead(back)) => back,
+                Err(SubscribeError::Init(e)) => return Err(e),
             };
             // Registered before the retry: an event recorded after the retry's look wakes us.
             let moved = self.hub.moved.notified();
@@ -338,8 +391,9 @@ impl Subscriptions {
             moved.as_mut().enable();
             let _waiting = Waiting::new(&self.hub.waiting);
             sub = match self.hub.subscribe(sub) {
-                Ok(done) => return self.replayed(done),
+                Ok(done) => return Ok(self.replayed(done)),
                 Err(SubscribeError::Ahead(back)) => back,
+                Err(SubscribeError::Init(e)) => return Err(e),
             };
             if tokio::time::timeout_at(deadline, moved).await.is_err() {
                 sub.resume = Resume::Lost;

@@ -9,7 +9,7 @@
 //! Data flows in one direction (see `docs/ARCHITECTURE.md`):
 //!
 //! ```text
-//! http (publish) → event (normalize) → backplane (sequence) → hub → registry → outbox → ws session
+//! http (publish) → event (normalize) → backplane (sequence) → hub (state fold) → registry → outbox → ws session
 //! ```
 //!
 //! - [`config`]: every flag, limit and timeout, and their validation.
@@ -32,6 +32,8 @@
 //! - [`readiness`]: the latch both edges read, closed when shutdown begins.
 //! - [`shutdown`]: signal handling.
 //! - [`history`]: recent events per collection, so clients resume with `since`.
+//! - [`state`]: retained items of the collections that keep them (`--state`): the fold,
+//!   capacity, `init` snapshots.
 //! - [`cli`]: the `tidings` command line (serve, tail, publish; bench from `tidings-bench`).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -54,6 +56,7 @@ pub mod protocol;
 pub mod readiness;
 pub mod registry;
 pub mod shutdown;
+pub mod state;
 pub mod subscription;
 pub mod ws;
 

@@ -116,8 +116,8 @@ fn auth_rejection_reason(error: &AuthError) -> &'static str {
 
 /// Every `status` of `tidings_publish_requests_total` created at zero: the answers a publish
 /// gives in normal operation and under the common mistakes.
-const PUBLISH_STATUSES: [&str; 9] = [
-    "202", "400", "401", "404", "413", "415", "422", "500", "503",
+const PUBLISH_STATUSES: [&str; 10] = [
+    "202", "400", "401", "404", "413", "415", "422", "500", "503", "507",
 ];
 
 /// Every `format` of `tidings_publish_requests_total`: which front-end read the request
@@ -292,6 +292,15 @@ pub struct Metrics {
     pub outbox_to_socket: Histogram,
     /// From publish accepted to the frame being written to the socket.
     pub delivery_latency: Histogram,
+    /// Items held by the retained state, by collection.
+    pub state_items: IntGaugeVec,
+    /// Approximate bytes held by the retained state (compact JSON + keys), by collection.
+    pub state_bytes: IntGaugeVec,
+    /// Publishes refused because the retained state is full, by collection and reason
+    /// (`max_items`, `max_bytes`).
+    pub state_rejections: IntCounterVec,
+    /// Time to build one retained `init` snapshot.
+    pub state_init_duration: Histogram,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -484,6 +493,26 @@ impl Metrics {
             delivery_latency: histogram(
                 "tidings_delivery_latency_seconds",
                 "Time from a publish being accepted to its frame being written to a socket.",
+                latency_buckets(),
+            )?,
+            state_items: gauge_vec(
+                "tidings_state_items",
+                "Items held by the retained state, by collection (capped; the rest as _other).",
+                &["collection"],
+            )?,
+            state_bytes: gauge_vec(
+                "tidings_state_bytes",
+                "Approximate bytes held by the retained state (compact JSON and keys), by collection.",
+                &["collection"],
+            )?,
+            state_rejections: counter_vec(
+                "tidings_state_rejections_total",
+                "Publishes refused with 507 STATE_FULL, by collection and reason (max_items, max_bytes).",
+                &["collection", "reason"],
+            )?,
+            state_init_duration: histogram(
+                "tidings_state_init_duration_seconds",
+                "Time to build one retained init snapshot (match, sort, slice, project, encode).",
                 latency_buckets(),
             )?,
             registry,

@@ -1028,7 +1028,8 @@ fn collect_exprs(value: &Value, out: &mut Vec<String>) {
 
 #[tokio::test]
 async fn dashboard_queries_only_exported_metrics() {
-    let server = Server::start(&[]);
+    // `--state messages`: the retained-state series exist from the start.
+    let server = Server::start(&["--state", "messages"]);
     // Make the labelled families exist: one subscription, one publish, one delivery.
     let mut ws = ws_connect(&server.ws_url()).await;
     ws_subscribe(&mut ws, "messages", "s1").await;

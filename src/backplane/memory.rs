@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 
 use super::{Accepted, Backplane, BackplaneError, BoxFuture, Dedupe, EventSink};
 use crate::event::{Event, NewEvent};
+use crate::state::State;
 
 pub use crate::history::random_epoch;
 
@@ -23,6 +24,9 @@ pub struct MemoryBackplane {
     dedupe: Dedupe,
     /// Counts idempotency keys forgotten early (`tidings_idempotency_evictions_total`).
     evictions: prometheus::IntCounter,
+    /// The retained state whose capacity a publish is checked against before it gets
+    /// offsets (the hub folds the events into it).
+    state: Option<Arc<State>>,
 }
 
 impl std::fmt::Debug for MemoryBackplane {
@@ -41,6 +45,16 @@ impl MemoryBackplane {
         window: Duration,
         evictions: prometheus::IntCounter,
     ) -> Self {
+        Self::with_state(sink, window, evictions, None)
+    }
+
+    /// As [`MemoryBackplane::new`], refusing publishes that would overfill `state`.
+    pub fn with_state(
+        sink: Arc<dyn EventSink>,
+        window: Duration,
+        evictions: prometheus::IntCounter,
+        state: Option<Arc<State>>,
+    ) -> Self {
         let epoch = random_epoch();
         sink.reset(epoch.clone());
         MemoryBackplane {
@@ -49,6 +63,7 @@ impl MemoryBackplane {
             logs: DashMap::new(),
             dedupe: Dedupe::new(window),
             evictions,
+            state,
         }
     }
 
@@ -57,14 +72,16 @@ impl MemoryBackplane {
         &self.epoch
     }
 
-    fn append(&self, new: NewEvent, received: Instant) -> Accepted {
-        let log = self
-            .logs
-            .entry(new.collection.clone())
+    fn log(&self, collection: &Arc<str>) -> Arc<Mutex<u64>> {
+        self.logs
+            .entry(collection.clone())
             .or_default()
             .value()
-            .clone();
-        let mut last = log.lock();
+            .clone()
+    }
+
+    /// Appends one event under its collection's lock (`last`, held by the caller).
+    fn append(&self, last: &mut u64, new: NewEvent, received: Instant) -> Accepted {
         // Checked under the collection's lock, so two concurrent publishes of one key
         // cannot both pass.
         if let Some(key) = &new.idempotency_key {
@@ -104,10 +121,43 @@ impl Backplane for MemoryBackplane {
         events: Vec<NewEvent>,
     ) -> BoxFuture<'_, Result<Vec<Accepted>, BackplaneError>> {
         let received = Instant::now();
-        let accepted = events
-            .into_iter()
-            .map(|e| self.append(e, received))
-            .collect();
+        let retains = |e: &NewEvent| {
+            self.state
+                .as_ref()
+                .is_some_and(|s| s.retains(&e.collection))
+        };
+        if !events.iter().any(retains) {
+            let accepted = events
+                .into_iter()
+                .map(|e| {
+                    let log = self.log(&e.collection);
+                    let mut last = log.lock();
+                    self.append(&mut last, e, received)
+                })
+                .collect();
+            return Box::pin(std::future::ready(Ok(accepted)));
+        }
+        // A batch touching retained state is checked whole before any offset is taken: lock
+        // every collection of the batch, in name order (so two batches cannot deadlock), check
+        // the capacity, append, and release the reservation once the events are folded.
+        let mut names: Vec<Arc<str>> = events.iter().map(|e| e.collection.clone()).collect();
+        names.sort();
+        names.dedup();
+        let logs: Vec<Arc<Mutex<u64>>> = names.iter().map(|c| self.log(c)).collect();
+        let mut guards: Vec<_> = logs.iter().map(|l| l.lock()).collect();
+        let admission = match self.state.as_ref().map(|s| s.admit(&events)) {
+            Some(Err(e)) => return Box::pin(std::future::ready(Err(BackplaneError::StateFull(e)))),
+            Some(Ok(admission)) => Some(admission),
+            None => None,
+        };
+        let mut accepted = Vec::with_capacity(events.len());
+        for e in events {
+            // Every collection of the batch is in `names`.
+            let at = names.binary_search(&e.collection).unwrap_or_default();
+            accepted.push(self.append(&mut guards[at], e, received));
+        }
+        drop(admission);
+        drop(guards);
         Box::pin(std::future::ready(Ok(accepted)))
     }
 

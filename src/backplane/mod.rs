@@ -71,6 +71,10 @@ pub enum BackplaneError {
     /// The engine's settings are unusable (bad URL); reported at startup.
     #[error("{0}")]
     Config(String),
+    /// The publish would create keys beyond the retained state's capacity: nothing of the
+    /// request was published and no offset was taken.
+    #[error(transparent)]
+    StateFull(crate::state::StateError),
 }
 
 /// What every engine is built with.

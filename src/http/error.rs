@@ -114,6 +114,14 @@ pub enum ApiError {
         /// The limit.
         limit: usize,
     },
+    /// The publish would create keys beyond the retained state's capacity (507).
+    #[error("{message}")]
+    StateFull {
+        /// Names the collection and the limit.
+        message: String,
+        /// JSON Pointer to the event that went over (`""`: the whole body).
+        pointer: String,
+    },
     /// Not `application/json`.
     #[error("the request body must be JSON: send `Content-Type: application/json`")]
     UnsupportedMediaType,
@@ -159,6 +167,7 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::StateFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Server {
                 reason: ServerErrorReason::Internal,
                 ..
@@ -180,6 +189,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
             ApiError::EventTooLarge { .. } => "EVENT_TOO_LARGE",
             ApiError::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
+            ApiError::StateFull { .. } => "STATE_FULL",
             ApiError::Server {
                 reason: ServerErrorReason::Internal,
                 ..
@@ -190,7 +200,9 @@ impl ApiError {
 
     fn pointer(&self) -> Option<&str> {
         match self {
-            ApiError::InvalidPayload { pointer, .. } => Some(pointer),
+            ApiError::InvalidPayload { pointer, .. } | ApiError::StateFull { pointer, .. } => {
+                Some(pointer)
+            }
             ApiError::InvalidHeader { header, .. } => Some(header),
             ApiError::UnsupportedMediaType => Some("content-type"),
             ApiError::OriginNotAllowed { .. } => Some("webhook-request-origin"),

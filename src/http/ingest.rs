@@ -25,6 +25,15 @@ pub async fn cloudevents_handler(
     let result = async {
         let body = read_body(&state, peer, &headers, body)?;
         let config = &state.config;
+        // Batched mode's body is an array of events: a refusal points into it.
+        let batch = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("application/cloudevents-batch+json")
+            });
         let lookup = |name: &str| headers.get(name).map(HeaderValue::as_bytes);
         let request = cloudevents::Request {
             header: &lookup,
@@ -40,7 +49,7 @@ pub async fn cloudevents_handler(
             config.max_publish_events,
         )
         .map_err(refused)?;
-        accept(&state, events).await
+        accept(&state, events, batch).await
     }
     .await;
     count(&state, "cloudevents", result)

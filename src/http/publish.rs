@@ -19,6 +19,7 @@ use crate::event::{
     idempotency_key, normalize_collection_body, normalize_publish, EventKind, NewEvent,
     NormalizeError,
 };
+use crate::state::StateError;
 
 /// `POST /v1/publish`.
 pub async fn publish_handler(
@@ -30,6 +31,7 @@ pub async fn publish_handler(
     let result = async {
         let body = read_body(&state, peer, &headers, body)?;
         let config = &state.config;
+        let batch = body.is_array();
         let mut events = normalize_publish(
             body,
             &|c| config.key_field(c).to_string(),
@@ -37,7 +39,7 @@ pub async fn publish_handler(
         )
         .map_err(invalid)?;
         apply_idempotency_header(&headers, &mut events)?;
-        accept(&state, events).await
+        accept(&state, events, batch).await
     }
     .await;
     count(&state, "json", result)
@@ -61,7 +63,7 @@ pub async fn collection_handler(
         .map_err(invalid)?;
         let mut events = vec![event];
         apply_idempotency_header(&headers, &mut events)?;
-        accept(&state, events).await
+        accept(&state, events, false).await
     }
     .await;
     count(&state, "json", result)
@@ -201,7 +203,13 @@ pub(super) fn read_body(
     })
 }
 
-pub(super) async fn accept(state: &HttpState, events: Vec<NewEvent>) -> Result<Response, ApiError> {
+/// Publishes `events`; `batch`: the body was an array of events (so a refusal points at
+/// `/<index>`, else at the whole body).
+pub(super) async fn accept(
+    state: &HttpState,
+    events: Vec<NewEvent>,
+    batch: bool,
+) -> Result<Response, ApiError> {
     let summary: Vec<(Arc<str>, EventKind, usize)> = events
         .iter()
         .map(|e| (e.collection.clone(), e.kind, e.keys.len()))
@@ -209,6 +217,16 @@ pub(super) async fn accept(state: &HttpState, events: Vec<NewEvent>) -> Result<R
     let positions = state.backplane.publish(events).await.map_err(|e| match e {
         BackplaneError::TooLarge { index, size, limit } => {
             ApiError::EventTooLarge { index, size, limit }
+        }
+        BackplaneError::StateFull(full) => {
+            let pointer = match (&full, batch) {
+                (StateError::Full { index, .. }, true) => format!("/{index}"),
+                _ => String::new(),
+            };
+            ApiError::StateFull {
+                message: full.to_string(),
+                pointer,
+            }
         }
         other => ApiError::server(
             &state.metrics,

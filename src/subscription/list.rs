@@ -13,8 +13,11 @@ pub struct ListShape {
     pub sort: Vec<(String, bool)>,
     /// Items to skip.
     pub offset: usize,
-    /// Most items to keep; `None` = all (Tidings has no default limit).
+    /// Most items to keep; `None` = all (Tidings has no default limit on event messages).
     pub limit: Option<usize>,
+    /// The query asked for every item (`limit: -1`), not just left `limit` out: a retained
+    /// `init` then has no default limit (see `state::DEFAULT_INIT_LIMIT`).
+    pub unbounded: bool,
 }
 
 impl ListShape {

@@ -410,7 +410,10 @@ pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, Pr
     }
     if let Some(v) = query.get("limit").filter(|v| !v.is_null()) {
         match integer(v, "limit", &uid)? {
-            -1 => list.limit = None,
+            -1 => {
+                list.limit = None;
+                list.unbounded = true;
+            }
             n if n >= 0 => list.limit = usize::try_from(n).ok(),
             _ => {
                 return Err(invalid_query(

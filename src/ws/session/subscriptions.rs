@@ -142,11 +142,12 @@ impl Session {
                 self.drop_sub(sub);
             }
         }
-        // Tidings stores no items: a collection subscription's init is an empty list; event
-        // and item subscriptions get an init without data (Directus omits it for `event`).
-        let init_data =
-            (spec.item.is_none() && request.event.is_none() && spec.dialect == Dialect::Flat)
-                .then_some("[]");
+        // A collection subscription's init is a list: the retained items on a collection
+        // that keeps them (the hub takes the snapshot), else empty; event and item
+        // subscriptions get an init without data (Directus omits it for `event`).
+        let listed =
+            spec.item.is_none() && request.event.is_none() && spec.dialect == Dialect::Flat;
+        let init_data = listed.then_some("[]");
         let label = self.state.metrics.collections.label(&spec.collection);
         let subscriptions = &self.state.subscriptions;
         let sub = Box::new(NewSubscription {
@@ -154,6 +155,7 @@ impl Session {
             uid: uid_str.clone(),
             outbox: self.outbox.clone(),
             init_data,
+            snapshot: listed,
             // A client resuming from a node that is ahead of this one waits for this node
             // to catch up rather than be replayed the difference twice; past the wait, its
             // position counts as lost.
@@ -163,7 +165,18 @@ impl Session {
             },
             history_trusted: subscriptions.history_trusted(),
         });
-        let (handle, _replayed) = subscriptions.subscribe(sub, RESUME_CATCH_UP).await;
+        let (handle, _replayed) = match subscriptions.subscribe(sub, RESUME_CATCH_UP).await {
+            Ok(done) => done,
+            Err(e) => {
+                let error = ProtocolError::new(
+                    "subscribe",
+                    ErrorCode::LimitExceeded,
+                    format!("{}.", capitalized(&e.to_string())),
+                    request.uid.clone(),
+                );
+                return self.reply_error(socket, &error).await;
+            }
+        };
         self.state
             .metrics
             .subscriptions
@@ -194,5 +207,14 @@ impl Session {
             self.drop_sub(sub);
         }
         self.reply(socket, unsubscribe_ack(uid.as_ref())).await
+    }
+}
+
+/// `text` with its first letter upper-cased, as Directus' messages read.
+fn capitalized(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
     }
 }

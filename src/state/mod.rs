@@ -1,0 +1,615 @@
+//! Retained state: the latest version of every item of the collections that keep it
+//! (`--state`), per collection, by key.
+//!
+//! This module owns three things:
+//! - **the fold** ([`State::fold`]): every event of a retained collection is applied to the
+//!   store in offset order, under the hub's history log lock, and turned into the event the
+//!   subscribers see: a `create`/`update` carries the full merged item, a key-only `delete`
+//!   carries the stored items it removes (so filters and row rules see them);
+//! - **capacity** ([`State::admit`]): a publish that would create a key beyond
+//!   `--state-max-items` (per collection) or `--state-max-bytes` (all collections) is refused
+//!   whole, before the engine gives it an offset;
+//! - **snapshots** ([`State::snapshot`]): a collection subscription's `init`, taken under the
+//!   same log lock as the fold, so the cut is exact.
+//!
+//! Items are kept as compact JSON text (`Box<str>`), not as `serde_json::Value` trees: a
+//! tree costs several times its text in allocations, and the fold and the snapshot parse only
+//! the items they touch. Merge rules (`protocol/README.md`): `create` replaces the whole item
+//! (an upsert); `update` merges top-level fields into the stored item (`null` sets null,
+//! nested objects and arrays are replaced whole), and an update of a key not held is stored
+//! as given; `delete` removes.
+//!
+//! Only the `memory` engine retains state for now: with a shared engine every node would have
+//! to restore the state before it reports ready, which is a later milestone, so `config`
+//! refuses `--state` with `--engine redis|nats`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use serde_json::Value;
+
+use crate::event::{key_string, Event, EventKind, NewEvent};
+use crate::metrics::Metrics;
+use crate::subscription::{ListShape, Spec};
+
+/// Directus' default `limit` of an items read (`QUERY_LIMIT_DEFAULT`), which a retained
+/// `init` without `limit` follows; `limit: -1` asks for every matching item.
+pub const DEFAULT_INIT_LIMIT: usize = 100;
+
+/// Fixed cost counted per item on top of its JSON and key text (map slot, two boxes):
+/// what `--state-max-bytes` and `tidings_state_bytes` count, close to the real footprint.
+const ITEM_OVERHEAD: usize = 48;
+
+/// What retains state and how much (from `--state`, `--state-max-items`,
+/// `--state-max-bytes`, `--max-init-items`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StateSettings {
+    /// Collections that retain their items; `*` is every collection. Empty: none.
+    pub collections: Vec<String>,
+    /// Most items one collection may hold.
+    pub max_items: usize,
+    /// Most bytes all collections may hold together (approximate: JSON text, key, overhead).
+    pub max_bytes: usize,
+    /// Most items one `init` may carry.
+    pub max_init_items: usize,
+}
+
+impl StateSettings {
+    /// Whether `collection` retains its items.
+    pub fn retains(&self, collection: &str) -> bool {
+        self.collections.iter().any(|c| c == "*" || c == collection)
+    }
+}
+
+/// Which limit a refused publish would have passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `--state-max-items`.
+    MaxItems,
+    /// `--state-max-bytes`.
+    MaxBytes,
+}
+
+impl Limit {
+    /// The flag that sets it.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Limit::MaxItems => "--state-max-items",
+            Limit::MaxBytes => "--state-max-bytes",
+        }
+    }
+
+    /// The `reason` label of `tidings_state_rejections_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Limit::MaxItems => "max_items",
+            Limit::MaxBytes => "max_bytes",
+        }
+    }
+}
+
+/// Errors of the state boundary.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    /// A publish would create new keys beyond a limit: nothing of it was published.
+    #[error("the retained state of collection \"{collection}\" is full: event {index} would create {new} new item(s) beyond {} ({limit_value}); nothing was published", limit.flag())]
+    Full {
+        /// The collection.
+        collection: Arc<str>,
+        /// Position of the first event over the limit in the request (0-based).
+        index: usize,
+        /// New keys that event (and the ones before it in the batch) would create.
+        new: usize,
+        /// Which limit.
+        limit: Limit,
+        /// Its configured value.
+        limit_value: usize,
+    },
+    /// A retained `init` would carry more items than `--max-init-items`.
+    #[error("the initial list would hold {count} items, over --max-init-items ({limit}); narrow the filter or set a smaller limit")]
+    InitTooLarge {
+        /// Items the snapshot would carry.
+        count: usize,
+        /// `--max-init-items`.
+        limit: usize,
+    },
+}
+
+/// One collection's items, by key string (Directus' `String(key)`).
+#[derive(Debug, Default)]
+struct Store {
+    items: HashMap<Box<str>, Box<str>>,
+    /// Bytes counted for these items (see [`item_bytes`]).
+    bytes: usize,
+}
+
+fn item_bytes(key: &str, json: &str) -> usize {
+    key.len() + json.len() + ITEM_OVERHEAD
+}
+
+fn parse(json: &str) -> Value {
+    // The store holds only text it serialized itself from a `Value`.
+    serde_json::from_str(json).unwrap_or(Value::Null)
+}
+
+fn compact(value: &Value) -> Box<str> {
+    // Serializing a `Value` cannot fail.
+    serde_json::to_string(value)
+        .unwrap_or_default()
+        .into_boxed_str()
+}
+
+impl Store {
+    /// Stores `item` under `key`, returning the byte delta.
+    fn put(&mut self, key: &str, item: &Value) -> isize {
+        let json = compact(item);
+        let added = item_bytes(key, &json);
+        let removed = match self.items.insert(Box::from(key), json) {
+            Some(old) => item_bytes(key, &old),
+            None => 0,
+        };
+        self.bytes = self.bytes + added - removed;
+        added as isize - removed as isize
+    }
+
+    /// Removes `key`, returning the removed item and the byte delta.
+    fn remove(&mut self, key: &str) -> Option<(Value, isize)> {
+        let old = self.items.remove(key)?;
+        let removed = item_bytes(key, &old);
+        self.bytes -= removed;
+        Some((parse(&old), -(removed as isize)))
+    }
+
+    fn get(&self, key: &str) -> Option<Value> {
+        self.items.get(key).map(|json| parse(json))
+    }
+}
+
+/// The shallow merge of an update into the stored item: every top-level field of `update`
+/// replaces the stored one (`null` included; nested values whole).
+fn merge(stored: Value, update: &Value) -> Value {
+    match (stored, update) {
+        (Value::Object(mut into), Value::Object(fields)) => {
+            for (k, v) in fields {
+                into.insert(k.clone(), v.clone());
+            }
+            Value::Object(into)
+        }
+        (_, update) => update.clone(),
+    }
+}
+
+/// Retained items of every retaining collection, with their capacity accounting.
+#[derive(Debug)]
+pub struct State {
+    settings: StateSettings,
+    stores: DashMap<Arc<str>, Arc<Mutex<Store>>>,
+    /// Bytes held by all stores together.
+    bytes: AtomicUsize,
+    /// Bytes admitted for new keys whose events are being appended (released by
+    /// [`Admission`] once they are folded), so two concurrent publishes on different
+    /// collections cannot both pass the global limit.
+    pending: AtomicUsize,
+    metrics: Arc<Metrics>,
+}
+
+/// Bytes a publish reserved against `--state-max-bytes`; released on drop (after the events
+/// were folded, which counts them for real).
+#[derive(Debug)]
+pub struct Admission<'a> {
+    pending: &'a AtomicUsize,
+    bytes: usize,
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        self.pending.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
+impl State {
+    /// State as `settings` say, reporting into `metrics`.
+    pub fn new(settings: StateSettings, metrics: Arc<Metrics>) -> Self {
+        // The named collections' series exist from the first scrape (`*` names none yet).
+        for collection in settings.collections.iter().filter(|c| *c != "*") {
+            let label = metrics.collections.label(&Arc::from(collection.as_str()));
+            metrics.state_items.with_label_values(&[&*label]);
+            metrics.state_bytes.with_label_values(&[&*label]);
+            for limit in [Limit::MaxItems, Limit::MaxBytes] {
+                metrics
+                    .state_rejections
+                    .with_label_values(&[&*label, limit.reason()]);
+            }
+        }
+        State {
+            settings,
+            stores: DashMap::new(),
+            bytes: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            metrics,
+        }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &StateSettings {
+        &self.settings
+    }
+
+    /// Whether `collection` retains its items.
+    pub fn retains(&self, collection: &str) -> bool {
+        self.settings.retains(collection)
+    }
+
+    fn store(&self, collection: &Arc<str>) -> Arc<Mutex<Store>> {
+        self.stores
+            .entry(collection.clone())
+            .or_default()
+            .value()
+            .clone()
+    }
+
+    /// Items `collection` holds now.
+    pub fn len(&self, collection: &Arc<str>) -> usize {
+        let store = self.stores.get(collection).map(|s| s.value().clone());
+        store.map_or(0, |s| s.lock().items.len())
+    }
+
+    /// Checks that `events` (one publish request) create no key beyond a limit, and reserves
+    /// the bytes of the new keys. The caller holds the engine's lock of every collection in
+    /// the batch (so no other publish changes them in between) and keeps the admission until
+    /// the events are folded. Updates and deletes of held keys always pass.
+    pub fn admit(&self, events: &[NewEvent]) -> Result<Admission<'_>, StateError> {
+        let mut new_keys: HashMap<Arc<str>, HashSet<String>> = HashMap::new();
+        let mut new_bytes = 0usize;
+        let mut over: Option<StateError> = None;
+        for (index, event) in events.iter().enumerate() {
+            if event.kind == EventKind::Delete || !self.retains(&event.collection) {
+                continue;
+            }
+            let store = self.store(&event.collection);
+            let store = store.lock();
+            let seen = new_keys.entry(event.collection.clone()).or_default();
+            for (item, key) in event.items.iter().zip(&event.keys) {
+                let key = key_string(key);
+                if store.items.contains_key(key.as_str()) || seen.contains(&key) {
+                    continue;
+                }
+                new_bytes += item_bytes(&key, &compact(item));
+                seen.insert(key);
+            }
+            if store.items.len() + seen.len() > self.settings.max_items {
+                over = Some(StateError::Full {
+                    collection: event.collection.clone(),
+                    index,
+                    new: seen.len(),
+                    limit: Limit::MaxItems,
+                    limit_value: self.settings.max_items,
+                });
+                break;
+            }
+        }
+        if over.is_none() && new_bytes > 0 {
+            let reserved =
+                self.pending
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |pending| {
+                        let total = self.bytes.load(Ordering::SeqCst) + pending + new_bytes;
+                        (total <= self.settings.max_bytes).then_some(pending + new_bytes)
+                    });
+            if reserved.is_err() {
+                let (index, collection, new) = first_new(events, &new_keys);
+                over = Some(StateError::Full {
+                    collection,
+                    index,
+                    new,
+                    limit: Limit::MaxBytes,
+                    limit_value: self.settings.max_bytes,
+                });
+            }
+        }
+        if let Some(error) = over {
+            if let StateError::Full {
+                collection, limit, ..
+            } = &error
+            {
+                let label = self.metrics.collections.label(collection);
+                self.metrics
+                    .state_rejections
+                    .with_label_values(&[&*label, limit.reason()])
+                    .inc();
+            }
+            return Err(error);
+        }
+        Ok(Admission {
+            pending: &self.pending,
+            bytes: new_bytes,
+        })
+    }
+
+    /// Applies `event` to its collection's store and returns the event subscribers see
+    /// (`None` when the collection retains nothing: deliver it as published). Called in
+    /// offset order, under the collection's history log lock.
+    ///
+    /// - `create`: each item replaces the stored one; the event is unchanged.
+    /// - `update`: each item is merged into the stored one; the event carries the merged items.
+    /// - `delete`: each key is removed; the event carries the removed items (the stored
+    ///   version, else the item the publisher sent) and only the keys the store held or the
+    ///   publisher described, so a key nobody was shown reaches nobody.
+    pub fn fold(&self, event: &Event) -> Option<Event> {
+        if !self.retains(&event.collection) {
+            return None;
+        }
+        let store = self.store(&event.collection);
+        let mut store = store.lock();
+        let before = (store.items.len(), store.bytes);
+        let mut items = Vec::with_capacity(event.keys.len());
+        let mut keys = Vec::with_capacity(event.keys.len());
+        match event.kind {
+            EventKind::Create => {
+                for (item, key) in event.items.iter().zip(&event.keys) {
+                    store.put(&key_string(key), item);
+                }
+                items.clone_from(&event.items);
+                keys.clone_from(&event.keys);
+            }
+            EventKind::Update => {
+                for (item, key) in event.items.iter().zip(&event.keys) {
+                    let k = key_string(key);
+                    let merged = match store.get(&k) {
+                        Some(stored) => merge(stored, item),
+                        None => item.clone(),
+                    };
+                    store.put(&k, &merged);
+                    items.push(merged);
+                    keys.push(key.clone());
+                }
+            }
+            EventKind::Delete => {
+                for (i, key) in event.keys.iter().enumerate() {
+                    let removed = store.remove(&key_string(key)).map(|(item, _)| item);
+                    if let Some(item) = removed.or_else(|| event.items.get(i).cloned()) {
+                        items.push(item);
+                        keys.push(key.clone());
+                    }
+                }
+            }
+        }
+        let after = (store.items.len(), store.bytes);
+        drop(store);
+        self.account(&event.collection, before, after);
+        Some(Event {
+            collection: event.collection.clone(),
+            kind: event.kind,
+            items,
+            keys,
+            offset: event.offset,
+            epoch: event.epoch.clone(),
+            received: event.received,
+        })
+    }
+
+    fn account(&self, collection: &Arc<str>, before: (usize, usize), after: (usize, usize)) {
+        if after.1 >= before.1 {
+            self.bytes.fetch_add(after.1 - before.1, Ordering::SeqCst);
+        } else {
+            self.bytes.fetch_sub(before.1 - after.1, Ordering::SeqCst);
+        }
+        let label = self.metrics.collections.label(collection);
+        self.metrics
+            .state_items
+            .with_label_values(&[&*label])
+            .add(after.0 as i64 - before.0 as i64);
+        self.metrics
+            .state_bytes
+            .with_label_values(&[&*label])
+            .add(after.1 as i64 - before.1 as i64);
+    }
+
+    /// The `data` of a collection subscription's `init`: the retained items `spec` matches
+    /// (filter, row rule, search), sorted by its `sort` (then by key; by key alone without
+    /// one), sliced by its `offset` and `limit` (Directus' default of
+    /// [`DEFAULT_INIT_LIMIT`] without one), projected, as a JSON array. Called under the
+    /// collection's history log lock, so it holds exactly the events up to the `init`
+    /// position.
+    pub fn snapshot(&self, spec: &Spec) -> Result<String, StateError> {
+        let started = Instant::now();
+        // The map shard is released before the store is locked (§6 of ARCHITECTURE).
+        let store = self.stores.get(&spec.collection).map(|s| s.value().clone());
+        let matched: Vec<Value> = match store {
+            None => Vec::new(),
+            Some(store) => store
+                .lock()
+                .items
+                .values()
+                .map(|json| parse(json))
+                .filter(|item| spec.matches(item))
+                .collect(),
+        };
+        let mut sort = spec.list.sort.clone();
+        sort.push((spec.key_field.to_string(), false));
+        let limit = match (spec.list.limit, spec.list.unbounded) {
+            (Some(n), _) => Some(n),
+            (None, true) => None,
+            (None, false) => Some(DEFAULT_INIT_LIMIT),
+        };
+        let shape = ListShape {
+            sort,
+            offset: spec.list.offset,
+            limit,
+            unbounded: spec.list.unbounded,
+        };
+        let kept = shape.apply(matched.iter().collect());
+        if kept.len() > self.settings.max_init_items {
+            return Err(StateError::InitTooLarge {
+                count: kept.len(),
+                limit: self.settings.max_init_items,
+            });
+        }
+        let projected: Vec<Value> = kept
+            .into_iter()
+            .map(|item| match spec.projection.is_all() {
+                true => item.clone(),
+                false => spec.projection.apply(item),
+            })
+            .collect();
+        let text = serde_json::to_string(&projected).unwrap_or_else(|_| "[]".to_string());
+        self.metrics
+            .state_init_duration
+            .observe(started.elapsed().as_secs_f64());
+        Ok(text)
+    }
+}
+
+/// Where a byte-limit refusal points: the first event of the batch that creates a new key.
+fn first_new(
+    events: &[NewEvent],
+    new_keys: &HashMap<Arc<str>, HashSet<String>>,
+) -> (usize, Arc<str>, usize) {
+    let total = new_keys.values().map(HashSet::len).sum();
+    events
+        .iter()
+        .enumerate()
+        .find(|(_, e)| {
+            e.kind != EventKind::Delete
+                && new_keys.get(&e.collection).is_some_and(|keys| {
+                    e.keys.iter().any(|k| keys.contains(key_string(k).as_str()))
+                })
+        })
+        .map_or((0, Arc::from(""), total), |(i, e)| {
+            (i, e.collection.clone(), total)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn settings(max_items: usize, max_bytes: usize) -> StateSettings {
+        StateSettings {
+            collections: vec!["orders".into()],
+            max_items,
+            max_bytes,
+            max_init_items: 10,
+        }
+    }
+
+    fn state(max_items: usize, max_bytes: usize) -> State {
+        State::new(
+            settings(max_items, max_bytes),
+            Arc::new(Metrics::new(10).unwrap()),
+        )
+    }
+
+    fn event(kind: EventKind, items: Vec<Value>, keys: Vec<Value>) -> Event {
+        Event {
+            collection: Arc::from("orders"),
+            kind,
+            items,
+            keys,
+            offset: 1,
+            epoch: Arc::from("e"),
+            received: Instant::now(),
+        }
+    }
+
+    fn new_event(kind: EventKind, items: Vec<Value>) -> NewEvent {
+        let keys = items.iter().map(|i| i["id"].clone()).collect();
+        NewEvent {
+            collection: Arc::from("orders"),
+            kind,
+            items,
+            keys,
+            idempotency_key: None,
+        }
+    }
+
+    #[test]
+    fn merge_rules() {
+        let s = state(10, 1 << 20);
+        let folded = |kind, items: Vec<Value>, keys| s.fold(&event(kind, items, keys)).unwrap();
+        let created = folded(
+            EventKind::Create,
+            vec![json!({"id":1,"a":1,"n":{"x":1,"y":2},"l":[1,2]})],
+            vec![json!(1)],
+        );
+        assert_eq!(
+            created.items,
+            [json!({"id":1,"a":1,"n":{"x":1,"y":2},"l":[1,2]})]
+        );
+        let updated = folded(
+            EventKind::Update,
+            vec![json!({"id":1,"a":null,"n":{"x":3},"l":[],"b":true})],
+            vec![json!(1)],
+        );
+        assert_eq!(
+            updated.items,
+            [json!({"id":1,"a":null,"n":{"x":3},"l":[],"b":true})]
+        );
+        // Upsert: a create replaces the whole item.
+        let recreated = folded(
+            EventKind::Create,
+            vec![json!({"id":1,"c":1})],
+            vec![json!(1)],
+        );
+        assert_eq!(recreated.items, [json!({"id":1,"c":1})]);
+        // An update of an unknown key is stored as given.
+        let unknown = folded(
+            EventKind::Update,
+            vec![json!({"id":2,"d":1})],
+            vec![json!(2)],
+        );
+        assert_eq!(unknown.items, [json!({"id":2,"d":1})]);
+        // A key-only delete resolves to the stored item; an unknown key reaches nobody.
+        let deleted = folded(EventKind::Delete, vec![], vec![json!(2), json!(9)]);
+        assert_eq!(
+            (deleted.items, deleted.keys),
+            (vec![json!({"id":2,"d":1})], vec![json!(2)])
+        );
+        assert_eq!(s.len(&Arc::from("orders")), 1);
+    }
+
+    #[test]
+    fn capacity_refuses_new_keys_only() {
+        let s = state(2, 1 << 20);
+        let create = |ids: &[i64]| {
+            new_event(
+                EventKind::Create,
+                ids.iter().map(|id| json!({"id": id})).collect(),
+            )
+        };
+        drop(s.admit(&[create(&[1, 2])]).unwrap());
+        s.fold(&event(
+            EventKind::Create,
+            vec![json!({"id":1}), json!({"id":2})],
+            vec![json!(1), json!(2)],
+        ));
+        let err = s.admit(&[create(&[1]), create(&[3])]).unwrap_err();
+        assert!(matches!(
+            err,
+            StateError::Full {
+                index: 1,
+                new: 1,
+                limit: Limit::MaxItems,
+                limit_value: 2,
+                ..
+            }
+        ));
+        // Held keys: updates always pass.
+        assert!(s
+            .admit(&[new_event(EventKind::Update, vec![json!({"id":2,"x":1})])])
+            .is_ok());
+        let small = state(100, 60);
+        let err = small.admit(&[create(&[1, 2])]).unwrap_err();
+        assert!(matches!(
+            err,
+            StateError::Full {
+                limit: Limit::MaxBytes,
+                ..
+            }
+        ));
+    }
+}
