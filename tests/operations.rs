@@ -41,7 +41,10 @@ fn promtool() -> PathBuf {
 
 /// A broker with every labelled family populated: a subscription, a delivery, a publish.
 async fn busy_server() -> (TestServer, String) {
-    let server = support::start_default().await;
+    // `messages` retains its items, so the retained-state series exist too.
+    let mut config = tidings::Config::default();
+    config.state.collections = vec!["messages".into()];
+    let server = support::start(config).await;
     let mut ws = server.ws().await;
     ws.send(r#"{"type":"subscribe","collection":"messages","uid":"s1"}"#)
         .await;

@@ -328,7 +328,7 @@ async fn creating_past_a_limit_is_refused_whole_with_507() {
     );
     assert_eq!(
         server
-            .metric("tidings_publish_requests_total{status=\"507\"}")
+            .metric("tidings_publish_requests_total{format=\"json\",status=\"507\"}")
             .await,
         Some(2.0)
     );
