@@ -333,24 +333,29 @@ impl State {
     /// (`None` when the collection retains nothing: deliver it as published). Called in
     /// offset order, under the collection's history log lock.
     ///
-    /// - `create`: each item replaces the stored one; the event is unchanged.
+    /// - `create`: each item replaces the stored one; the event's items are unchanged.
     /// - `update`: each item is merged into the stored one; the event carries the merged items.
+    /// - for both, `before` is the state's previous version of each item (`null` where it held
+    ///   none), whatever the publisher sent: the state is what subscribers were shown.
     /// - `delete`: each key is removed; the event carries the removed items (the stored
     ///   version, else the item the publisher sent) and only the keys the store held or the
-    ///   publisher described, so a key nobody was shown reaches nobody.
+    ///   publisher described, so a key nobody was shown reaches nobody; `before` is empty.
     pub fn fold(&self, event: &Event) -> Option<Event> {
         if !self.retains(&event.collection) {
             return None;
         }
         let store = self.store(&event.collection);
         let mut store = store.lock();
-        let before = (store.items.len(), store.bytes);
+        let was = (store.items.len(), store.bytes);
         let mut items = Vec::with_capacity(event.keys.len());
         let mut keys = Vec::with_capacity(event.keys.len());
+        let mut before = Vec::new();
         match event.kind {
             EventKind::Create => {
                 for (item, key) in event.items.iter().zip(&event.keys) {
-                    store.put(&key_string(key), item);
+                    let k = key_string(key);
+                    before.push(store.get(&k).unwrap_or(Value::Null));
+                    store.put(&k, item);
                 }
                 items.clone_from(&event.items);
                 keys.clone_from(&event.keys);
@@ -358,11 +363,13 @@ impl State {
             EventKind::Update => {
                 for (item, key) in event.items.iter().zip(&event.keys) {
                     let k = key_string(key);
-                    let merged = match store.get(&k) {
-                        Some(stored) => merge(stored, item),
+                    let stored = store.get(&k);
+                    let merged = match &stored {
+                        Some(stored) => merge(stored.clone(), item),
                         None => item.clone(),
                     };
                     store.put(&k, &merged);
+                    before.push(stored.unwrap_or(Value::Null));
                     items.push(merged);
                     keys.push(key.clone());
                 }
@@ -379,12 +386,13 @@ impl State {
         }
         let after = (store.items.len(), store.bytes);
         drop(store);
-        self.account(&event.collection, before, after);
+        self.account(&event.collection, was, after);
         Some(Event {
             collection: event.collection.clone(),
             kind: event.kind,
             items,
             keys,
+            before,
             offset: event.offset,
             epoch: event.epoch.clone(),
             received: event.received,
@@ -510,6 +518,7 @@ mod tests {
             kind,
             items,
             keys,
+            before: Vec::new(),
             offset: 1,
             epoch: Arc::from("e"),
             received: Instant::now(),
@@ -523,6 +532,7 @@ mod tests {
             kind,
             items,
             keys,
+            before: Vec::new(),
             idempotency_key: None,
         }
     }
@@ -549,6 +559,11 @@ mod tests {
             updated.items,
             [json!({"id":1,"a":null,"n":{"x":3},"l":[],"b":true})]
         );
+        assert_eq!(
+            updated.before,
+            [json!({"id":1,"a":1,"n":{"x":1,"y":2},"l":[1,2]})]
+        );
+        assert_eq!(created.before, [Value::Null]);
         // Upsert: a create replaces the whole item.
         let recreated = folded(
             EventKind::Create,
