@@ -143,6 +143,8 @@ pub mod defaults {
     pub const OUTBOX_MESSAGES: usize = 1024;
     /// `--outbox-bytes`.
     pub const OUTBOX_BYTES: usize = 1024 * 1024;
+    /// `--coalesce-yields` (0: write at once, always).
+    pub const COALESCE_YIELDS: u32 = 4;
     /// `--max-filter-depth` (the filter module's own default).
     pub const MAX_FILTER_DEPTH: usize = FilterLimits::DEFAULT.max_depth;
     /// `--max-filter-nodes`.
@@ -329,6 +331,11 @@ pub struct ServeArgs {
     /// Most bytes waiting in one connection's outbox before it is closed as a slow consumer.
     #[arg(long, env = "TIDINGS_OUTBOX_BYTES", default_value_t = defaults::OUTBOX_BYTES)]
     pub outbox_bytes: usize,
+    /// Most times a busy connection's session lets other tasks run before it writes, so that
+    /// more frames go out in one write (0: write at once). Only a session whose last write
+    /// carried several frames waits, and only while more keep arriving.
+    #[arg(long, env = "TIDINGS_COALESCE_YIELDS", default_value_t = defaults::COALESCE_YIELDS)]
+    pub coalesce_yields: u32,
     /// Deepest nesting a subscription filter may have.
     #[arg(long, env = "TIDINGS_MAX_FILTER_DEPTH", default_value_t = defaults::MAX_FILTER_DEPTH)]
     pub max_filter_depth: usize,
@@ -462,6 +469,8 @@ pub struct Config {
     pub outbox_messages: usize,
     /// Outbox bound in bytes.
     pub outbox_bytes: usize,
+    /// Yields a busy session may make before a write, to gather frames; 0 = none.
+    pub coalesce_yields: u32,
     /// Limits on subscription filters.
     pub filter_limits: FilterLimits,
     /// Cap on distinct `collection` label values.
@@ -542,6 +551,7 @@ impl Default for Config {
             max_messages_per_second: defaults::MAX_MESSAGES_PER_SECOND,
             outbox_messages: defaults::OUTBOX_MESSAGES,
             outbox_bytes: defaults::OUTBOX_BYTES,
+            coalesce_yields: defaults::COALESCE_YIELDS,
             filter_limits: FilterLimits::DEFAULT,
             metrics_max_collections: defaults::METRICS_MAX_COLLECTIONS,
             state: StateSettings {
@@ -775,6 +785,7 @@ impl ServeArgs {
             max_messages_per_second: self.max_messages_per_second,
             outbox_messages: self.outbox_messages,
             outbox_bytes: self.outbox_bytes,
+            coalesce_yields: self.coalesce_yields,
             filter_limits: FilterLimits {
                 max_depth: self.max_filter_depth,
                 max_nodes: self.max_filter_nodes,

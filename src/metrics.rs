@@ -284,6 +284,8 @@ pub struct Metrics {
     pub server_errors: IntCounterVec,
     /// Frames queued per event.
     pub fanout_size: Histogram,
+    /// Frames written per write of a connection's outbox (one wake-up, one flush).
+    pub frames_per_write: Histogram,
     /// Time to match, encode and queue one event.
     pub match_duration: Histogram,
     /// From publish accepted to the frames being queued.
@@ -475,6 +477,11 @@ impl Metrics {
                 "Frames queued for one published event.",
                 prometheus::exponential_buckets(1.0, 4.0, 10)?,
             )?,
+            frames_per_write: histogram(
+                "tidings_frames_per_write",
+                "Frames written to a connection in one write of its outbox (one wake-up, one flush).",
+                prometheus::exponential_buckets(1.0, 2.0, 11)?,
+            )?,
             match_duration: histogram(
                 "tidings_match_duration_seconds",
                 "Time to match, encode and queue one event.",
@@ -661,6 +668,7 @@ mod tests {
         let m = Metrics::new(10).unwrap();
         m.deliveries.inc();
         m.fanout_size.observe(3.0);
+        m.frames_per_write.observe(2.0);
         let text = m.render().unwrap();
         for name in [
             "tidings_connections ",
@@ -668,6 +676,7 @@ mod tests {
             "tidings_connections_closed_total{reason=\"slow_consumer\"} 0",
             "tidings_protocol_errors_total{code=\"INVALID_PAYLOAD\"} 0",
             "tidings_fanout_frames_bucket",
+            "tidings_frames_per_write_bucket",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -197,6 +197,20 @@ impl Outbox {
         self.state.lock().overflowed
     }
 
+    /// Frames queued, while that is under half of both bounds: a session may wait for more
+    /// before writing. `None` once half full (waiting longer would risk an overflow), after
+    /// an overflow, or once closed.
+    pub fn below_half(&self) -> Option<usize> {
+        let state = self.state.lock();
+        let messages = self.max_messages + state.extra_messages;
+        let bytes = self.max_bytes + state.extra_bytes;
+        let room = !state.overflowed
+            && !state.closed
+            && state.queue.len() * 2 < messages
+            && state.bytes * 2 < bytes;
+        room.then_some(state.queue.len())
+    }
+
     /// Frames currently queued.
     pub fn len(&self) -> usize {
         self.state.lock().queue.len()
@@ -244,6 +258,28 @@ mod tests {
         );
         ob.push(frame("abcde")).unwrap();
         assert_eq!(ob.push(frame("f")), Err(PushError::Overflow(2)));
+    }
+
+    #[test]
+    fn below_half_until_either_bound_is_half_used() {
+        let ob = Outbox::new(4, 1000);
+        assert_eq!(ob.below_half(), Some(0));
+        ob.push(frame("a")).unwrap();
+        assert_eq!(ob.below_half(), Some(1));
+        ob.push(frame("b")).unwrap();
+        assert_eq!(ob.below_half(), None);
+        let ob = Outbox::new(100, 10);
+        ob.push(frame("abcd")).unwrap();
+        assert_eq!(ob.below_half(), Some(1));
+        ob.push(frame("e")).unwrap();
+        assert_eq!(ob.below_half(), None);
+        let ob = Outbox::new(1, 1000);
+        ob.push(frame("a")).unwrap();
+        let _ = ob.push(frame("b"));
+        assert_eq!(ob.below_half(), None, "overflowed");
+        let ob = Outbox::new(4, 1000);
+        ob.close();
+        assert_eq!(ob.below_half(), None, "closed");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! inbound messages, the auth timer (the handshake window, the expiry of the connection's
 //! JWT, or the re-auth window after it) and the heartbeat. Replies to requests are written
 //! directly, in request order; event frames come through the bounded outbox and go out in
-//! one flush per wake-up. A subscription's `init` (and the replay of a resume) goes through
+//! one flush per wake-up (when the broker is busy, after a few yields that let more gather). A subscription's `init` (and the replay of a resume) goes through
 //! the outbox too, queued by `Hub::subscribe` under the collection's log lock, so nothing the
 //! hub queues for the subscription can precede it.
 //!
@@ -98,6 +98,9 @@ pub(super) struct Session {
     heard: bool,
     /// A heartbeat ping was sent and not yet followed by a full silent period.
     pinged: bool,
+    /// The last write of queued frames carried more than one: the broker is busy, so the
+    /// next wake-up gathers frames before writing (`writer::gather`).
+    busy: bool,
     heartbeat: Option<Interval>,
     /// The one timer of the auth state, whichever applies (they never overlap): the handshake
     /// window, the JWT's expiry, or the re-auth window after `TOKEN_EXPIRED`. One field and one
@@ -143,6 +146,7 @@ impl Session {
             subs: Vec::new(),
             heard: false,
             pinged: false,
+            busy: false,
             heartbeat: None,
             deadline: handshake,
             rate,

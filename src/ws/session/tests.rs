@@ -394,6 +394,30 @@ async fn replies_follow_the_events_queued_before_them() {
     assert_eq!(c.frame().await["event"], "unsubscribe");
 }
 
+/// Coalescing (`--coalesce-yields`) must never hold a frame back: after a write that carried
+/// several frames the session is "busy" and yields before its next write, yet a lone event
+/// still goes out at once (on the paused clock a stuck session would time the test out).
+#[tokio::test(start_paused = true)]
+async fn a_busy_session_still_writes_a_lone_event_at_once() {
+    let app = app(AuthMode::Public);
+    let mut c = connect(&app, None);
+    c.send(subscribe("s")).await;
+    assert_init(&c.frame().await, "s");
+    // The session does not run while this task publishes: one wake-up finds all three.
+    for id in 1..=3 {
+        publish(&app, id).await;
+    }
+    for id in 1..=3 {
+        assert_event(&c.frame().await, "s", id);
+    }
+    publish(&app, 4).await;
+    assert_event(&c.frame().await, "s", 4);
+    let writes = &app.metrics().frames_per_write;
+    // init alone, the three together, then the lone one.
+    assert_eq!(writes.get_sample_count(), 3);
+    assert_eq!(writes.get_sample_sum(), 5.0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn socket_errors_map_to_close_codes() {
     use tokio_tungstenite::tungstenite::error::{CapacityError, Error};

@@ -1,5 +1,6 @@
 //! The writing half of a session: the outbox drained into the socket (one flush per
-//! wake-up, under `--write-timeout`), replies that never overtake queued events, close
+//! wake-up, under `--write-timeout`), the gathering of frames before that write when the
+//! broker is busy (`--coalesce-yields`), replies that never overtake queued events, close
 //! frames and their codes, and the delivery metrics.
 
 use std::time::Duration;
@@ -16,6 +17,14 @@ use crate::protocol::{close, ProtocolError};
 /// How long a closing frame may take to go out before the socket is dropped anyway.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// What a flush of the outbox did.
+pub(super) enum Flushed {
+    /// This many frames were written (possibly none).
+    Frames(usize),
+    /// The outbox overflowed: close the connection as a slow consumer.
+    Overflowed,
+}
+
 /// Why a write failed.
 pub(super) enum WriteError {
     /// The socket is gone.
@@ -27,9 +36,15 @@ pub(super) enum WriteError {
 impl Session {
     /// The outbox has frames (or overflowed): write them, or close a slow consumer.
     pub(super) async fn on_outbox<S: Socket>(&mut self, socket: &mut S) -> Flow {
+        if self.busy {
+            self.gather().await;
+        }
         match self.flush_outbox(socket).await {
-            Ok(Drained::Frames) => Flow::Continue,
-            Ok(Drained::Overflowed) | Err(WriteError::Timeout) => {
+            Ok(Flushed::Frames(frames)) => {
+                self.busy = frames > 1;
+                Flow::Continue
+            }
+            Ok(Flushed::Overflowed) | Err(WriteError::Timeout) => {
                 tracing::info!(peer = %self.peer, "closing slow consumer");
                 self.close_with(
                     socket,
@@ -42,19 +57,42 @@ impl Session {
         }
     }
 
+    /// Lets the tasks already queued on this worker run (the hub's dispatch of other
+    /// concurrent publishes among them) before writing, so that one wake-up and one `send`
+    /// carry the frames they queue too. Called only when the previous write carried several
+    /// frames: a wake-up that found a lone frame means the broker is not busy, and the next
+    /// one is written at once. It stops as soon as a yield brought nothing new, after
+    /// `--coalesce-yields` yields, or once the outbox is half full (waiting longer would risk
+    /// a slow-consumer close). A yield waits for no timer: under load it costs one turn of
+    /// the scheduler's queue, which is exactly the time in which the frames it gathers are
+    /// queued.
+    async fn gather(&self) {
+        let Some(mut queued) = self.outbox.below_half() else {
+            return;
+        };
+        for _ in 0..self.state.config.coalesce_yields {
+            tokio::task::yield_now().await;
+            match self.outbox.below_half() {
+                Some(now) if now > queued => queued = now,
+                _ => return,
+            }
+        }
+    }
+
     /// Writes everything queued, then flushes once. The batch lives only for the write, so an
     /// idle connection holds no frame buffer.
     pub(super) async fn flush_outbox<S: Socket>(
         &self,
         socket: &mut S,
-    ) -> Result<Drained, WriteError> {
+    ) -> Result<Flushed, WriteError> {
         let mut batch: Vec<Frame> = Vec::new();
         if self.outbox.drain(&mut batch) == Drained::Overflowed {
-            return Ok(Drained::Overflowed);
+            return Ok(Flushed::Overflowed);
         }
         if batch.is_empty() {
-            return Ok(Drained::Frames);
+            return Ok(Flushed::Frames(0));
         }
+        let frames = batch.len();
         let write_timeout = self.state.config.write_timeout;
         let mut bytes = 0usize;
         // The stamps are kept aside so the frames' text can be moved into the socket rather
@@ -93,7 +131,8 @@ impl Session {
         outbox_to_socket.flush();
         metrics.deliveries.inc_by(live);
         metrics.delivered_bytes.inc_by(bytes as u64);
-        Ok(Drained::Frames)
+        metrics.frames_per_write.observe(frames as f64);
+        Ok(Flushed::Frames(frames))
     }
 
     /// Writes a reply. Frames the hub queued before it go out first, so a reply never
@@ -171,8 +210,8 @@ impl Session {
             .subscriptions
             .resume_position(self.subs.iter().map(|s| s.collection()));
         match self.flush_outbox(socket).await {
-            Ok(Drained::Frames) => {}
-            Ok(Drained::Overflowed) | Err(WriteError::Timeout) => {
+            Ok(Flushed::Frames(_)) => {}
+            Ok(Flushed::Overflowed) | Err(WriteError::Timeout) => {
                 self.close_with(
                     socket,
                     Some((close::SLOW_CONSUMER, "slow consumer: outbox full")),
