@@ -19,12 +19,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::AdminState;
 use crate::auth::Authenticator;
 use crate::backplane::memory::MemoryBackplane;
 use crate::backplane::nats::NatsBackplane;
 use crate::backplane::redis::RedisBackplane;
 use crate::backplane::{Backplane, EngineContext};
-use crate::config::{Config, ConfigError, Engine};
+use crate::config::{check_admin_exposure, Config, ConfigError, Engine};
 use crate::history::History;
 use crate::http::HttpState;
 use crate::hub::{Hub, Subscriptions};
@@ -47,6 +48,8 @@ struct Parts {
     readiness: Readiness,
     http: Arc<HttpState>,
     ws: Arc<WsState>,
+    /// The console's and admin endpoint's state (`None` with `--console off`).
+    admin: Option<Arc<AdminState>>,
     /// Cancelled at the very end of the drain; the backplane engine's tasks watch it.
     engine_shutdown: CancellationToken,
 }
@@ -173,6 +176,15 @@ impl App {
             shutdown,
             sessions: TaskTracker::new(),
         });
+        let admin = config.console.then(|| {
+            Arc::new(AdminState::new(
+                config.clone(),
+                metrics.clone(),
+                registry.clone(),
+                backplane.clone(),
+                readiness.clone(),
+            ))
+        });
         Ok(App {
             parts: Arc::new(Parts {
                 config,
@@ -183,6 +195,7 @@ impl App {
                 readiness,
                 http,
                 ws,
+                admin,
                 engine_shutdown,
             }),
         })
@@ -226,8 +239,12 @@ impl App {
     /// The full router: HTTP API, health, metrics and the WebSocket endpoint.
     pub fn router(&self) -> Router {
         let parts = &self.parts;
-        crate::http::routes(parts.http.clone())
-            .merge(crate::ws::routes(&parts.config.ws_path, parts.ws.clone()))
+        let mut router = crate::http::routes(parts.http.clone())
+            .merge(crate::ws::routes(&parts.config.ws_path, parts.ws.clone()));
+        if let Some(admin) = &parts.admin {
+            router = router.merge(crate::admin::routes(admin.clone()));
+        }
+        router
             .method_not_allowed_fallback(crate::http::method_not_allowed_handler)
             .fallback(crate::http::not_found_handler)
             .layer(DefaultBodyLimit::max(parts.config.max_publish_bytes))
@@ -252,6 +269,9 @@ impl App {
         let parts = self.parts.clone();
         let config = &parts.config;
         let local = listener.local_addr()?;
+        // `ServeArgs::into_config` checked the flag's address; an embedder's listener may be
+        // another one.
+        check_admin_exposure(config.console, config.admin_key.is_some(), local)?;
         if !local.ip().is_loopback()
             && !config.publish_keys.required()
             && !config.trust_loopback_publishers
@@ -278,6 +298,10 @@ impl App {
         .with_graceful_shutdown(token.clone().cancelled_owned());
         let server = tokio::spawn(server.into_future());
         let sweeper = tokio::spawn(sweep_history(parts.hub.clone()));
+        let sampler = parts
+            .admin
+            .clone()
+            .map(|admin| tokio::spawn(admin.sample_forever()));
 
         let result = crate::shutdown::drain(
             crate::shutdown::Drain {
@@ -293,6 +317,9 @@ impl App {
         )
         .await;
         sweeper.abort();
+        if let Some(sampler) = sampler {
+            sampler.abort();
+        }
         result?;
         tracing::info!("shutdown complete");
         Ok(())

@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use crate::auth::jwt::{JwtSettings, JwtVerifier};
-use crate::auth::{Permissions, Principal, PublishKeys, TokenStore};
+use crate::auth::{AdminKey, Permissions, Principal, PublishKeys, TokenStore};
 use crate::event::EventKind;
 use crate::filter::FilterLimits;
 use crate::history::HistoryLimits;
@@ -43,6 +43,15 @@ pub enum Engine {
     Nats,
 }
 
+/// Whether `GET /console` and `GET /v1/admin/stats` are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Console {
+    /// Served (with `--admin-key` required when the listen address is not loopback).
+    On,
+    /// Not routed: both answer 404.
+    Off,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -55,7 +64,7 @@ pub enum LogFormat {
 /// Every default of `tidings serve`, written once: clap's defaults (so `--help`) and
 /// [`Config::default`] both read these, and a test checks README's flag table against them.
 pub mod defaults {
-    use super::{AuthMode, Engine, LogFormat};
+    use super::{AuthMode, Console, Engine, LogFormat};
     use crate::filter::FilterLimits;
 
     /// A default number of seconds, as a number and as clap's default text, from one literal.
@@ -91,6 +100,8 @@ pub mod defaults {
     pub const AUTH_MODE: AuthMode = AuthMode::Public;
     /// `--public-permissions`: every collection.
     pub const PUBLIC_PERMISSIONS: &str = r#"{"*":{}}"#;
+    /// `--console`.
+    pub const CONSOLE: Console = Console::On;
     /// `--jwt-leeway`.
     pub const JWT_LEEWAY: Secs = secs!(30);
     /// `--engine`.
@@ -205,6 +216,13 @@ pub struct ServeArgs {
     /// Publishers connecting from a loopback address (127.0.0.0/8, ::1) need no key.
     #[arg(long, env = "TIDINGS_TRUST_LOOPBACK_PUBLISHERS")]
     pub trust_loopback_publishers: bool,
+    /// Key for the console and `GET /v1/admin/stats` (`Authorization: Bearer <key>`, at least
+    /// 16 bytes). Required when the listen address is not loopback and the console is on.
+    #[arg(long, env = "TIDINGS_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+    /// Serve the console page (`GET /console`) and its JSON endpoint (`GET /v1/admin/stats`).
+    #[arg(long, env = "TIDINGS_CONSOLE", value_enum, default_value_t = defaults::CONSOLE)]
+    pub console: Console,
     /// HS256 secret for subscriber JWTs (at least 32 bytes).
     #[arg(long, env = "TIDINGS_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -417,6 +435,10 @@ pub struct Config {
     pub publish_keys: PublishKeys,
     /// Publishers on a loopback address need no key.
     pub trust_loopback_publishers: bool,
+    /// The console's and admin endpoint's key; `None`: they are open (loopback only).
+    pub admin_key: Option<AdminKey>,
+    /// Whether the console and the admin endpoint are served.
+    pub console: bool,
     /// Subscriber JWT verification; `None`: JWTs are refused.
     pub jwt: Option<Arc<JwtVerifier>>,
     /// Backplane engine.
@@ -519,6 +541,8 @@ impl Default for Config {
             public_permissions: Permissions::all(),
             publish_keys: PublishKeys::default(),
             trust_loopback_publishers: false,
+            admin_key: None,
+            console: defaults::CONSOLE == Console::On,
             jwt: None,
             engine: defaults::ENGINE,
             redis_url: defaults::REDIS_URL.into(),
@@ -581,7 +605,7 @@ impl Config {
                 "must start with `/` and name a path, e.g. /websocket",
             ));
         }
-        for reserved in ["/v1", "/healthz", "/readyz", "/metrics"] {
+        for reserved in ["/v1", "/healthz", "/readyz", "/metrics", "/console"] {
             if self.ws_path == reserved || self.ws_path.starts_with(&format!("{reserved}/")) {
                 return Err(err(
                     "ws-path",
@@ -665,6 +689,26 @@ impl Config {
     }
 }
 
+/// The console and the admin endpoint are open only to loopback: on any other listen address
+/// they need `--admin-key` (or `--console off`).
+pub fn check_admin_exposure(
+    console: bool,
+    has_key: bool,
+    listen: SocketAddr,
+) -> Result<(), ConfigError> {
+    if console && !has_key && !listen.ip().to_canonical().is_loopback() {
+        return Err(err(
+            "admin-key",
+            format!(
+                "the console and GET /v1/admin/stats would be open to anyone who can reach \
+                 {listen}: set --admin-key (at least 16 bytes), or --console off, or listen on \
+                 a loopback address"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl ServeArgs {
     /// Validates the flags into a [`Config`], reading the tokens file if one is given.
     pub fn into_config(self) -> Result<Config, ConfigError> {
@@ -693,6 +737,14 @@ impl ServeArgs {
                 .ok_or_else(|| err("key-field", format!("`{spec}` is not COLLECTION=FIELD")))?;
             key_fields.insert(collection.trim().to_string(), field.trim().to_string());
         }
+        let admin_key = self
+            .admin_key
+            .as_deref()
+            .map(AdminKey::new)
+            .transpose()
+            .map_err(|e| err("admin-key", e.to_string()))?;
+        let console = self.console == Console::On;
+        check_admin_exposure(console, admin_key.is_some(), self.listen)?;
         let cloudevents = cloudevents_mapping(
             &self.cloudevents_collection_from,
             &self.cloudevents_type_kinds,
@@ -755,6 +807,8 @@ impl ServeArgs {
             public_permissions,
             publish_keys,
             trust_loopback_publishers: self.trust_loopback_publishers,
+            admin_key,
+            console,
             jwt,
             engine: self.engine,
             redis_url: self.redis_url,

@@ -594,6 +594,17 @@ impl Metrics {
         }
     }
 
+    /// Published events, every collection and kind (the admin endpoint's total).
+    pub fn published_events_total(&self) -> u64 {
+        use prometheus::core::Collector;
+        self.published_events
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|m| m.get_counter().value() as u64)
+            .sum()
+    }
+
     /// Renders the Prometheus text exposition format.
     pub fn render(&self) -> Result<String, prometheus::Error> {
         let mut buf = Vec::new();

@@ -638,6 +638,8 @@ async fn real_http_answers_match_the_openapi_spec() {
             items,
             405,
         ),
+        ("GET", "/v1/admin/stats", None, vec![], 200),
+        ("POST", "/v1/admin/stats", None, vec![], 405),
         ("POST", "/healthz", None, vec![], 405),
         ("DELETE", "/metrics", None, vec![], 405),
         ("POST", "/websocket", None, vec![], 405),

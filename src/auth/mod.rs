@@ -271,6 +271,32 @@ impl TokenStore {
     }
 }
 
+/// The operator's key for the console and `GET /v1/admin/stats` (`--admin-key`), kept as a
+/// digest. It grants the node's figures only: item data always needs a subscriber credential.
+#[derive(Debug, Clone)]
+pub struct AdminKey(SecretDigest);
+
+/// Shortest accepted `--admin-key`, in bytes.
+pub const MIN_ADMIN_KEY: usize = 16;
+
+impl AdminKey {
+    /// The key, if it is at least [`MIN_ADMIN_KEY`] bytes long (trimmed).
+    pub fn new(key: &str) -> Result<AdminKey, PublishKeyError> {
+        let key = key.trim();
+        if key.len() < MIN_ADMIN_KEY {
+            return Err(PublishKeyError(format!(
+                "the admin key must be at least {MIN_ADMIN_KEY} bytes long"
+            )));
+        }
+        Ok(AdminKey(digest(key)))
+    }
+
+    /// Whether `presented` is the key (digests compared in constant time).
+    pub fn accepts(&self, presented: &str) -> bool {
+        bool::from(self.0.ct_eq(&digest(presented)))
+    }
+}
+
 /// Publisher API keys (`Authorization: Bearer <key>`), each with a name for metrics and
 /// logs, kept as digests.
 #[derive(Debug, Clone, Default)]

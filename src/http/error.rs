@@ -89,6 +89,9 @@ pub enum ApiError {
     /// Missing or wrong publish key.
     #[error("a valid publish key is required: send `Authorization: Bearer <key>`")]
     Unauthorized,
+    /// Missing or wrong admin key (`GET /v1/admin/stats`).
+    #[error("a valid admin key is required: send `Authorization: Bearer <admin key>`")]
+    AdminUnauthorized,
     /// No such route.
     #[error("no such route")]
     NotFound,
@@ -159,7 +162,7 @@ impl ApiError {
             ApiError::InvalidJson { .. } => StatusCode::BAD_REQUEST,
             ApiError::InvalidPayload { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized | ApiError::AdminUnauthorized => StatusCode::UNAUTHORIZED,
             ApiError::OriginNotAllowed { .. } => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -182,7 +185,7 @@ impl ApiError {
             ApiError::InvalidJson { .. } => "INVALID_JSON",
             ApiError::InvalidPayload { .. } => "INVALID_PAYLOAD",
             ApiError::InvalidHeader { .. } => "INVALID_HEADER",
-            ApiError::Unauthorized => "UNAUTHORIZED",
+            ApiError::Unauthorized | ApiError::AdminUnauthorized => "UNAUTHORIZED",
             ApiError::OriginNotAllowed { .. } => "FORBIDDEN",
             ApiError::NotFound => "NOT_FOUND",
             ApiError::MethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
@@ -206,7 +209,7 @@ impl ApiError {
             ApiError::InvalidHeader { header, .. } => Some(header),
             ApiError::UnsupportedMediaType => Some("content-type"),
             ApiError::OriginNotAllowed { .. } => Some("webhook-request-origin"),
-            ApiError::Unauthorized => Some("authorization"),
+            ApiError::Unauthorized | ApiError::AdminUnauthorized => Some("authorization"),
             _ => None,
         }
     }

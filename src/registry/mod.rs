@@ -275,6 +275,28 @@ fn index_term(filter: &Filter) -> Option<(String, Vec<String>)> {
         .min_by_key(|(_, keys)| keys.len())
 }
 
+/// One group as [`Registry::snapshot`] saw it.
+#[derive(Debug)]
+pub struct GroupSnapshot {
+    /// The group's creation sequence (stable while it lives).
+    pub id: u64,
+    /// Member subscriptions.
+    pub subscribers: usize,
+    /// Distinct uid strings among them (one frame per uid per event).
+    pub uids: usize,
+    /// What its members receive.
+    pub spec: Arc<Spec>,
+}
+
+/// One collection's groups as [`Registry::snapshot`] saw them.
+#[derive(Debug)]
+pub struct CollectionSnapshot {
+    /// The collection.
+    pub name: Arc<str>,
+    /// Its groups, in creation order.
+    pub groups: Vec<GroupSnapshot>,
+}
+
 /// All live subscriptions.
 #[derive(Debug, Default)]
 pub struct Registry {
@@ -361,6 +383,37 @@ impl Registry {
             self.collections
                 .remove_if(&handle.collection, |_, c| c.read().is_empty());
         }
+    }
+
+    /// Every collection with subscriptions, by name, and its groups in creation order: what
+    /// the admin endpoint lists. The map's shards are released before any collection lock is
+    /// taken, and each collection's read lock is held only while its groups are counted.
+    pub fn snapshot(&self) -> Vec<CollectionSnapshot> {
+        let mut collections: Vec<(Arc<str>, Arc<RwLock<CollectionSubs>>)> = self
+            .collections
+            .iter()
+            .map(|c| (c.key().clone(), c.value().clone()))
+            .collect();
+        collections.sort_by(|a, b| a.0.cmp(&b.0));
+        collections
+            .into_iter()
+            .map(|(name, subs)| {
+                let subs = subs.read();
+                let mut groups: Vec<GroupSnapshot> = subs
+                    .groups
+                    .iter()
+                    .map(|(seq, g)| GroupSnapshot {
+                        id: *seq,
+                        subscribers: g.len(),
+                        uids: g.buckets.len(),
+                        spec: g.spec.clone(),
+                    })
+                    .collect();
+                groups.sort_by_key(|g| g.id);
+                CollectionSnapshot { name, groups }
+            })
+            .filter(|c| !c.groups.is_empty())
+            .collect()
     }
 
     /// Number of groups and member subscriptions of `collection` (for tests and metrics).

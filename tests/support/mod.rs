@@ -357,6 +357,16 @@ pub async fn raw_ws_small_buffer(server: &TestServer) -> WebSocketStream<TcpStre
 /// Checks an HTTP API answer (publish response or error) against `protocol/openapi.yaml`'s
 /// component schemas: `PublishResponse` or `Error`.
 pub fn schema_check_http(answer: &Value) {
+    let name = if answer.get("error").is_some() {
+        "Error"
+    } else {
+        "PublishResponse"
+    };
+    schema_check_component(name, answer);
+}
+
+/// Checks `answer` against `#/components/schemas/NAME` of `protocol/openapi.yaml`.
+pub fn schema_check_component(name: &str, answer: &Value) {
     use std::sync::OnceLock;
     static COMPONENTS: OnceLock<Value> = OnceLock::new();
     let components = COMPONENTS.get_or_init(|| {
@@ -365,11 +375,6 @@ pub fn schema_check_http(answer: &Value) {
         let doc: Value = serde_yaml::from_str(&text).expect("openapi yaml");
         doc["components"].clone()
     });
-    let name = if answer.get("error").is_some() {
-        "Error"
-    } else {
-        "PublishResponse"
-    };
     let schema = serde_json::json!({"$ref": format!("#/components/schemas/{name}"), "components": components});
     let validator = jsonschema::validator_for(&schema).expect("compile openapi component");
     let errors: Vec<String> = validator
