@@ -245,10 +245,8 @@ fn bench_projection(c: &mut Criterion) {
     let event = create(Value::Object(obj));
     let two = spec(None, Some(json!(["id", "total"])), "p");
     let all = spec(None, None, "p");
-    assert_eq!(
-        payloads(&two, &event),
-        vec![r#"[{"id":918273,"total":1249.5}]"#]
-    );
+    let data: Vec<String> = payloads(&two, &event).into_iter().map(|p| p.data).collect();
+    assert_eq!(data, vec![r#"[{"id":918273,"total":1249.5}]"#]);
     let mut group = c.benchmark_group("projection_encode");
     group.bench_function("20_fields_to_2", |b| {
         b.iter(|| payloads(black_box(&two), black_box(&event)))

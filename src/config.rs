@@ -52,6 +52,17 @@ pub enum Console {
     Off,
 }
 
+/// How an update on a retained collection reaches subscriptions whose filter it enters or
+/// leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Transitions {
+    /// Enter: a `create` frame with the full item; leave: a `delete` frame with the key;
+    /// both with `"cause"`.
+    View,
+    /// Directus' own behaviour: enter arrives as `update`, leave sends nothing.
+    Directus,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -64,7 +75,7 @@ pub enum LogFormat {
 /// Every default of `tidings serve`, written once: clap's defaults (so `--help`) and
 /// [`Config::default`] both read these, and a test checks README's flag table against them.
 pub mod defaults {
-    use super::{AuthMode, Console, Engine, LogFormat};
+    use super::{AuthMode, Console, Engine, LogFormat, Transitions};
     use crate::filter::FilterLimits;
 
     /// A default number of seconds, as a number and as clap's default text, from one literal.
@@ -172,6 +183,8 @@ pub mod defaults {
     pub const STATE_MAX_BYTES: usize = 512 * 1024 * 1024;
     /// `--max-init-items`.
     pub const MAX_INIT_ITEMS: usize = 10_000;
+    /// `--transitions`.
+    pub const TRANSITIONS: Transitions = Transitions::View;
     /// `--log-format`.
     pub const LOG_FORMAT: LogFormat = LogFormat::Text;
 }
@@ -384,6 +397,11 @@ pub struct ServeArgs {
     /// Most items one retained `init` may carry; a subscribe over it gets LIMIT_EXCEEDED.
     #[arg(long, env = "TIDINGS_MAX_INIT_ITEMS", default_value_t = defaults::MAX_INIT_ITEMS)]
     pub max_init_items: usize,
+    /// On a retained collection, how an update that enters or leaves a subscription's
+    /// filter is sent: `view` (create / key-only delete with "cause") or `directus`
+    /// (enter as update, leave not sent).
+    #[arg(long, env = "TIDINGS_TRANSITIONS", value_enum, default_value_t = defaults::TRANSITIONS)]
+    pub transitions: Transitions,
     /// Log format.
     #[arg(long, env = "TIDINGS_LOG_FORMAT", value_enum, default_value_t = defaults::LOG_FORMAT)]
     pub log_format: LogFormat,
@@ -499,6 +517,8 @@ pub struct Config {
     pub metrics_max_collections: usize,
     /// Retained state: which collections, how much.
     pub state: StateSettings,
+    /// How enter/leave transitions are sent.
+    pub transitions: Transitions,
 }
 
 impl Config {
@@ -584,6 +604,7 @@ impl Default for Config {
                 max_bytes: defaults::STATE_MAX_BYTES,
                 max_init_items: defaults::MAX_INIT_ITEMS,
             },
+            transitions: defaults::TRANSITIONS,
         }
     }
 }
@@ -858,6 +879,7 @@ impl ServeArgs {
                 max_bytes: self.state_max_bytes,
                 max_init_items: self.max_init_items,
             },
+            transitions: self.transitions,
         };
         config.validate()?;
         Ok(config)

@@ -18,7 +18,7 @@ use crate::event::Event;
 use crate::history::{History, Replay};
 use crate::metrics::Metrics;
 use crate::outbox::{Frame, Live, Outbox, PushError};
-use crate::protocol::{init_frame, subscription_frame, WirePosition};
+use crate::protocol::{event_frame, init_frame, WirePosition};
 use crate::registry::{Group, Registry, SubHandle};
 use crate::state::{State, StateError};
 use crate::subscription::{payloads, Spec};
@@ -185,10 +185,16 @@ impl Hub {
                 epoch: event.epoch.clone(),
                 offset: event.offset,
             };
-            for data in payloads(&sub.spec, event) {
+            for p in payloads(&sub.spec, event) {
                 frames.push(Frame {
-                    text: subscription_frame(event.kind.as_str(), Some(&data), uid, Some(&at))
-                        .into(),
+                    text: event_frame(
+                        p.kind.as_str(),
+                        Some(&p.data),
+                        uid,
+                        p.cause.map(|c| c.as_str()),
+                        Some(&at),
+                    )
+                    .into(),
                     live: None,
                 });
             }
@@ -246,10 +252,22 @@ impl Hub {
             epoch: event.epoch.clone(),
             offset: event.offset,
         };
-        for data in &payloads {
+        for p in &payloads {
+            if let Some(cause) = p.cause {
+                let label = self.metrics.collections.label(&event.collection);
+                self.metrics
+                    .transitions
+                    .with_label_values(&[&*label, cause.as_str()])
+                    .inc_by(p.items as u64);
+            }
             for (uid, members) in group.buckets() {
-                let text =
-                    subscription_frame(event.kind.as_str(), Some(data), uid.as_deref(), Some(&at));
+                let text = event_frame(
+                    p.kind.as_str(),
+                    Some(&p.data),
+                    uid.as_deref(),
+                    p.cause.map(|c| c.as_str()),
+                    Some(&at),
+                );
                 let frame = Frame {
                     text: Utf8Bytes::from(text),
                     live,

@@ -303,6 +303,9 @@ pub struct Metrics {
     pub state_rejections: IntCounterVec,
     /// Time to build one retained `init` snapshot.
     pub state_init_duration: Histogram,
+    /// Items that entered or left a subscription group's view on a retained collection, by
+    /// collection and cause (`enter`, `leave`); identical subscriptions count once.
+    pub transitions: IntCounterVec,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -521,6 +524,11 @@ impl Metrics {
                 "tidings_state_init_duration_seconds",
                 "Time to build one retained init snapshot (match, sort, slice, project, encode).",
                 latency_buckets(),
+            )?,
+            transitions: counter_vec(
+                "tidings_transitions_total",
+                "Items that entered or left a subscription group's view (identical subscriptions count once), by collection and cause (enter, leave).",
+                &["collection", "cause"],
             )?,
             registry,
         };

@@ -74,10 +74,11 @@ async fn every_merge_rule_with_its_exact_frame() {
             "create",
             json!([{"id":1,"status":"open","c":1}]),
         ),
-        // update of a key the state does not hold: stored as given.
+        // update of a key the state does not hold: stored as given (and, new to every
+        // subscriber, it enters: see the transition tests).
         (
             json!({"event":"update","data":{"id":2,"d":1}}),
-            "update",
+            "create",
             json!([{"id":2,"d":1}]),
         ),
     ];
@@ -85,7 +86,11 @@ async fn every_merge_rule_with_its_exact_frame() {
         let mut body = body;
         body["collection"] = json!("orders");
         server.publish(body).await;
-        all.expect(&frame(event, "a", data.clone())).await;
+        let expected = match data[0]["id"] == 2 {
+            true => caused(event, "a", data.clone(), "enter"),
+            false => frame(event, "a", data.clone()),
+        };
+        all.expect(&expected).await;
         let open_data: Vec<Value> = data
             .as_array()
             .expect("list")
@@ -484,4 +489,276 @@ async fn init_while_publishing_has_no_gap_and_no_duplicate() {
         }
         assert_eq!(*list, expected);
     }
+}
+
+fn caused(event: &str, uid: &str, data: Value, cause: &str) -> String {
+    format!(
+        r#"{{"type":"subscription","event":"{event}","data":{data},"uid":"{uid}","cause":"{cause}"}}"#
+    )
+}
+
+async fn publish_orders(server: &TestServer, event: &str, data: Value) {
+    server
+        .publish(json!({"collection":"orders","event":event,"data":data}))
+        .await;
+}
+
+#[tokio::test]
+async fn an_update_that_enters_or_leaves_a_filter_is_a_create_or_a_key_only_delete() {
+    let server = start(retaining(&["orders"])).await;
+    let (mut all, _) = subscribe(&server, "a", json!({})).await;
+    // `status _eq` is indexed: the index must find this group through the previous version.
+    let (mut open, _) = subscribe(
+        &server,
+        "o",
+        json!({"filter":{"status":{"_eq":"open"}},"fields":["id","status"]}),
+    )
+    .await;
+    let quiet = std::time::Duration::from_millis(150);
+    // (published event, item, frame for "a", frame for "o")
+    let table: Vec<(&str, Value, String, Option<String>)> = vec![
+        (
+            "create",
+            json!({"id":1,"status":"open","n":1}),
+            frame("create", "a", json!([{"id":1,"status":"open","n":1}])),
+            Some(frame("create", "o", json!([{"id":1,"status":"open"}]))),
+        ),
+        // Leave: the key only, never the new content.
+        (
+            "update",
+            json!({"id":1,"status":"closed"}),
+            frame("update", "a", json!([{"id":1,"status":"closed","n":1}])),
+            Some(caused("delete", "o", json!([1]), "leave")),
+        ),
+        // Matched neither before nor after: nothing.
+        (
+            "update",
+            json!({"id":1,"n":2}),
+            frame("update", "a", json!([{"id":1,"status":"closed","n":2}])),
+            None,
+        ),
+        // Enter: a create with the full (projected) item.
+        (
+            "update",
+            json!({"id":1,"status":"open"}),
+            frame("update", "a", json!([{"id":1,"status":"open","n":2}])),
+            Some(caused(
+                "create",
+                "o",
+                json!([{"id":1,"status":"open"}]),
+                "enter",
+            )),
+        ),
+        // Matched before and after: as published.
+        (
+            "update",
+            json!({"id":1,"n":3}),
+            frame("update", "a", json!([{"id":1,"status":"open","n":3}])),
+            Some(frame("update", "o", json!([{"id":1,"status":"open"}]))),
+        ),
+        // An upsert that stops matching leaves too.
+        (
+            "create",
+            json!({"id":1,"status":"closed"}),
+            frame("create", "a", json!([{"id":1,"status":"closed"}])),
+            Some(caused("delete", "o", json!([1]), "leave")),
+        ),
+        // An update of a key the state does not hold, matching: an enter.
+        (
+            "update",
+            json!({"id":2,"status":"open"}),
+            caused("create", "a", json!([{"id":2,"status":"open"}]), "enter"),
+            Some(caused(
+                "create",
+                "o",
+                json!([{"id":2,"status":"open"}]),
+                "enter",
+            )),
+        ),
+    ];
+    for (event, item, for_all, for_open) in table {
+        publish_orders(&server, event, item).await;
+        all.expect(&for_all).await;
+        match for_open {
+            Some(expected) => open.expect(&expected).await,
+            None => open.expect_silence(quiet).await,
+        }
+    }
+    // One update of three items: the one still shown, then the enter, then the leave.
+    publish_orders(
+        &server,
+        "create",
+        json!([{"id":3,"status":"open"},{"id":4,"status":"closed"}]),
+    )
+    .await;
+    open.expect(&frame("create", "o", json!([{"id":3,"status":"open"}])))
+        .await;
+    publish_orders(
+        &server,
+        "update",
+        json!([{"id":2,"status":"closed"},{"id":3,"x":1},{"id":4,"status":"open"}]),
+    )
+    .await;
+    open.expect(&frame("update", "o", json!([{"id":3,"status":"open"}])))
+        .await;
+    open.expect(&caused(
+        "create",
+        "o",
+        json!([{"id":4,"status":"open"}]),
+        "enter",
+    ))
+    .await;
+    open.expect(&caused("delete", "o", json!([2]), "leave"))
+        .await;
+    assert_eq!(
+        server
+            .metric("tidings_transitions_total{cause=\"enter\",collection=\"orders\"}")
+            .await,
+        Some(4.0),
+        "items 1, 2 and 4 entered \"o\"; item 2 (unknown key) entered \"a\""
+    );
+    assert_eq!(
+        server
+            .metric("tidings_transitions_total{cause=\"leave\",collection=\"orders\"}")
+            .await,
+        Some(3.0)
+    );
+}
+
+#[tokio::test]
+async fn a_row_rule_that_stops_matching_is_a_leave_for_collection_and_item_subscriptions() {
+    let config = Config {
+        tokens: TokenStore::from_json(
+            r#"{"t1":{"sub":"one","collections":{"orders":{"filter":{"tenant":{"_eq":1}}}}}}"#,
+        )
+        .expect("tokens"),
+        ..retaining(&["orders"])
+    };
+    let server = start(config).await;
+    publish_orders(&server, "create", json!({"id":5,"tenant":1,"secret":"a"})).await;
+    let mut list = server.ws_token("t1").await;
+    list.exchange(
+        r#"{"type":"subscribe","collection":"orders","uid":"l"}"#,
+        &init("l", json!([{"id":5,"tenant":1,"secret":"a"}])),
+    )
+    .await;
+    let mut item = server.ws_token("t1").await;
+    item.exchange(
+        r#"{"type":"subscribe","collection":"orders","uid":"i","query":{"fields":["id","tenant"]},"item":5}"#,
+        r#"{"type":"subscription","event":"init","uid":"i"}"#,
+    )
+    .await;
+    // Moved to another tenant: both learn it left, neither sees the new content.
+    publish_orders(&server, "update", json!({"id":5,"tenant":2,"secret":"b"})).await;
+    list.expect(&caused("delete", "l", json!([5]), "leave"))
+        .await;
+    item.expect(&caused("delete", "i", json!("5"), "leave"))
+        .await;
+    // Moved back: it enters (the item subscription gets it as an update, never a create).
+    publish_orders(&server, "update", json!({"id":5,"tenant":1})).await;
+    list.expect(&caused(
+        "create",
+        "l",
+        json!([{"id":5,"tenant":1,"secret":"b"}]),
+        "enter",
+    ))
+    .await;
+    item.expect(&caused("update", "i", json!({"id":5,"tenant":1}), "enter"))
+        .await;
+}
+
+/// Runs a leave and an enter past a filtered subscription and returns its frames.
+async fn leave_then_enter(server: &TestServer, subscribe_msg: &str) -> Vec<String> {
+    publish_orders(server, "create", json!({"id":1,"status":"open"})).await;
+    let mut c = server.ws().await;
+    c.send(subscribe_msg).await;
+    let _init = c.recv_text().await;
+    publish_orders(server, "update", json!({"id":1,"status":"closed"})).await;
+    publish_orders(server, "update", json!({"id":1,"status":"open"})).await;
+    // A marker that reaches every subscription of the test, so we know nothing else is coming.
+    publish_orders(server, "update", json!({"id":9,"status":"open"})).await;
+    let mut frames = Vec::new();
+    loop {
+        let f = c.recv_text().await;
+        if f.contains(r#""id":9"#) {
+            return frames;
+        }
+        frames.push(f);
+    }
+}
+
+#[tokio::test]
+async fn subscriptions_with_event_and_the_directus_mode_keep_directus_semantics() {
+    let filtered = r#"{"type":"subscribe","collection":"orders","uid":"u","query":{"filter":{"status":{"_eq":"open"}}}}"#;
+    let with_event = r#"{"type":"subscribe","collection":"orders","uid":"u","event":"update","query":{"filter":{"status":{"_eq":"open"}}}}"#;
+    // `event` set: no synthetic events; the enter arrives as the update it is.
+    let server = start(retaining(&["orders"])).await;
+    let frames = leave_then_enter(&server, with_event).await;
+    assert_eq!(
+        frames,
+        [frame("update", "u", json!([{"id":1,"status":"open"}]))]
+    );
+    // --transitions directus: the same for every subscription.
+    let config = Config {
+        transitions: tidings::config::Transitions::Directus,
+        ..retaining(&["orders"])
+    };
+    let server = start(config).await;
+    let frames = leave_then_enter(&server, filtered).await;
+    assert_eq!(
+        frames,
+        [frame("update", "u", json!([{"id":1,"status":"open"}]))]
+    );
+    // The default (`view`), for comparison.
+    let server = start(retaining(&["orders"])).await;
+    let frames = leave_then_enter(&server, filtered).await;
+    assert_eq!(
+        frames,
+        [
+            caused("delete", "u", json!([1]), "leave"),
+            caused("create", "u", json!([{"id":1,"status":"open"}]), "enter"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_resume_replays_the_transitions_it_missed() {
+    let server = start(retaining(&["orders"])).await;
+    publish_orders(
+        &server,
+        "create",
+        json!([{"id":1,"status":"open"},{"id":2,"status":"closed"}]),
+    )
+    .await;
+    let sub = |since: Option<&Value>| {
+        let mut msg = json!({"type":"subscribe","collection":"orders","uid":"o",
+            "query":{"filter":{"status":{"_eq":"open"}},"fields":["id"]}});
+        if let Some(since) = since {
+            msg["since"] = since.clone();
+        }
+        msg.to_string()
+    };
+    let mut c = server.ws().await;
+    c.send(&sub(None)).await;
+    let first = c.recv_raw().await;
+    assert_eq!(first["data"], json!([{"id":1}]));
+    let position = first["position"].clone();
+    c.close().await;
+    publish_orders(
+        &server,
+        "update",
+        json!([{"id":1,"status":"closed"},{"id":2,"status":"open"}]),
+    )
+    .await;
+    let mut back = server.ws().await;
+    back.send(&sub(Some(&position))).await;
+    let init = back.recv_raw().await;
+    assert_eq!(
+        (&init["recovered"], &init["data"]),
+        (&json!(true), &json!([]))
+    );
+    back.expect(&caused("create", "o", json!([{"id":2}]), "enter"))
+        .await;
+    back.expect(&caused("delete", "o", json!([1]), "leave"))
+        .await;
 }

@@ -8,7 +8,8 @@ mod server;
 
 pub use client::{parse_client, AuthRequest, ClientMessage, Credentials, SubscribeRequest};
 pub use server::{
-    auth_ok, error_frame, init_frame, pong, server_ping, subscription_frame, unsubscribe_ack,
+    auth_ok, error_frame, event_frame, init_frame, pong, server_ping, subscription_frame,
+    unsubscribe_ack,
 };
 
 /// A place in a collection's log: the `position` of event and `init` frames and the `since`

@@ -79,6 +79,18 @@ pub fn subscription_frame(
     uid: Option<&str>,
     position: Option<&WirePosition>,
 ) -> String {
+    event_frame(event, data, uid, None, position)
+}
+
+/// [`subscription_frame`] with the Tidings `cause` (`"enter"`/`"leave"`, a transition on a
+/// retained collection) between `uid` and `position`.
+pub fn event_frame(
+    event: &str,
+    data: Option<&str>,
+    uid: Option<&str>,
+    cause: Option<&str>,
+    position: Option<&WirePosition>,
+) -> String {
     let mut out = String::with_capacity(48 + data.map_or(0, str::len) + uid.map_or(0, str::len));
     out.push_str(r#"{"type":"subscription","event":""#);
     out.push_str(event);
@@ -90,6 +102,11 @@ pub fn subscription_frame(
     if let Some(uid) = uid {
         out.push_str(",\"uid\":");
         out.push_str(&json_string(uid));
+    }
+    if let Some(cause) = cause {
+        out.push_str(",\"cause\":\"");
+        out.push_str(cause);
+        out.push('"');
     }
     if let Some(position) = position {
         out.push_str(",\"position\":");

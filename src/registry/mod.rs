@@ -145,7 +145,8 @@ impl CollectionSubs {
         let mut seqs: Vec<u64> = if event.has_items() {
             let mut seqs: Vec<u64> = self.unindexed.iter().copied().collect();
             for (field, keys) in &self.by_term {
-                for item in &event.items {
+                // Both versions: a group the previous version matched may see it leave.
+                for item in event.items.iter().chain(&event.before) {
                     for key in index_keys_at(item, field) {
                         if let Some(groups) = keys.get(&key) {
                             seqs.extend(groups.iter().copied());

@@ -219,6 +219,9 @@ impl State {
             let label = metrics.collections.label(&Arc::from(collection.as_str()));
             metrics.state_items.with_label_values(&[&*label]);
             metrics.state_bytes.with_label_values(&[&*label]);
+            for cause in ["enter", "leave"] {
+                metrics.transitions.with_label_values(&[&*label, cause]);
+            }
             for limit in [Limit::MaxItems, Limit::MaxBytes] {
                 metrics
                     .state_rejections

@@ -19,7 +19,7 @@ pub mod list;
 pub mod render;
 
 pub use list::ListShape;
-pub use render::payloads;
+pub use render::{payloads, Cause, Payload};
 
 use std::sync::Arc;
 
@@ -88,6 +88,12 @@ pub struct Spec {
     pub key_only_deletes: bool,
     /// The collection's key field (for nested-dialect deletes).
     pub key_field: Arc<str>,
+    /// Whether an event carrying the items' previous versions is judged on both (enter and
+    /// leave frames, see [`render`]): only without `event` in the request and with every
+    /// kind allowed (Directus' semantics otherwise). Implied by `events` being every kind,
+    /// so [`SpecKey`] needs no field for it; `--transitions directus` turns it off for every
+    /// spec of the process ([`Spec::without_transitions`]).
+    pub transitions: bool,
     /// Canonical identity of everything above.
     pub key: Arc<SpecKey>,
 }
@@ -100,6 +106,12 @@ impl Spec {
                 .search
                 .as_deref()
                 .is_none_or(|term| search_matches(item, term, self.search_fields.as_deref()))
+    }
+
+    /// This spec judged on the new version of an item only (`--transitions directus`).
+    pub fn without_transitions(mut self) -> Spec {
+        self.transitions = false;
+        self
     }
 
     /// A placeholder for a subscription whose connection's token expired: it keeps its place
@@ -130,6 +142,7 @@ impl Spec {
                 key_field: Arc::from(key_field),
             }),
             key_field: Arc::from(key_field),
+            transitions: false,
         }
     }
 }
@@ -484,6 +497,7 @@ pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, Pr
         dialect,
         key_only_deletes,
         key_field,
+        transitions: events == EventSet::ALL,
         key,
     })
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::auth::AuthState;
 use super::{Flow, Session, Socket};
 use crate::auth::Principal;
+use crate::config::Transitions;
 use crate::hub::{NewSubscription, Resume};
 use crate::protocol::{unsubscribe_ack, ErrorCode, ProtocolError, SubscribeRequest, Uid};
 use crate::registry::SubHandle;
@@ -49,7 +50,11 @@ impl Session {
             limits: &config.filter_limits,
             key_field: config.key_field(&request.collection),
         };
-        compile(request, &ctx)
+        let spec = compile(request, &ctx)?;
+        Ok(match config.transitions {
+            Transitions::View => spec,
+            Transitions::Directus => spec.without_transitions(),
+        })
     }
 
     /// Swaps every subscription for one that receives nothing (the token expired).
