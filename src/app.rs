@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::AdminState;
+use crate::auth::jwks::{JwksFetcher, JwksMetrics};
 use crate::auth::Authenticator;
 use crate::backplane::memory::MemoryBackplane;
 use crate::backplane::nats::NatsBackplane;
@@ -52,6 +53,8 @@ struct Parts {
     admin: Option<Arc<AdminState>>,
     /// Cancelled at the very end of the drain; the backplane engine's tasks watch it.
     engine_shutdown: CancellationToken,
+    /// Keeps the `--jwks-url` keys fresh while serving.
+    jwks: Option<Arc<JwksFetcher>>,
 }
 
 /// Why the broker could not start or serve.
@@ -60,6 +63,9 @@ pub enum AppError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The `--jwks-url` client could not be built.
+    #[error("--jwks-url: {0}")]
+    Jwks(#[from] crate::auth::jwks::JwksError),
     /// Metrics could not be registered (a bug).
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -148,6 +154,24 @@ impl App {
                     })?,
             ),
         };
+        let jwks = match config.jwt.as_ref().and_then(|j| j.remote_keys()) {
+            None => None,
+            Some(keys) => Some(Arc::new(JwksFetcher::new(
+                keys.clone(),
+                JwksMetrics {
+                    fetches: metrics.jwks_fetches.clone(),
+                    keys: metrics.jwks_keys.clone(),
+                },
+            )?)),
+        };
+        let mut auth = Authenticator::new(
+            config.tokens.clone(),
+            config.jwt.clone(),
+            config.public_permissions.clone(),
+        );
+        if let Some(fetcher) = &jwks {
+            auth = auth.with_jwks(fetcher.clone());
+        }
         let config = Arc::new(config);
         let readiness = Readiness::new();
         let http = Arc::new(HttpState {
@@ -162,11 +186,7 @@ impl App {
         let ws = Arc::new(WsState {
             config: config.clone(),
             metrics: metrics.clone(),
-            auth: Arc::new(Authenticator::new(
-                config.tokens.clone(),
-                config.jwt.clone(),
-                config.public_permissions.clone(),
-            )),
+            auth: Arc::new(auth),
             subscriptions: Subscriptions::new(hub.clone(), registry.clone(), backplane.clone()),
             limits: Arc::new(ConnectionLimits::new(
                 config.max_connections,
@@ -197,6 +217,7 @@ impl App {
                 ws,
                 admin,
                 engine_shutdown,
+                jwks,
             }),
         })
     }
@@ -302,6 +323,12 @@ impl App {
             .admin
             .clone()
             .map(|admin| tokio::spawn(admin.sample_forever()));
+        // Not awaited before listening: the broker serves whether or not the identity
+        // provider answers (see `auth::jwks`); a token arriving first waits for this fetch.
+        let jwks = parts
+            .jwks
+            .clone()
+            .map(|fetcher| tokio::spawn(fetcher.run(parts.engine_shutdown.clone())));
 
         let result = crate::shutdown::drain(
             crate::shutdown::Drain {
@@ -319,6 +346,9 @@ impl App {
         sweeper.abort();
         if let Some(sampler) = sampler {
             sampler.abort();
+        }
+        if let Some(jwks) = jwks {
+            jwks.abort();
         }
         result?;
         tracing::info!("shutdown complete");

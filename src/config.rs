@@ -115,6 +115,8 @@ pub mod defaults {
     pub const CONSOLE: Console = Console::On;
     /// `--jwt-leeway`.
     pub const JWT_LEEWAY: Secs = secs!(30);
+    /// `--jwks-min-interval`.
+    pub const JWKS_MIN_INTERVAL: Secs = secs!(30);
     /// `--engine`.
     pub const ENGINE: Engine = Engine::Memory;
     /// `--redis-url`.
@@ -249,6 +251,13 @@ pub struct ServeArgs {
     /// JWKS file ({"keys":[…]}) of RS256/ES256 public keys for subscriber JWTs, matched by `kid`.
     #[arg(long, env = "TIDINGS_JWKS_FILE")]
     pub jwks_file: Option<PathBuf>,
+    /// URL (http or https) of an identity provider's JWKS, fetched at start, refreshed by its
+    /// cache headers (every 60 s to 1 h) and when a token names an unknown `kid`.
+    #[arg(long, env = "TIDINGS_JWKS_URL")]
+    pub jwks_url: Option<String>,
+    /// Seconds between two JWKS fetches caused by tokens with an unknown `kid` (at least).
+    #[arg(long, env = "TIDINGS_JWKS_MIN_INTERVAL", default_value = defaults::JWKS_MIN_INTERVAL.text, value_parser = parse_secs)]
+    pub jwks_min_interval: Duration,
     /// Required `iss` of subscriber JWTs.
     #[arg(long, env = "TIDINGS_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
@@ -814,6 +823,8 @@ impl ServeArgs {
             secret: self.jwt_secret,
             public_keys: self.jwt_public_keys,
             jwks_file: self.jwks_file,
+            jwks_url: self.jwks_url,
+            jwks_min_interval: self.jwks_min_interval,
             issuer: self.jwt_issuer,
             audience: self.jwt_audience,
             leeway: self.jwt_leeway,

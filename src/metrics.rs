@@ -246,6 +246,10 @@ pub struct Metrics {
     pub publish_requests_by_key: IntCounterVec,
     /// Subscriber credentials refused, by why (the client only sees AUTH_FAILED / 401).
     pub auth_rejections: IntCounterVec,
+    /// `--jwks-url` fetches, by outcome (`jwks::FETCH_OUTCOMES`).
+    pub jwks_fetches: IntCounterVec,
+    /// Keys in the current `--jwks-url` set.
+    pub jwks_keys: IntGauge,
     /// Frames written to sockets.
     pub deliveries: IntCounter,
     /// Bytes of frames written to sockets.
@@ -384,6 +388,15 @@ impl Metrics {
                 "tidings_auth_rejections_total",
                 "Subscriber tokens refused, by reason.",
                 &["reason"],
+            )?,
+            jwks_fetches: counter_vec(
+                "tidings_jwks_fetches_total",
+                "Fetches of --jwks-url, by outcome (ok, unreachable, http_status, invalid; rate_limited: an unknown-kid refresh not made because the last fetch was too recent).",
+                &["outcome"],
+            )?,
+            jwks_keys: gauge(
+                "tidings_jwks_keys",
+                "Keys in the current --jwks-url set (the last good one; 0 until a fetch succeeds).",
             )?,
             published_events: counter_vec(
                 "tidings_published_events_total",
@@ -549,6 +562,9 @@ impl Metrics {
         }
         for reason in AUTH_REJECTION_REASONS {
             metrics.auth_rejections.with_label_values(&[reason]);
+        }
+        for outcome in crate::auth::jwks::FETCH_OUTCOMES {
+            metrics.jwks_fetches.with_label_values(&[outcome]);
         }
         for outcome in ["recovered", "lost"] {
             metrics.resumes.with_label_values(&[outcome]);

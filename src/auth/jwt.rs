@@ -1,8 +1,9 @@
-//! Subscriber JWTs: the verification keys and rules (`--jwt-*`, `--jwks-file`), and turning a
-//! verified token into an [`Identity`].
+//! Subscriber JWTs: the verification keys and rules (`--jwt-*`, `--jwks-file`, `--jwks-url`),
+//! and turning a verified token into an [`Identity`].
 //!
 //! Only algorithms that a configured key allows are accepted: HS256 with `--jwt-secret`,
-//! RS256/ES256 with the public keys of `--jwt-public-key` and `--jwks-file`. `alg: none` is
+//! RS256/ES256 with the public keys of `--jwt-public-key`, `--jwks-file` and `--jwks-url`
+//! (the last a key set that [`super::jwks`] replaces while the broker runs). `alg: none` is
 //! never accepted (the header does not even parse), and a token's `alg` can never make an RSA
 //! public key act as an HMAC secret (keys carry their algorithm; a key is only tried for the
 //! algorithm it was loaded for). `exp` is required; `nbf`, `iss` and `aud` are checked, with
@@ -12,6 +13,8 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind;
@@ -87,8 +90,8 @@ fn config_err(flag: &'static str, message: impl Into<String>) -> JwtConfigError 
     }
 }
 
-/// The `--jwt-*` flags, before the key files are read.
-#[derive(Debug, Clone, Default)]
+/// The `--jwt-*` and `--jwks-*` flags, before the key files are read.
+#[derive(Debug, Clone)]
 pub struct JwtSettings {
     /// HS256 shared secret.
     pub secret: Option<String>,
@@ -96,6 +99,10 @@ pub struct JwtSettings {
     pub public_keys: Vec<PathBuf>,
     /// A JWKS file (`{"keys":[…]}`) of RSA and EC P-256 public keys.
     pub jwks_file: Option<PathBuf>,
+    /// An identity provider's JWKS URL (http or https), fetched and refreshed while running.
+    pub jwks_url: Option<String>,
+    /// Least time between two fetches of `jwks_url` caused by tokens with an unknown `kid`.
+    pub jwks_min_interval: Duration,
     /// Required `iss`.
     pub issuer: Option<String>,
     /// Required `aud` (one of the token's audiences).
@@ -104,10 +111,28 @@ pub struct JwtSettings {
     pub leeway: Duration,
 }
 
+impl Default for JwtSettings {
+    fn default() -> Self {
+        JwtSettings {
+            secret: None,
+            public_keys: Vec::new(),
+            jwks_file: None,
+            jwks_url: None,
+            jwks_min_interval: crate::config::defaults::JWKS_MIN_INTERVAL.duration(),
+            issuer: None,
+            audience: None,
+            leeway: Duration::ZERO,
+        }
+    }
+}
+
 impl JwtSettings {
     /// True when no key is configured (JWTs are then refused).
     pub fn is_empty(&self) -> bool {
-        self.secret.is_none() && self.public_keys.is_empty() && self.jwks_file.is_none()
+        self.secret.is_none()
+            && self.public_keys.is_empty()
+            && self.jwks_file.is_none()
+            && self.jwks_url.is_none()
     }
 
     /// Reads the key files and builds the verifier; `None` when no key is configured.
@@ -127,7 +152,7 @@ impl JwtSettings {
                 };
                 return Err(config_err(
                     flag,
-                    "needs a JWT key (--jwt-secret, --jwt-public-key or --jwks-file)",
+                    "needs a JWT key (--jwt-secret, --jwt-public-key, --jwks-file or --jwks-url)",
                 ));
             }
             return Ok(None);
@@ -165,9 +190,17 @@ impl JwtSettings {
                     .map_err(|m| config_err("jwks-file", format!("{}: {m}", path.display())))?,
             );
         }
+        let remote = match &self.jwks_url {
+            None => None,
+            Some(url) => Some(Arc::new(RemoteKeys::new(
+                super::jwks::parse_url(url).map_err(|m| config_err("jwks-url", m))?,
+                self.jwks_min_interval,
+            ))),
+        };
         Ok(Some(JwtVerifier {
             hmac,
             keys,
+            remote,
             issuer: self.issuer.clone(),
             audience: self.audience.clone(),
             leeway: self.leeway.as_secs(),
@@ -177,7 +210,7 @@ impl JwtSettings {
 
 /// One public verification key, bound to the one algorithm it was loaded for.
 #[derive(Clone)]
-struct PublicKey {
+pub(super) struct PublicKey {
     kid: Option<String>,
     alg: Algorithm,
     key: DecodingKey,
@@ -203,7 +236,7 @@ fn pem_key(pem: &[u8]) -> Result<PublicKey, String> {
 }
 
 /// The keys of a JWKS document: RSA keys for RS256 and EC P-256 keys for ES256.
-fn jwks_keys(text: &str) -> Result<Vec<PublicKey>, String> {
+pub(super) fn jwks_keys(text: &str) -> Result<Vec<PublicKey>, String> {
     let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("not a JWKS: {e}"))?;
     if set.keys.is_empty() {
         return Err("the JWKS has no keys".into());
@@ -246,11 +279,58 @@ fn jwks_keys(text: &str) -> Result<Vec<PublicKey>, String> {
     Ok(keys)
 }
 
+/// The key set of `--jwks-url`: empty until the first fetch succeeds, then the last good set
+/// (a failed fetch never empties it). Only [`super::jwks::JwksFetcher`] replaces it.
+pub struct RemoteKeys {
+    /// Where the set comes from.
+    pub(super) url: hyper::Uri,
+    /// Least time between two fetches caused by an unknown `kid`.
+    pub(super) min_interval: Duration,
+    /// The current set. A leaf lock: held only to clone or swap the `Arc`.
+    keys: RwLock<Arc<Vec<PublicKey>>>,
+}
+
+impl RemoteKeys {
+    fn new(url: hyper::Uri, min_interval: Duration) -> Self {
+        RemoteKeys {
+            url,
+            min_interval,
+            keys: RwLock::new(Arc::new(Vec::new())),
+        }
+    }
+
+    /// The URL the keys are fetched from.
+    pub fn url(&self) -> &hyper::Uri {
+        &self.url
+    }
+
+    fn snapshot(&self) -> Arc<Vec<PublicKey>> {
+        self.keys.read().clone()
+    }
+
+    /// Replaces the set; returns how many keys it now holds.
+    pub(super) fn replace(&self, keys: Vec<PublicKey>) -> usize {
+        let n = keys.len();
+        *self.keys.write() = Arc::new(keys);
+        n
+    }
+
+    /// True when the current set has a key with this `kid`.
+    pub(super) fn has_kid(&self, kid: &str) -> bool {
+        self.keys
+            .read()
+            .iter()
+            .any(|k| k.kid.as_deref() == Some(kid))
+    }
+}
+
 /// Verifies subscriber JWTs against the configured keys and rules.
 #[derive(Clone)]
 pub struct JwtVerifier {
     hmac: Option<DecodingKey>,
     keys: Vec<PublicKey>,
+    /// `--jwks-url`'s keys, shared with the fetcher that refreshes them.
+    remote: Option<Arc<RemoteKeys>>,
     issuer: Option<String>,
     audience: Option<String>,
     /// Seconds of clock skew allowed on `exp` and `nbf`.
@@ -263,6 +343,7 @@ impl std::fmt::Debug for JwtVerifier {
         f.debug_struct("JwtVerifier")
             .field("hs256", &self.hmac.is_some())
             .field("public_keys", &self.keys.len())
+            .field("jwks_url", &self.remote.as_ref().map(|r| r.url.to_string()))
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .field("leeway", &self.leeway)
@@ -289,6 +370,26 @@ pub fn looks_like_jwt(token: &str) -> bool {
 }
 
 impl JwtVerifier {
+    /// The `--jwks-url` key set, when one is configured.
+    pub fn remote_keys(&self) -> Option<&Arc<RemoteKeys>> {
+        self.remote.as_ref()
+    }
+
+    /// The `kid` of `token` when a `--jwks-url` is configured and its current set has no key
+    /// of that id: a token a refresh of the set might make verifiable.
+    pub fn unknown_remote_kid(&self, token: &str) -> Option<String> {
+        let remote = self.remote.as_ref()?;
+        if token.len() > MAX_TOKEN_BYTES {
+            return None;
+        }
+        let header = jsonwebtoken::decode_header(token).ok()?;
+        if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
+            return None;
+        }
+        let kid = header.kid?;
+        (!remote.has_kid(&kid)).then_some(kid)
+    }
+
     /// Verifies `token` and returns who it names, with its permissions and expiry.
     pub fn verify(&self, token: &str) -> Result<Identity, JwtError> {
         if token.len() > MAX_TOKEN_BYTES {
@@ -299,19 +400,22 @@ impl JwtVerifier {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| JwtError::Malformed(format!("header: {e}")))?;
         let alg = header.alg;
+        let remote = self.remote.as_ref().map(|r| r.snapshot());
         let candidates: Vec<&DecodingKey> = match alg {
             Algorithm::HS256 => match &self.hmac {
                 Some(key) => vec![key],
                 None => return Err(JwtError::AlgorithmNotAllowed(format!("{alg:?}"))),
             },
             Algorithm::RS256 | Algorithm::ES256 => {
-                if !self.keys.iter().any(|k| k.alg == alg) {
+                // A JWKS URL may serve keys of either algorithm tomorrow: both stay allowed.
+                if remote.is_none() && !self.keys.iter().any(|k| k.alg == alg) {
                     return Err(JwtError::AlgorithmNotAllowed(format!("{alg:?}")));
                 }
                 // A `kid` selects the JWKS key of that id; keys without an id (PEM files)
                 // are candidates for every token of their algorithm.
                 self.keys
                     .iter()
+                    .chain(remote.iter().flat_map(|r| r.iter()))
                     .filter(|k| k.alg == alg)
                     .filter(|k| match (&header.kid, &k.kid) {
                         (Some(wanted), Some(kid)) => wanted == kid,

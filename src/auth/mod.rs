@@ -1,5 +1,6 @@
-//! Who may do what: subscriber credentials (static access tokens here, JWTs in [`jwt`]), the
-//! permission shape they carry, and publisher API keys.
+//! Who may do what: subscriber credentials (static access tokens here, JWTs in [`jwt`], keys
+//! fetched from an identity provider in [`jwks`]), the permission shape they carry, and
+//! publisher API keys.
 //!
 //! Permissions have one shape wherever they come from (tokens file, `--token`, public mode, a
 //! JWT's `tidings` claim): a map from collection name, or `"*"` for any other collection, to
@@ -9,6 +10,7 @@
 //! Secrets (static tokens, publish keys) are kept as SHA-256 digests and compared digest to
 //! digest in constant time: neither the content nor the length of a guess shows in the timing.
 
+pub mod jwks;
 pub mod jwt;
 
 use std::collections::HashMap;
@@ -176,6 +178,8 @@ pub fn authenticate(
 pub struct Authenticator {
     tokens: TokenStore,
     jwt: Option<Arc<JwtVerifier>>,
+    /// Refreshes the `--jwks-url` keys for a token with an unknown `kid`.
+    jwks: Option<Arc<jwks::JwksFetcher>>,
     /// The public permissions (public mode), shared by every anonymous connection.
     anonymous: Arc<Principal>,
     /// No rights at all: a handshake/strict connection whose token expired, until it
@@ -194,14 +198,37 @@ impl Authenticator {
         Authenticator {
             tokens,
             jwt,
+            jwks: None,
             anonymous: Arc::new(Principal::anonymous(public_permissions)),
             nobody: Arc::new(Principal::anonymous(Permissions::default())),
         }
     }
 
-    /// Authenticates an access token (see [`authenticate`]).
-    pub fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
-        authenticate(&self.tokens, self.jwt.as_deref(), token)
+    /// Lets a JWT whose `kid` the `--jwks-url` set lacks trigger a (rate-limited) refresh.
+    pub fn with_jwks(mut self, fetcher: Arc<jwks::JwksFetcher>) -> Self {
+        self.jwks = Some(fetcher);
+        self
+    }
+
+    /// Authenticates an access token (see [`authenticate`]). A JWT naming a `kid` the
+    /// `--jwks-url` set does not have waits for one refresh of the set (at most
+    /// [`jwks::FETCH_TIMEOUT`], and only if the last fetch is older than
+    /// `--jwks-min-interval`), then is verified again.
+    pub async fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
+        let first = authenticate(&self.tokens, self.jwt.as_deref(), token);
+        let retry = matches!(
+            first,
+            Err(AuthError::Jwt(
+                JwtError::NoKey { .. } | JwtError::BadSignature
+            ))
+        );
+        let (Some(verifier), Some(fetcher), true) = (&self.jwt, &self.jwks, retry) else {
+            return first;
+        };
+        match verifier.unknown_remote_kid(token) {
+            Some(kid) if fetcher.refresh_for_kid(&kid).await => Ok(verifier.verify(token)?),
+            _ => first,
+        }
     }
 
     /// The principal of an unauthenticated connection in public mode.

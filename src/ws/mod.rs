@@ -120,7 +120,7 @@ pub async fn upgrade_handler(
     }
     // A token in the URL authenticates at upgrade in every mode; a bad one is refused here.
     let identity: Option<Identity> = match params.get("access_token") {
-        Some(token) => match state.auth.authenticate(token) {
+        Some(token) => match state.auth.authenticate(token).await {
             Ok(identity) => Some(identity),
             Err(error) => return unauthorized(&state, &error),
         },

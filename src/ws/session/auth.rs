@@ -48,9 +48,9 @@ impl Session {
 
     /// Authenticates an `auth` message's credentials. Refusals are logged and counted here;
     /// the client only ever learns `AUTH_FAILED`.
-    fn authenticate(&self, credentials: &Credentials) -> Option<Identity> {
+    async fn authenticate(&self, credentials: &Credentials) -> Option<Identity> {
         let result = match credentials {
-            Credentials::AccessToken(token) => self.state.auth.authenticate(token),
+            Credentials::AccessToken(token) => self.state.auth.authenticate(token).await,
             Credentials::Unsupported | Credentials::Missing => Err(AuthError::UnknownToken),
         };
         match result {
@@ -81,7 +81,7 @@ impl Session {
         socket: &mut S,
         request: AuthRequest,
     ) -> Flow {
-        let Some(identity) = self.authenticate(&request.credentials) else {
+        let Some(identity) = self.authenticate(&request.credentials).await else {
             return Flow::Close(self.fail_handshake(socket).await);
         };
         // Also ends the handshake window.
@@ -150,7 +150,7 @@ impl Session {
         socket: &mut S,
         request: AuthRequest,
     ) -> Flow {
-        match self.authenticate(&request.credentials) {
+        match self.authenticate(&request.credentials).await {
             Some(identity) => {
                 self.set_identity(identity);
                 if let Flow::Close(reason) = self.reply(socket, auth_ok(request.uid.as_ref())).await
