@@ -221,6 +221,48 @@ fn latency_publishes_at_a_fixed_rate() {
 
 /// Also: `--url` may be the WebSocket URL (the HTTP base is derived from it), and the table
 /// says what the `reordered` count means.
+/// `--nats-ws` measures a NATS server with the same subscribers, items and checks: every
+/// event reaches every subscriber once (broadcast), each group only its own (filtered by
+/// subject), with the publisher pipelining single-event `PUB`s.
+#[test]
+fn nats_ws_mode_delivers_exactly_like_the_broker_mode() {
+    let nats = support::services::PrivateNats::start_with_websocket();
+    let ws = format!("ws://127.0.0.1:{}", nats.ws_port.expect("a websocket port"));
+    let tcp = format!("127.0.0.1:{}", nats.port);
+    for (scenario, expected) in [("broadcast", 20 * 100), ("filtered", 100 * 20 / 4)] {
+        let mut proc = spawn(&[
+            "bench",
+            scenario,
+            "--json",
+            "-s",
+            "20",
+            "-n",
+            "100",
+            "-k",
+            "4",
+            "--batch",
+            "1",
+            "--in-flight",
+            "8",
+            "--nats-ws",
+            &ws,
+            "--nats-publish",
+            &tcp,
+        ]);
+        let status = proc.wait_exit(RUN);
+        assert!(status.success(), "bench failed: {}", proc.transcript());
+        let last = proc.stdout.seen.last().cloned().unwrap_or_default();
+        let report: Value = serde_json::from_str(&last).expect("one JSON report");
+        assert_exact(&report, expected);
+        assert_eq!(u(&report, "publish_requests"), 100, "{report}");
+    }
+    let mut proc = spawn(&["bench", "projection", "--nats-ws", &ws]);
+    assert!(
+        !proc.wait_exit(RUN).success(),
+        "projection is not a NATS scenario"
+    );
+}
+
 #[test]
 fn table_output_names_the_numbers() {
     let server = Server::start(&[]);

@@ -183,6 +183,8 @@ impl PrivateRedis {
 pub struct PrivateNats {
     binary: PathBuf,
     pub port: u16,
+    /// The WebSocket listener's port, when started with [`PrivateNats::start_with_websocket`].
+    pub ws_port: Option<u16>,
     dir: PathBuf,
     proc: Option<Proc>,
 }
@@ -190,6 +192,16 @@ pub struct PrivateNats {
 impl PrivateNats {
     /// Starts one on a free port (fails the test if `nats-server` is not installed).
     pub fn start() -> PrivateNats {
+        PrivateNats::start_on(None)
+    }
+
+    /// Starts one that also listens for WebSocket clients (plain `ws://`, loopback) on a
+    /// free port of its own.
+    pub fn start_with_websocket() -> PrivateNats {
+        PrivateNats::start_on(Some(free_port()))
+    }
+
+    fn start_on(ws_port: Option<u16>) -> PrivateNats {
         let Some(binary) = find_program("nats-server", "TIDINGS_TEST_NATS_SERVER") else {
             prerequisite_missing(
                 "`nats-server` is not installed (the NATS cluster tests run a private one)",
@@ -203,6 +215,7 @@ impl PrivateNats {
         let mut nats = PrivateNats {
             binary,
             port: free_port(),
+            ws_port,
             dir,
             proc: None,
         };
@@ -218,10 +231,18 @@ impl PrivateNats {
     pub fn restart(&mut self) {
         let port = self.port.to_string();
         let dir = self.dir.to_string_lossy().into_owned();
-        let mut proc = Proc::spawn_program(
-            &self.binary.to_string_lossy(),
-            &["-js", "-a", "127.0.0.1", "-p", &port, "-sd", &dir],
-        );
+        let mut args = vec!["-js", "-a", "127.0.0.1", "-p", &port, "-sd", &dir];
+        let config = self.dir.join("websocket.conf");
+        let config = config.to_string_lossy().into_owned();
+        if let Some(ws_port) = self.ws_port {
+            std::fs::write(
+                &config,
+                format!("websocket {{\n  listen: \"127.0.0.1:{ws_port}\"\n  no_tls: true\n}}\n"),
+            )
+            .expect("nats-server config");
+            args.extend(["-c", &config]);
+        }
+        let mut proc = Proc::spawn_program(&self.binary.to_string_lossy(), &args);
         wait_listening(&mut proc, self.port);
         self.proc = Some(proc);
     }

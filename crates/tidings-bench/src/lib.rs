@@ -3,7 +3,8 @@
 //! and speaks to it only over HTTP and WebSocket. This crate owns the scenarios, their flags and defaults, and the course of a run: open and
 //! subscribe the connections, publish, wait for the deliveries to drain, and report. The
 //! pieces live in submodules: `publisher` (items, batching, pacing), `subscriber`
-//! (connections and cheap receivers), `seen` (exact duplicate detection), `procstat` (CPU
+//! (connections and cheap receivers), `nats` (the same run against a NATS server, for
+//! comparison), `seen` (exact duplicate detection), `procstat` (CPU
 //! and memory from `/proc`) and `report` (the numbers, as a table or JSON).
 //!
 //! # Scenarios
@@ -38,6 +39,15 @@
 //! across runs, and `generator_cpu_percent` near 100 per generator core means the generator
 //! was (also) the limit.
 //!
+//! # Comparing with NATS
+//!
+//! `--nats-ws ws://host:port` points the same run at a `nats-server` with a `websocket`
+//! listener (`no_tls: true`) instead of Tidings (module `nats`): subscribers speak the NATS
+//! protocol over WebSocket and subscribe by subject (`filtered`: one subject per group), the
+//! publisher pipelines single `PUB`s over TCP (`--nats-publish`, `--batch` per `PING`,
+//! `--in-flight` `PING`s outstanding), and every delivery is checked as for Tidings. Pass the
+//! server's PID as `--broker-pid` for its CPU per delivery.
+//!
 //! # Examples
 //!
 //! ```text
@@ -48,6 +58,8 @@
 //! tidings bench connections --subscribers 19000 --source-addrs 4 --settle 5 --broker-pid $!
 //! tidings bench latency --subscribers 1000 --rate 400 --duration 30 --json
 //! tidings bench churn --subscribers 64 --rate 200 --duration 600 --broker-pid $!
+//! tidings bench broadcast --subscribers 1000 --batch 1 --in-flight 32 \
+//!     --nats-ws ws://127.0.0.1:8222 --nats-publish 127.0.0.1:4222 --broker-pid $NATS_PID
 //! ```
 //!
 //! # Output
@@ -71,6 +83,7 @@
 //! connect or subscribe.
 
 pub mod churn;
+mod nats;
 mod procstat;
 mod publisher;
 mod report;
@@ -220,6 +233,19 @@ pub struct BenchArgs {
     /// Publish key (sent as `Authorization: Bearer`).
     #[arg(long, env = "TIDINGS_PUBLISH_KEY")]
     pub publish_key: Option<String>,
+    /// Measure a NATS server instead of Tidings, for comparison: subscribers connect to its
+    /// WebSocket listener at this URL (`ws://host:port`); `--url` is then unused. Only
+    /// `broadcast`, `filtered` (by subject) and `latency`. See `--nats-publish`.
+    #[arg(long, env = "TIDINGS_BENCH_NATS_WS")]
+    pub nats_ws: Option<String>,
+    /// With `--nats-ws`: the NATS server's TCP client listener (`host:port`) the publisher
+    /// pipelines `PUB`s to, `--batch` per `PING`, at most `--in-flight` `PING`s unanswered.
+    #[arg(
+        long,
+        env = "TIDINGS_BENCH_NATS_PUBLISH",
+        default_value = "127.0.0.1:4222"
+    )]
+    pub nats_publish: String,
 }
 
 /// Why a benchmark could not run.
@@ -289,6 +315,14 @@ struct Run {
     broker: Option<Proc>,
     target: Arc<Target>,
     publish: PublishPlan,
+    /// `--nats-ws`: the NATS server's publish address and the collection as a subject prefix.
+    nats: Option<NatsRun>,
+}
+
+/// What a run against NATS (`--nats-ws`) needs besides the common plan.
+struct NatsRun {
+    publish_addr: String,
+    collection: String,
 }
 
 impl Run {
@@ -346,13 +380,36 @@ impl Run {
         };
         let shape = ItemShape::new(args.fields, args.item_bytes, groups)?;
 
-        let broker = parse_broker_url("url", &args.url)?;
+        let nats = match &args.nats_ws {
+            None => None,
+            Some(_)
+                if !matches!(
+                    args.scenario,
+                    Scenario::Broadcast | Scenario::Filtered | Scenario::Latency
+                ) =>
+            {
+                return usage(format!(
+                    "--nats-ws supports broadcast, filtered and latency, not {}",
+                    args.scenario.name()
+                ))
+            }
+            Some(_) => Some(NatsRun {
+                publish_addr: args.nats_publish.clone(),
+                collection: args.collection.clone(),
+            }),
+        };
+        let url = args.nats_ws.as_deref().unwrap_or(&args.url);
+        let broker = parse_broker_url(if nats.is_some() { "nats-ws" } else { "url" }, url)?;
         let publish_base = match &args.publish_url {
             Some(url) => parse_broker_url("publish-url", url)?.http,
             None => broker.http.clone(),
         };
         let authority = broker.authority;
-        let ws_path = broker.ws_path.as_deref().unwrap_or(&args.ws_path);
+        let ws_path = match (&nats, broker.ws_path.as_deref()) {
+            (_, Some(path)) => path,
+            (Some(_), None) => "/",
+            (None, None) => &args.ws_path,
+        };
         let addr = resolve(&authority).await?;
         if args.source_addrs > 1 && !(addr.is_ipv4() && addr.ip().is_loopback()) {
             return usage(format!(
@@ -407,6 +464,7 @@ impl Run {
                 in_flight: args.in_flight,
                 groups,
             },
+            nats,
         })
     }
 
@@ -478,7 +536,13 @@ impl Run {
             (connect_marks, vec![0; self.subscribers])
         } else {
             let marks = (CpuMark::now(Proc::SelfProc), self.broker.map(CpuMark::now));
-            let outcome = publisher::publish(self.publish.clone(), clock).await?;
+            let outcome = match &self.nats {
+                None => publisher::publish(self.publish.clone(), clock).await?,
+                Some(n) => {
+                    nats::publish(self.publish.clone(), &n.publish_addr, &n.collection, clock)
+                        .await?
+                }
+            };
             let expected = self
                 .drain(&subscribers.progress, &outcome, clock, &mut report)
                 .await;
@@ -547,7 +611,11 @@ impl Run {
         let mut progress = Vec::with_capacity(total);
         let mut tasks = Vec::with_capacity(total);
         for index in 0..total {
-            let (subscribe, expect) = self.subscription(index);
+            let (mut subscribe, expect) = self.subscription(index);
+            if let Some(n) = &self.nats {
+                subscribe = nats::subscriber_subject(&n.collection, self.groups, index);
+            }
+            let is_nats = self.nats.is_some();
             let shared = Arc::new(Progress::default());
             progress.push(shared.clone());
             let receiver = Receiver {
@@ -556,6 +624,7 @@ impl Run {
                 progress: shared,
                 latencies: latencies.clone(),
                 clock,
+                nats: is_nats,
             };
             let (gate, target, ready, stop) = (
                 gate.clone(),
@@ -565,10 +634,13 @@ impl Run {
             );
             tasks.push(tokio::spawn(async move {
                 let connected = match gate.acquire_owned().await {
-                    Ok(_permit) => tokio::time::timeout(
-                        CONNECT_TIMEOUT,
-                        subscriber::connect(&target, index, &subscribe),
-                    )
+                    Ok(_permit) => tokio::time::timeout(CONNECT_TIMEOUT, async {
+                        if is_nats {
+                            nats::connect(&target, index, &subscribe).await
+                        } else {
+                            subscriber::connect(&target, index, &subscribe).await
+                        }
+                    })
                     .await
                     .unwrap_or_else(|_| {
                         Err(format!("no subscription init within {CONNECT_TIMEOUT:?}"))

@@ -167,10 +167,6 @@ pub async fn publish(plan: PublishPlan, clock: Clock) -> Result<PublishOutcome, 
     }));
     let slots = Arc::new(Semaphore::new(plan.in_flight.max(1)));
     let mut requests = JoinSet::new();
-    let started = Instant::now();
-    let deadline = plan.duration.map(|d| started + d);
-    let limit = plan.events.unwrap_or(u64::MAX);
-    let mut next_seq = 0u64;
 
     let mut sender = Sender {
         plan: &plan,
@@ -180,6 +176,32 @@ pub async fn publish(plan: PublishPlan, clock: Clock) -> Result<PublishOutcome, 
         requests: &mut requests,
         clock,
     };
+    let started = pace(&plan, async |first, count| sender.send(first, count).await).await?;
+    while requests.join_next().await.is_some() {}
+    let finished = Instant::now();
+    let tally = tally.lock();
+    Ok(PublishOutcome {
+        published: tally.published,
+        per_group: tally.per_group.clone(),
+        requests: tally.requests,
+        errors: tally.errors,
+        first_error: tally.first_error.clone(),
+        started,
+        finished,
+    })
+}
+
+/// Calls `send(first, count)` for every batch of the plan, flat out or at `--rate`, until
+/// `--events` or `--duration` is reached; returns when the first batch was started. `send`
+/// waits for a free `--in-flight` slot itself.
+pub async fn pace(
+    plan: &PublishPlan,
+    mut send: impl AsyncFnMut(u64, u64) -> Result<(), BenchError>,
+) -> Result<Instant, BenchError> {
+    let started = Instant::now();
+    let deadline = plan.duration.map(|d| started + d);
+    let limit = plan.events.unwrap_or(u64::MAX);
+    let mut next_seq = 0u64;
     if plan.rate > 0.0 {
         let tick = Duration::from_secs_f64(1.0 / plan.rate).max(MIN_TICK);
         let mut timer = tokio::time::interval(tick);
@@ -195,29 +217,18 @@ pub async fn publish(plan: PublishPlan, clock: Clock) -> Result<PublishOutcome, 
             let due = ((plan.rate * elapsed).floor() as u64 + 1).min(limit);
             while next_seq < due {
                 let count = (due - next_seq).min(plan.batch as u64);
-                sender.send(next_seq, count).await?;
+                send(next_seq, count).await?;
                 next_seq += count;
             }
         }
     } else {
         while next_seq < limit && deadline.is_none_or(|d| Instant::now() < d) {
             let count = (limit - next_seq).min(plan.batch as u64);
-            sender.send(next_seq, count).await?;
+            send(next_seq, count).await?;
             next_seq += count;
         }
     }
-    while requests.join_next().await.is_some() {}
-    let finished = Instant::now();
-    let tally = tally.lock();
-    Ok(PublishOutcome {
-        published: tally.published,
-        per_group: tally.per_group.clone(),
-        requests: tally.requests,
-        errors: tally.errors,
-        first_error: tally.first_error.clone(),
-        started,
-        finished,
-    })
+    Ok(started)
 }
 
 /// Starts requests, each in its own task holding one `--in-flight` slot.

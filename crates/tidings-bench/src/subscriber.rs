@@ -180,8 +180,22 @@ impl Latencies {
     }
 }
 
-/// Connects subscriber `index`, sends `subscribe` and waits for its `init`.
-pub async fn connect(target: &Target, index: usize, subscribe: &str) -> Result<Ws, String> {
+/// Opens subscriber `index`'s connection: TCP from its source address (if any), then the
+/// WebSocket upgrade with the generator's small buffers.
+pub async fn open_ws(target: &Target, index: usize) -> Result<Ws, String> {
+    let stream = open_tcp(target, index).await?;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0);
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(target.ws_url.as_str(), stream, Some(config))
+            .await
+            .map_err(describe_upgrade_error)?;
+    Ok(ws)
+}
+
+/// Opens subscriber `index`'s TCP connection (from its source address, if any).
+async fn open_tcp(target: &Target, index: usize) -> Result<TcpStream, String> {
     let socket = match target.addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
@@ -198,13 +212,12 @@ pub async fn connect(target: &Target, index: usize, subscribe: &str) -> Result<W
         .map_err(|e| format!("cannot connect to {}: {e}", target.addr))?;
     // Pongs are tiny and must not wait for Nagle.
     let _ = stream.set_nodelay(true);
-    let config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(0);
-    let (mut ws, _) =
-        tokio_tungstenite::client_async_with_config(target.ws_url.as_str(), stream, Some(config))
-            .await
-            .map_err(describe_upgrade_error)?;
+    Ok(stream)
+}
+
+/// Connects subscriber `index`, sends `subscribe` and waits for its `init`.
+pub async fn connect(target: &Target, index: usize, subscribe: &str) -> Result<Ws, String> {
+    let mut ws = open_ws(target, index).await?;
     ws.send(Message::text(subscribe))
         .await
         .map_err(|e| format!("cannot send the subscribe: {e}"))?;
@@ -303,6 +316,8 @@ pub struct Receiver {
     pub latencies: Arc<Latencies>,
     /// The run's time base.
     pub clock: Clock,
+    /// The connection speaks NATS (`--nats-ws`) rather than the Tidings protocol.
+    pub nats: bool,
 }
 
 impl Receiver {
@@ -318,7 +333,7 @@ impl Receiver {
         // registered once instead of at every message.
         let close = tokio::select! {
             _ = stop.cancelled() => None,
-            reason = self.receive(&mut ws, &mut state) => Some(reason),
+            reason = self.receive_either(&mut ws, &mut state) => Some(reason),
         };
         self.latencies.record(self.index, &mut state.samples);
         if close.is_some() {
@@ -351,6 +366,41 @@ impl Receiver {
                 }
             } else if ERROR.find(bytes).is_some() {
                 state.stats.error_frames += 1;
+            }
+        }
+    }
+
+    async fn receive_either(&self, ws: &mut Ws, state: &mut State) -> String {
+        if self.nats {
+            self.receive_nats(ws, state).await
+        } else {
+            self.receive(ws, state).await
+        }
+    }
+
+    /// As [`Receiver::receive`], for a NATS connection: every `MSG` payload is one item.
+    async fn receive_nats(&self, ws: &mut Ws, state: &mut State) -> String {
+        let mut parser = crate::nats::Parser::default();
+        loop {
+            let data = match ws.next().await {
+                Some(Ok(Message::Binary(data))) => data,
+                Some(Ok(Message::Text(text))) => text.as_bytes().to_vec().into(),
+                Some(Ok(Message::Close(frame))) => return describe_close(frame.as_ref()),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return describe_ws_error(&e),
+                None => return "connection ended without a close frame".into(),
+            };
+            let mut pings = 0;
+            parser.feed(&data, |op| match op {
+                crate::nats::Op::Msg(payload) => self.on_event(payload, state),
+                crate::nats::Op::Ping => pings += 1,
+                crate::nats::Op::Err => state.stats.error_frames += 1,
+                crate::nats::Op::Other => {}
+            });
+            for _ in 0..pings {
+                if let Err(e) = ws.send(Message::binary(&b"PONG\r\n"[..])).await {
+                    return describe_ws_error(&e);
+                }
             }
         }
     }
