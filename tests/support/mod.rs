@@ -2,6 +2,7 @@
 //! bounded by a timeout, every server frame checked against `protocol/schemas/`.
 #![allow(dead_code)]
 
+pub mod control;
 pub mod process;
 #[path = "schema.rs"]
 pub mod schema;

@@ -266,6 +266,26 @@ impl Drop for PrivateNats {
     }
 }
 
+/// The Chromium the browser tests drive: `TIDINGS_TEST_CHROMIUM` if set, else `chromium`
+/// (Debian's package) or `chromium-browser` on `PATH` or in `/usr/bin`. Without one the browser
+/// tests skip loudly (a `PREREQUISITE MISSING:` line on stderr, `None`), and under `CI=true`
+/// they fail.
+pub fn require_chromium() -> Option<PathBuf> {
+    let found = find_program("chromium", "TIDINGS_TEST_CHROMIUM")
+        .or_else(|| find_program("chromium-browser", "TIDINGS_TEST_CHROMIUM"));
+    if found.is_some() {
+        return found;
+    }
+    let what = "no Chromium (`chromium` on PATH, or TIDINGS_TEST_CHROMIUM) for the browser tests";
+    let how = "Install Debian's package with `apt-get install chromium` (.ci/run does); the tests \
+               never download a browser";
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        prerequisite_missing(what, how);
+    }
+    eprintln!("PREREQUISITE MISSING: {what}. {how}. SKIPPED (this fails under CI=true)");
+    None
+}
+
 /// The `node --version` of the `node` on PATH, or a failed test saying how to get Node.js.
 pub fn require_node() -> String {
     let version = std::process::Command::new("node")
@@ -308,6 +328,7 @@ pub fn npm_ci(dir: &Path) {
     }
     let started = Instant::now();
     let out = std::process::Command::new("npm")
+        .env("PUPPETEER_SKIP_DOWNLOAD", "1")
         .args(["ci", "--no-audit", "--no-fund", "--prefix"])
         .arg(dir)
         .output();
@@ -332,26 +353,32 @@ pub fn npm_ci(dir: &Path) {
     }
 }
 
-/// Runs the test `test` of this same test binary alone, in a child with `envs` (which take a
-/// prerequisite away), and checks that it failed, loudly, rather than passed: what cargo
-/// shows for a machine without the prerequisite.
-pub fn assert_fails_without_prerequisite(test: &str, envs: &[(&str, &str)]) {
+/// Runs the test `test` of this same test binary alone, in a child with `envs` set and the
+/// variables `unset` removed: whether it passed, and everything it printed (`--nocapture`).
+pub fn run_test_alone(test: &str, envs: &[(&str, &str)], unset: &[&str]) -> (bool, String) {
     let exe = std::env::current_exe().expect("the test binary");
-    let out = std::process::Command::new(exe)
-        .args([test, "--exact", "--test-threads", "1"])
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args([test, "--exact", "--test-threads", "1", "--nocapture"])
         .envs(envs.iter().copied())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run the test binary");
+        .stdin(std::process::Stdio::null());
+    for key in unset {
+        cmd.env_remove(key);
+    }
+    let out = cmd.output().expect("run the test binary");
     let text = format!(
         "{}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        !out.status.success(),
-        "{test} passed without its prerequisite:\n{text}"
-    );
+    (out.status.success(), text)
+}
+
+/// Runs the test `test` of this same test binary alone, in a child with `envs` (which take a
+/// prerequisite away), and checks that it failed, loudly, rather than passed: what cargo
+/// shows for a machine without the prerequisite.
+pub fn assert_fails_without_prerequisite(test: &str, envs: &[(&str, &str)]) {
+    let (passed, text) = run_test_alone(test, envs, &[]);
+    assert!(!passed, "{test} passed without its prerequisite:\n{text}");
     assert!(
         text.contains("1 failed"),
         "{test} did not run and fail:\n{text}"

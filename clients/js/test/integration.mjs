@@ -14,6 +14,7 @@ import assert from 'node:assert/strict';
 import { createHmac, randomBytes } from 'node:crypto';
 import net from 'node:net';
 import { connect, publish } from '../dist/index.js';
+import { controlApi, sleep, waitFor } from '../../../tests/support/control.mjs';
 
 const CONTROL = process.env.TIDINGS_TEST_CONTROL;
 const REDIS_URL = process.env.TIDINGS_TEST_REDIS_URL;
@@ -22,27 +23,9 @@ if (!CONTROL || !REDIS_URL || !JWT_SECRET) {
   throw new Error('run through tests/js_client.rs: TIDINGS_TEST_CONTROL, TIDINGS_TEST_REDIS_URL and TIDINGS_TEST_JWT_SECRET must be set');
 }
 
-const WAIT_MS = 15_000;
 const clients = [];
-const brokers = [];
-
-async function control(path, body = {}) {
-  const res = await fetch(`${CONTROL}${path}`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify(body),
-  });
-  const text = await res.text();
-  if (!res.ok) throw new Error(`control ${path}: ${res.status} ${text}`);
-  return JSON.parse(text);
-}
-
-/** Starts `tidings serve --listen 127.0.0.1:0 ARGS…`; resolves with `{ id, http, ws }`. */
-async function broker(args) {
-  const b = await control('/brokers', { args });
-  brokers.push(b.id);
-  return b;
-}
+const control = controlApi(CONTROL);
+const broker = control.broker;
 
 function client(opts) {
   const c = connect(opts);
@@ -52,26 +35,8 @@ function client(opts) {
 
 after(async () => {
   for (const c of clients) c.close();
-  for (const id of brokers) await control(`/brokers/${id}/stop`).catch(() => {});
+  await control.stopAll();
 });
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-async function waitFor(what, cond, ms = WAIT_MS) {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await sleep(10);
-  }
-}
-
-async function waitForAsync(what, cond, ms = WAIT_MS) {
-  const end = Date.now() + ms;
-  while (!(await cond())) {
-    if (Date.now() > end) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await sleep(10);
-  }
-}
 
 function uniquePrefix(name) {
   return `js_${name}_${process.pid}_${randomBytes(4).toString('hex')}`;
@@ -221,9 +186,9 @@ test('a broker restart loses nothing and duplicates nothing: every subscription 
   for (let id = 1; id <= 10; id++) await publish(b.http, 'orders', 'create', item(id));
   await waitFor('events 1..10', () => ids(all, 'create').length === 10);
 
-  await control(`/brokers/${b.id}/restart`);
+  await control.restart(b.id);
   // The new broker reads the log back from Redis before it takes publishes.
-  await waitForAsync('/readyz 200', async () => (await fetch(`${b.http}/readyz`)).status === 200);
+  await waitFor('/readyz 200', async () => (await fetch(`${b.http}/readyz`)).status === 200);
   assert.notEqual(c.state, 'open', 'the client reconnected before the events below were published');
   for (let id = 11; id <= 20; id++) await publish(b.http, 'orders', 'create', item(id));
 
