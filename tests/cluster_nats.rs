@@ -712,3 +712,79 @@ async fn a_publish_right_after_a_recreation_never_answers_the_old_epoch() {
     assert_eq!(epoch_of(&later), new_epoch);
     delete_stream(&url, &prefix).await;
 }
+
+/// A batch whose third event JetStream refuses (over the stream's `max_msg_size`, set by an
+/// operator after the node created the stream) answers 503 `PARTIALLY_ACCEPTED`, naming
+/// exactly which events were accepted: those, and only those, are in the stream and
+/// delivered, with the offsets answered.
+#[tokio::test]
+async fn a_batch_partly_refused_by_jetstream_answers_exactly_which_events_were_accepted() {
+    let nats = PrivateNats::start();
+    let url = nats.url();
+    let prefix = unique_prefix();
+    let server = node(&url, &prefix).await;
+    {
+        let client = async_nats::connect(url.as_str()).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        let mut config = stream_info(&url, &prefix).await.config;
+        config.max_message_size = 512;
+        js.update_stream(config)
+            .await
+            .expect("limit the message size");
+    }
+    let mut subscriber = server.ws().await;
+    subscribe(&mut subscriber, None, None).await;
+    let event = |id: u64, blob: usize| json!({"collection":"orders","event":"create","data":{"id":id,"blob":"x".repeat(blob)}});
+    let batch = json!([event(1, 0), event(2, 0), event(3, 2048), event(4, 0)]);
+    let (status, answer) = server.post("/v1/publish", &batch).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    support::schema_check_http(&answer);
+    assert_eq!(answer["error"]["code"], "PARTIALLY_ACCEPTED", "{answer}");
+    assert_eq!(answer["error"]["where"], "/2", "{answer}");
+    let message = answer["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("3 of 4") && message.contains("retry"),
+        "{message}"
+    );
+    for internal in ["maximum", "NATS", "nats", "10054", "stream", &url] {
+        assert!(
+            !message.contains(internal),
+            "internal detail `{internal}`: {message}"
+        );
+    }
+    let events = answer["events"].as_array().expect("events");
+    assert_eq!(events.len(), 4);
+    assert_eq!(
+        events[2],
+        json!({"collection":"orders","event":"create","items":1,"accepted":false})
+    );
+    let offsets: Vec<u64> = [0, 1, 3]
+        .iter()
+        .map(|&i| {
+            events[i]["offset"]
+                .as_u64()
+                .expect("offset of an accepted event")
+        })
+        .collect();
+    // Exactly the accepted events are in the stream and delivered, with their offsets.
+    assert_eq!(stream_info(&url, &prefix).await.state.messages, 3);
+    let got = ids_and_offsets(&mut subscriber, 3).await;
+    assert_eq!(got, vec![(1, offsets[0]), (2, offsets[1]), (4, offsets[2])]);
+    subscriber.expect_silence(Duration::from_millis(300)).await;
+    assert_eq!(
+        server
+            .metric("tidings_published_events_total{collection=\"orders\",event=\"create\"}")
+            .await,
+        Some(3.0)
+    );
+    assert_eq!(
+        server
+            .metric("tidings_server_errors_total{reason=\"backplane\"}")
+            .await,
+        Some(1.0)
+    );
+    // The node is still ready and its connection alive: the next publish goes through.
+    let ok = server.publish(orders(5, 1)).await;
+    assert_eq!(offsets_of(&ok).len(), 1, "{ok}");
+    delete_stream(&url, &prefix).await;
+}

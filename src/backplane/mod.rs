@@ -68,6 +68,16 @@ pub enum BackplaneError {
         /// The engine's limit.
         limit: usize,
     },
+    /// Some events of a batch were accepted and some not (NATS, whose batches are one message
+    /// per event): `accepted[i]` is event `i`'s position, or `None` when it was not
+    /// acknowledged (refused, not sent, or its acknowledgement lost: it may still have landed).
+    #[error("{} of {} events were accepted: {detail}", accepted.iter().flatten().count(), accepted.len())]
+    Partial {
+        /// One entry per event of the request, in order.
+        accepted: Vec<Option<Accepted>>,
+        /// The first failure (logged; never sent to the publisher).
+        detail: String,
+    },
     /// The engine's settings are unusable (bad URL); reported at startup.
     #[error("{0}")]
     Config(String),

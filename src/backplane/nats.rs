@@ -38,9 +38,12 @@
 //! key>` when it has a key (a collection name has no `/`, so the id is unambiguous), and
 //! `Nats-Expected-Stream` so a message can only land in this cluster's stream. JetStream
 //! answers a duplicate within the window with the first publish's sequence and
-//! `duplicate: true`. A batch is not atomic: if an ack fails midway, the events before it are
-//! in the stream (and will be delivered) while the request answers 503; retrying with
-//! idempotency keys skips the ones already there.
+//! `duplicate: true`. A batch is not atomic (nats-server 2.9/2.10 has no atomic batch
+//! publish; 2.12's needs `allow_atomic` streams): every event's ack is awaited, and when some
+//! were acknowledged and others not, the publish fails with [`BackplaneError::Partial`],
+//! naming each event's position or its absence, so the HTTP answer says exactly which events
+//! were accepted (and will be delivered). An event without an ack may still have landed
+//! (its ack was lost): retrying it with an idempotency key answers `duplicate: true` then.
 //!
 //! # Delivery
 //!
@@ -53,6 +56,7 @@
 //! stream that was deleted or recreated resets the epoch instead of being read as the old one.
 
 use std::convert::Infallible;
+use std::future::IntoFuture;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -63,6 +67,7 @@ use async_nats::jetstream::consumer::push::OrderedConfig;
 use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy};
 use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::stream::{self, DiscardPolicy, StorageType};
 use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{Client, ConnectOptions, Event as NatsEvent, ServerAddr};
@@ -75,8 +80,12 @@ use crate::event::NewEvent;
 use crate::history::HistoryLimits;
 use crate::metrics::Metrics;
 
-/// Bound on one whole publish request (every message sent and every ack received).
+/// Bound on one whole publish request (every message sent and every ack received). Acks not
+/// in by then count as not acknowledged (the request may answer which events were).
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Extra time past [`PUBLISH_TIMEOUT`] before a publish is abandoned outright (a send that
+/// never completes): the acks' own deadline comes first, so the answer can be exact.
+const PUBLISH_GRACE: Duration = Duration::from_secs(1);
 /// Bound on one JetStream API request (stream info, create, consumer create).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the delivery task checks that the stream it reads is still the cluster's stream.
@@ -402,23 +411,48 @@ impl NatsBackplane {
             messages.push((subject, message.payload(body.into())));
         }
         let high_before = shared.high_seq.load(Ordering::Acquire);
-        let mut acks = Vec::with_capacity(messages.len());
+        let deadline = tokio::time::Instant::now() + PUBLISH_TIMEOUT;
+        let total = messages.len();
+        let mut first_error = None;
+        let mut acks = Vec::with_capacity(total);
         for (subject, message) in messages {
-            let ack = js
-                .send_publish(subject, message)
-                .await
-                .map_err(|e| unavailable(format!("NATS publish failed: {e}")))?;
-            acks.push(ack);
+            match js.send_publish(subject, message).await {
+                Ok(ack) => acks.push(ack),
+                // Nothing after a failed send is sent, so the events after it are not in the
+                // stream; the ones before it may be.
+                Err(e) => {
+                    first_error = Some(format!("NATS publish failed: {e}"));
+                    break;
+                }
+            }
         }
-        let mut acked = Vec::with_capacity(acks.len());
+        // Every sent event's ack, even after one failed: the answer must say which landed.
+        let mut acked: Vec<Option<PublishAck>> = Vec::with_capacity(total);
         for ack in acks {
-            acked.push(
-                ack.await
-                    .map_err(|e| unavailable(format!("NATS publish was not acknowledged: {e}")))?,
-            );
+            match tokio::time::timeout_at(deadline, ack.into_future()).await {
+                Ok(Ok(ack)) => acked.push(Some(ack)),
+                Ok(Err(e)) => {
+                    first_error
+                        .get_or_insert_with(|| format!("NATS publish was not acknowledged: {e}"));
+                    acked.push(None);
+                }
+                Err(_) => {
+                    first_error.get_or_insert_with(|| {
+                        format!("NATS did not acknowledge within {PUBLISH_TIMEOUT:?}")
+                    });
+                    acked.push(None);
+                }
+            }
+        }
+        acked.resize(total, None);
+        if let Some(detail) = &first_error {
+            if acked.iter().all(Option::is_none) {
+                return Err(unavailable(detail.clone()));
+            }
         }
         let epoch = if acked
             .iter()
+            .flatten()
             .any(|a| !a.duplicate && a.sequence <= high_before)
         {
             // The stream was recreated since this node last looked: answer with the new
@@ -426,7 +460,7 @@ impl NatsBackplane {
             shared.recheck.notify_one();
             self.live_epoch(js).await?
         } else {
-            if let Some(last) = acked.iter().map(|a| a.sequence).max() {
+            if let Some(last) = acked.iter().flatten().map(|a| a.sequence).max() {
                 shared.high_seq.fetch_max(last, Ordering::AcqRel);
             }
             shared
@@ -435,15 +469,20 @@ impl NatsBackplane {
                 .clone()
                 .ok_or_else(|| unavailable("the NATS stream is not set up".into()))?
         };
-        let accepted = acked
-            .into_iter()
-            .map(|ack| Accepted {
+        let accepted = acked.into_iter().map(|ack| {
+            ack.map(|ack| Accepted {
                 offset: ack.sequence,
                 epoch: epoch.clone(),
                 duplicate: ack.duplicate,
             })
-            .collect();
-        Ok(accepted)
+        });
+        match first_error {
+            None => Ok(accepted.flatten().collect()),
+            Some(detail) => Err(BackplaneError::Partial {
+                accepted: accepted.collect(),
+                detail,
+            }),
+        }
     }
 }
 
@@ -471,7 +510,7 @@ impl Backplane for NatsBackplane {
         events: Vec<NewEvent>,
     ) -> BoxFuture<'_, Result<Vec<Accepted>, BackplaneError>> {
         Box::pin(async move {
-            tokio::time::timeout(PUBLISH_TIMEOUT, self.publish_all(events))
+            tokio::time::timeout(PUBLISH_TIMEOUT + PUBLISH_GRACE, self.publish_all(events))
                 .await
                 .unwrap_or_else(|_| {
                     Err(BackplaneError::Unavailable(format!(

@@ -128,6 +128,20 @@ pub enum ApiError {
     /// Not `application/json`.
     #[error("the request body must be JSON: send `Content-Type: application/json`")]
     UnsupportedMediaType,
+    /// Some events of a batch were accepted, the others not (NATS): 503 with one entry per
+    /// event in `events`, accepted or `"accepted": false`. Built by [`ApiError::partial`].
+    #[error(
+        "the backplane is unavailable: {accepted} of {} events were accepted and will be delivered (see `events`); retry the others, from `where` on, with idempotency keys (one may have landed unacknowledged)",
+        events.len()
+    )]
+    PartiallyAccepted {
+        /// One entry per event of the request, in order.
+        events: Vec<serde_json::Value>,
+        /// How many were accepted.
+        accepted: usize,
+        /// JSON Pointer to it (`/<index>`).
+        pointer: String,
+    },
     /// Not ready (shutting down, backplane down, full), or a bug: a 5xx. Build it with
     /// [`ApiError::server`], which logs the detail and counts the reason.
     #[error("{}", reason.advice())]
@@ -156,6 +170,31 @@ impl ApiError {
         ApiError::Server { reason, detail }
     }
 
+    /// A batch of which only some events were accepted: counted and logged as a backplane
+    /// 5xx (the detail stays in the log). `events` has one entry per event; those not
+    /// accepted say `"accepted": false`.
+    pub fn partial(
+        metrics: &Metrics,
+        events: Vec<serde_json::Value>,
+        detail: impl Into<String>,
+    ) -> Self {
+        let detail = detail.into();
+        let reason = ServerErrorReason::Backplane;
+        let missing = |e: &serde_json::Value| e.get("accepted") == Some(&false.into());
+        let accepted = events.iter().filter(|e| !missing(e)).count();
+        tracing::warn!(reason = reason.as_str(), accepted, total = events.len(), %detail, "batch partially accepted (503)");
+        metrics
+            .server_errors
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        let first_missing = events.iter().position(missing).unwrap_or(0);
+        ApiError::PartiallyAccepted {
+            events,
+            accepted,
+            pointer: format!("/{first_missing}"),
+        }
+    }
+
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
@@ -171,6 +210,7 @@ impl ApiError {
             }
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::StateFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::PartiallyAccepted { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Server {
                 reason: ServerErrorReason::Internal,
                 ..
@@ -193,6 +233,7 @@ impl ApiError {
             ApiError::EventTooLarge { .. } => "EVENT_TOO_LARGE",
             ApiError::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             ApiError::StateFull { .. } => "STATE_FULL",
+            ApiError::PartiallyAccepted { .. } => "PARTIALLY_ACCEPTED",
             ApiError::Server {
                 reason: ServerErrorReason::Internal,
                 ..
@@ -203,9 +244,9 @@ impl ApiError {
 
     fn pointer(&self) -> Option<&str> {
         match self {
-            ApiError::InvalidPayload { pointer, .. } | ApiError::StateFull { pointer, .. } => {
-                Some(pointer)
-            }
+            ApiError::InvalidPayload { pointer, .. }
+            | ApiError::StateFull { pointer, .. }
+            | ApiError::PartiallyAccepted { pointer, .. } => Some(pointer),
             ApiError::InvalidHeader { header, .. } => Some(header),
             ApiError::UnsupportedMediaType => Some("content-type"),
             ApiError::OriginNotAllowed { .. } => Some("webhook-request-origin"),
@@ -221,7 +262,13 @@ impl IntoResponse for ApiError {
         if let (Some(pointer), Some(obj)) = (self.pointer(), error.as_object_mut()) {
             obj.insert("where".into(), pointer.into());
         }
-        let mut response = (self.status(), Json(json!({ "error": error }))).into_response();
+        let mut body = json!({ "error": error });
+        if let (ApiError::PartiallyAccepted { events, .. }, Some(obj)) =
+            (&self, body.as_object_mut())
+        {
+            obj.insert("events".into(), events.clone().into());
+        }
+        let mut response = (self.status(), Json(body)).into_response();
         if let ApiError::MethodNotAllowed { allow } = self {
             response.headers_mut().insert(
                 axum::http::header::ALLOW,
@@ -241,6 +288,29 @@ impl IntoResponse for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partial_batch_lists_every_event_and_points_at_the_first_missing() {
+        let metrics = Metrics::new(10).expect("metrics");
+        let ok = json!({"collection":"a","event":"create","items":1,"offset":7,"epoch":"e"});
+        let missing = json!({"collection":"a","event":"create","items":1,"accepted":false});
+        let events = vec![ok.clone(), missing.clone(), ok.clone()];
+        let error = ApiError::partial(&metrics, events.clone(), "nats://10.0.0.7: err 10054");
+        let message = error.to_string();
+        assert!(
+            message.contains("2 of 3") && message.contains("retry"),
+            "{message}"
+        );
+        assert!(!message.contains("10.0.0.7") && !message.contains("10054"));
+        assert_eq!(error.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(error.pointer(), Some("/1"));
+        let counted = metrics
+            .server_errors
+            .with_label_values(&["backplane"])
+            .get();
+        assert_eq!(counted, 1);
+        assert!(matches!(error, ApiError::PartiallyAccepted { events: e, .. } if e == events));
+    }
 
     #[test]
     fn every_reason_is_pre_registered_by_metrics() {

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::{ApiError, HttpState, ServerErrorReason};
 use crate::auth::PublishKeys;
-use crate::backplane::BackplaneError;
+use crate::backplane::{Accepted, BackplaneError};
 use crate::event::{
     idempotency_key, normalize_collection_body, normalize_publish, EventKind, NewEvent,
     NormalizeError,
@@ -214,7 +214,73 @@ pub(super) async fn accept(
         .iter()
         .map(|e| (e.collection.clone(), e.kind, e.keys.len()))
         .collect();
-    let positions = state.backplane.publish(events).await.map_err(|e| match e {
+    let published = state.backplane.publish(events).await;
+    let (positions, failure) = match published {
+        Ok(positions) => (positions.into_iter().map(Some).collect(), None),
+        Err(BackplaneError::Partial { accepted, detail }) => (accepted, Some(detail)),
+        Err(e) => return Err(refusal(state, e, batch)),
+    };
+    let mut entries = Vec::with_capacity(summary.len());
+    for ((collection, kind, items), position) in summary.into_iter().zip(positions) {
+        let Some(position) = position else {
+            entries.push(json!({
+                "collection": &*collection,
+                "event": kind.as_str(),
+                "items": items,
+                "accepted": false,
+            }));
+            continue;
+        };
+        entries.push(accepted_entry(state, &collection, kind, items, &position));
+    }
+    match failure {
+        None => Ok((StatusCode::ACCEPTED, Json(json!({ "events": entries }))).into_response()),
+        Some(detail) => Err(ApiError::partial(&state.metrics, entries, detail)),
+    }
+}
+
+/// The answer entry of an accepted event; counts it as published (or as a duplicate).
+fn accepted_entry(
+    state: &HttpState,
+    collection: &Arc<str>,
+    kind: EventKind,
+    items: usize,
+    position: &Accepted,
+) -> Value {
+    if position.duplicate {
+        state.metrics.publish_duplicates.inc();
+        return json!({
+            "collection": &**collection,
+            "event": kind.as_str(),
+            "items": items,
+            "offset": position.offset,
+            "epoch": &*position.epoch,
+            "duplicate": true,
+        });
+    }
+    let label = state.metrics.collections.label(collection);
+    state
+        .metrics
+        .published_events
+        .with_label_values(&[&*label, kind.as_str()])
+        .inc();
+    state
+        .metrics
+        .published_items
+        .with_label_values(&[&*label, kind.as_str()])
+        .inc_by(items as u64);
+    json!({
+        "collection": &**collection,
+        "event": kind.as_str(),
+        "items": items,
+        "offset": position.offset,
+        "epoch": &*position.epoch,
+    })
+}
+
+/// The answer to a publish the backplane refused as a whole.
+fn refusal(state: &HttpState, error: BackplaneError, batch: bool) -> ApiError {
+    match error {
         BackplaneError::TooLarge { index, size, limit } => {
             ApiError::EventTooLarge { index, size, limit }
         }
@@ -233,41 +299,7 @@ pub(super) async fn accept(
             ServerErrorReason::Backplane,
             other.to_string(),
         ),
-    })?;
-    let mut accepted = Vec::with_capacity(summary.len());
-    for ((collection, kind, items), position) in summary.into_iter().zip(positions) {
-        if position.duplicate {
-            state.metrics.publish_duplicates.inc();
-            accepted.push(json!({
-                "collection": &*collection,
-                "event": kind.as_str(),
-                "items": items,
-                "offset": position.offset,
-                "epoch": &*position.epoch,
-                "duplicate": true,
-            }));
-            continue;
-        }
-        let label = state.metrics.collections.label(&collection);
-        state
-            .metrics
-            .published_events
-            .with_label_values(&[&*label, kind.as_str()])
-            .inc();
-        state
-            .metrics
-            .published_items
-            .with_label_values(&[&*label, kind.as_str()])
-            .inc_by(items as u64);
-        accepted.push(json!({
-            "collection": &*collection,
-            "event": kind.as_str(),
-            "items": items,
-            "offset": position.offset,
-            "epoch": &*position.epoch,
-        }));
     }
-    Ok((StatusCode::ACCEPTED, Json(json!({ "events": accepted }))).into_response())
 }
 
 #[cfg(test)]
