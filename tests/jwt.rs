@@ -46,6 +46,23 @@ async fn auth(c: &mut WsClient, token: &str) {
     .await;
 }
 
+/// A token for every collection that outlives the test.
+fn long_token() -> String {
+    jwt::hs256(&json!({"sub": "a", "exp": jwt::now() + 600, "tidings": {"*": {}}}))
+}
+
+/// A token for every collection that expires 2 to 3 s from now (`exp` is whole seconds).
+///
+/// The expiry tests set up everything that must happen before the expiry (subscribe, a first
+/// delivery) under [`long_token`], then switch to this one with a re-auth, which keeps the
+/// subscriptions. The expiry timer then races nothing the test checks: the one step that must
+/// beat it is this re-auth's round trip, with at least 2 s to do it. (Authenticating with a
+/// short token first made the subscribe and the first delivery race the timer, which a
+/// loaded machine lost.)
+fn short_token() -> String {
+    jwt::hs256(&json!({"sub": "a", "exp": jwt::now() + 3, "tidings": {"*": {}}}))
+}
+
 async fn subscribe(c: &mut WsClient, collection: &str, uid: &str, query: Value) {
     c.send(
         &json!({"type":"subscribe","collection":collection,"uid":uid,"query":query}).to_string(),
@@ -169,13 +186,13 @@ async fn expiry_then_auth_timeout_closes() {
     let mut config = jwt_config(AuthMode::Handshake, hs_settings());
     config.auth_timeout = Duration::from_millis(600);
     let server = start(config).await;
-    let token = jwt::hs256(&json!({"sub": "a", "exp": jwt::now() + 3, "tidings": {"*": {}}}));
     let mut c = server.ws().await;
-    auth(&mut c, &token).await;
+    auth(&mut c, &long_token()).await;
     subscribe(&mut c, "orders", "o", json!({})).await;
     publish(&server, "orders", json!({"id": 1})).await;
     c.expect(r#"{"type":"subscription","event":"create","data":[{"id":1}],"uid":"o"}"#)
         .await;
+    auth(&mut c, &short_token()).await;
     c.expect(EXPIRED).await;
     publish(&server, "orders", json!({"id": 2})).await;
     c.expect(TIMED_OUT).await;
@@ -202,10 +219,10 @@ async fn reauth_after_expiry_swaps_permissions() {
     let mut config = jwt_config(AuthMode::Handshake, hs_settings());
     config.auth_timeout = Duration::from_secs(3);
     let server = start(config).await;
-    let short = jwt::hs256(&json!({"sub": "a", "exp": jwt::now() + 3, "tidings": {"*": {}}}));
     let mut c = server.ws().await;
-    auth(&mut c, &short).await;
+    auth(&mut c, &long_token()).await;
     subscribe(&mut c, "orders", "o", json!({})).await;
+    auth(&mut c, &short_token()).await;
     c.expect(EXPIRED).await;
     // While expired: nothing is delivered and nothing new may be subscribed.
     publish(&server, "orders", json!({"id": 1, "secret": "s"})).await;
@@ -240,10 +257,10 @@ async fn public_mode_falls_back_to_public_rights() {
     config.auth_timeout = Duration::from_millis(500);
     config.public_permissions = tidings::auth::Permissions::collections(["news"]);
     let server = start(config).await;
-    let token = jwt::hs256(&json!({"sub": "a", "exp": jwt::now() + 3, "tidings": {"*": {}}}));
-    let mut c = server.ws_token(&token).await;
+    let mut c = server.ws_token(&long_token()).await;
     subscribe(&mut c, "orders", "o", json!({})).await;
     subscribe(&mut c, "news", "n", json!({})).await;
+    auth(&mut c, &short_token()).await;
     c.expect(EXPIRED).await;
     c.expect(TIMED_OUT).await;
     c.expect(r#"{"type":"subscribe","status":"error","error":{"code":"FORBIDDEN","message":"You don't have permission to access collection \"orders\" or it does not exist. Queried in root."},"uid":"o"}"#).await;
