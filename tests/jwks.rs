@@ -262,3 +262,64 @@ fn only_http_and_https_jwks_urls_are_accepted() {
         assert_eq!(err.flag, "jwks-url", "{bad}");
     }
 }
+
+/// `https://`: the provider's certificate must chain to a system root. One signed by a private
+/// CA (here, made in the test) is refused during the TLS handshake, before any HTTP is sent:
+/// the fetch counts as `unreachable`, no key is loaded, and tokens stay refused.
+#[tokio::test]
+async fn an_https_provider_with_an_untrusted_certificate_is_refused() {
+    use tokio_rustls::rustls;
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA certificate");
+    let key = rcgen::KeyPair::generate().expect("server key");
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("server certificate");
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key der"),
+    )
+    .expect("server TLS config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("https://{}/jwks.json", listener.local_addr().expect("addr"));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let counted = refused.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            // The client aborts the handshake (unknown issuer): accept() fails.
+            if acceptor.accept(tcp).await.is_err() {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    let server = start(broker_config(&url, Duration::from_millis(500))).await;
+    server
+        .wait_for_metric(r#"tidings_jwks_fetches_total{outcome="unreachable"}"#, 1.0)
+        .await;
+    // The server sees the client's alert a moment after the client gave up.
+    let deadline = std::time::Instant::now() + support::WAIT;
+    while refused.load(Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no TLS handshake reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(metric(&server, "tidings_jwks_keys").await, 0.0);
+    assert_eq!(
+        metric(&server, r#"tidings_jwks_fetches_total{outcome="ok"}"#).await,
+        0.0
+    );
+    assert_eq!(upgrade(&server, &rsa_token()).await, 401);
+    server.shutdown().await;
+}
