@@ -102,6 +102,7 @@ async fn js_client_integration() {
             "a broker restart loses nothing",
             "an expiring token is renewed",
             "a live view equals the published state",
+            "a live view of a retained collection",
         ],
     );
 }

@@ -269,7 +269,9 @@ export class LiveView {
     const sort = query.sort ?? [];
     this.sort = typeof sort === 'string' ? sort.split(',').filter(Boolean) : sort;
     this.limit = query.limit;
-    const wire: Record<string, unknown> = {};
+    // Every matching item, not Directus' default first 100: on a retained collection the
+    // `init` is the current list, and the view sorts and limits it here.
+    const wire: Record<string, unknown> = { limit: -1 };
     if (query.filter !== undefined) wire.filter = query.filter;
     if (query.fields !== undefined) wire.fields = query.fields;
     this.subscription = client.subscribe(collection, { query: wire });

@@ -52,6 +52,18 @@ function record(sub) {
 const ids = (frames, event) =>
   frames.filter((m) => m.event === event).flatMap((m) => (Array.isArray(m.data) ? m.data : [m.data])).map((d) => d.id);
 
+/** `POST /v1/publish` of `body` (one event or an array), which must be accepted: the 202 body. */
+async function accepted(http, body) {
+  const res = await fetch(`${http}/v1/publish`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify(body),
+  });
+  const text = await res.text();
+  assert.equal(res.status, 202, text);
+  return JSON.parse(text);
+}
+
 function hs256(claims) {
   const b64 = (v) => Buffer.from(JSON.stringify(v)).toString('base64url');
   const head = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(claims)}`;
@@ -105,12 +117,7 @@ async function rawReads(b, collection, events) {
   send({ type: 'subscribe', collection, uid: 'raw' });
   await waitFor('the raw init', () => Buffer.concat(chunks).includes('"event":"init"'));
   const before = chunks.length;
-  const res = await fetch(`${b.http}/v1/publish`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify(events),
-  });
-  assert.equal(res.status, 202);
+  await accepted(b.http, events);
   const count = () => (Buffer.concat(chunks.slice(before)).toString('latin1').match(/"event":"create"/g) ?? []).length;
   await waitFor('the raw frames', () => count() >= events.length);
   sock.destroy();
@@ -139,12 +146,7 @@ test('frames that arrive in one socket read are all delivered, to iterators and 
   })();
   await waitFor('both inits', () => called.length === 1 && seen.length === 1);
   const second = events.map((e) => ({ ...e, data: { id: e.data.id + 10, n: e.data.id } }));
-  const res = await fetch(`${b.http}/v1/publish`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify(second),
-  });
-  assert.equal(res.status, 202);
+  await accepted(b.http, second);
   await consumer;
   await waitFor('the callback frames', () => called.length === 6);
   assert.deepEqual(ids(seen, 'create'), [11, 12, 13, 14, 15]);
@@ -277,14 +279,7 @@ test('a live view equals the published state after random events', async () => {
         ? { collection: 'things', event: 'delete', keys: [k] }
         : { collection: 'things', event: 'delete', data: it };
     }
-    const res = await fetch(`${b.http}/v1/publish`, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify(body),
-    });
-    const text = await res.text();
-    assert.equal(res.status, 202, text);
-    last = JSON.parse(text);
+    last = await accepted(b.http, body);
   }
   const expected = [...model.values()]
     .filter((it) => it.group === 'a')
@@ -294,4 +289,61 @@ test('a live view equals the published state after random events', async () => {
   await waitFor(`offset ${lastOffset}`, () => tracker.position?.offset === lastOffset);
   assert.ok(view.frames > 50, `the view saw ${view.frames} frames`);
   assert.deepEqual(view.items, expected);
+});
+
+test('a live view of a retained collection starts from the stored items and follows enter and leave', async () => {
+  // `--state`: the broker keeps every item, the `init` carries the current list (all of it:
+  // the view asks for limit -1, past Directus' default 100), partial updates are merged, and
+  // an update that moves an item across the filter arrives as an enter (create) or a leave
+  // (key-only delete).
+  const b = await broker(['--state', 'kept']);
+  let seed = Number(process.env.TIDINGS_TEST_SEED ?? Date.now() % 1_000_000);
+  console.log(`retained view seed ${seed}`);
+  const rand = () => ((seed = (seed * 1103515245 + 12345) % 2147483648) / 2147483648);
+  const model = new Map();
+  let nextId = 1;
+  let last;
+  const send = async (body) => {
+    last = await accepted(b.http, body);
+  };
+  const step = async (createOnly = false) => {
+    const keys = [...model.keys()];
+    const r = createOnly ? 0 : rand();
+    const group = () => (rand() < 0.5 ? 'a' : 'b');
+    if (keys.length < 5 || r < 0.3) {
+      const it = { id: nextId++, group: group(), score: Math.floor(rand() * 50) };
+      model.set(it.id, it);
+      await send({ collection: 'kept', event: 'create', data: it });
+    } else if (r < 0.85) {
+      // A partial update: the group (enter or leave) or the score.
+      const id = keys[Math.floor(rand() * keys.length)];
+      const patch = rand() < 0.5 ? { id, group: group() } : { id, score: Math.floor(rand() * 50) };
+      model.set(id, { ...model.get(id), ...patch });
+      await send({ collection: 'kept', event: 'update', data: patch });
+    } else {
+      const id = keys[Math.floor(rand() * keys.length)];
+      model.delete(id);
+      await send({ collection: 'kept', event: 'delete', keys: [id] });
+    }
+  };
+  // More than 100 items held before the views open.
+  for (let i = 0; i < 260; i++) await step(i < 230);
+  assert.ok([...model.values()].filter((it) => it.group === 'a').length > 100, 'enough items for the init');
+
+  const c = client({ url: b.ws });
+  const top = c.view('kept', { filter: { group: { _eq: 'a' } }, sort: ['-score', 'id'], limit: 7 });
+  const all = c.view('kept', { filter: { group: { _eq: 'a' } }, sort: ['id'] });
+  const frames = record(all.subscription);
+  const tracker = c.subscribe('kept', { query: { limit: 1 } });
+  record(tracker);
+  await waitFor('the inits', () => top.frames === 1 && all.frames === 1 && tracker.position !== undefined);
+  for (let i = 0; i < 200; i++) await step();
+
+  const lastOffset = last.events.at(-1).offset;
+  await waitFor(`offset ${lastOffset}`, () => tracker.position?.offset === lastOffset);
+  const inA = [...model.values()].filter((it) => it.group === 'a');
+  assert.deepEqual(all.items, [...inA].sort((x, y) => x.id - y.id));
+  assert.deepEqual(top.items, [...inA].sort((x, y) => y.score - x.score || x.id - y.id).slice(0, 7));
+  const causes = new Set(frames.map((m) => m.cause).filter(Boolean));
+  assert.deepEqual([...causes].sort(), ['enter', 'leave'], 'items entered and left the view');
 });

@@ -142,7 +142,7 @@ test('live view sorts and limits', async () => {
   await tick();
   const ws = last();
   const uid = ws.sent[0].uid;
-  assert.deepEqual(ws.sent[0].query, {});
+  assert.deepEqual(ws.sent[0].query, { limit: -1 });
   let changes = 0;
   v.onChange(() => changes++);
   ws.push({ type: 'subscription', event: 'init', data: [], uid, position: pos(0) },
