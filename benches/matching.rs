@@ -114,6 +114,7 @@ fn create(item: Value) -> Event {
         items: vec![item],
         keys: vec![key],
         before: Vec::new(),
+        version: None,
         offset: 1,
         epoch: Arc::from("bench"),
         received: Instant::now(),

@@ -96,6 +96,10 @@ pub struct NewEvent {
     /// Publishing again with the same key (per collection) within the deduplication window
     /// returns the first publish's position instead of a new event.
     pub idempotency_key: Option<Arc<str>>,
+    /// The publisher's version of every item of the event (`version` beside `data`): on a
+    /// retained collection, an item whose version is not newer than the stored one changes
+    /// nothing and is delivered to nobody. `None`: unversioned.
+    pub version: Option<u64>,
 }
 
 /// An event with its position in its collection's log.
@@ -111,6 +115,8 @@ pub struct Event {
     pub keys: Vec<Value>,
     /// The previous version of each item when the publisher sent it ([`NewEvent::before`]).
     pub before: Vec<Value>,
+    /// The publisher's version of its items ([`NewEvent::version`]).
+    pub version: Option<u64>,
     /// Position in the collection's log (1-based, monotonic within an epoch).
     pub offset: u64,
     /// Lifetime of the log the offset belongs to.
@@ -234,16 +240,32 @@ fn normalize_event_object(
     if let Some(unknown) = obj.keys().find(|k| {
         !matches!(
             k.as_str(),
-            "collection" | "event" | "data" | "keys" | "idempotency_key"
+            "collection" | "event" | "data" | "keys" | "idempotency_key" | "version"
         )
     }) {
         return Err(invalid(
             format!("{base}/{}", token(unknown)),
             format!(
-                "unknown field `{unknown}`; an event has collection, event, data, keys and idempotency_key"
+                "unknown field `{unknown}`; an event has collection, event, data, keys, idempotency_key and version"
             ),
         ));
     }
+    let version = match obj.remove("version") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v <= MAX_VERSION) => n.as_u64(),
+        Some(other) => {
+            return Err(invalid(
+                format!("{base}/version"),
+                format!(
+                    "expected an integer from 0 to {MAX_VERSION}, got {}",
+                    match &other {
+                        Value::Number(n) => n.to_string(),
+                        v => kind_of(v).to_string(),
+                    }
+                ),
+            ))
+        }
+    };
     let idempotency_key = match obj.remove("idempotency_key") {
         None => None,
         Some(Value::String(k)) => {
@@ -295,8 +317,12 @@ fn normalize_event_object(
         key_field,
     )?;
     event.idempotency_key = idempotency_key;
+    event.version = version;
     Ok(event)
 }
+
+/// Largest `version` accepted (JSON's safe integers stay exact in every client).
+pub const MAX_VERSION: u64 = (1 << 53) - 1;
 
 /// Longest idempotency key accepted.
 pub const MAX_IDEMPOTENCY_KEY: usize = 256;
@@ -430,6 +456,7 @@ fn normalize_keys_at(
         items: Vec::new(),
         keys,
         before: Vec::new(),
+        version: None,
     })
 }
 
@@ -498,6 +525,7 @@ fn normalize_data_at(
         items,
         keys,
         before: Vec::new(),
+        version: None,
     })
 }
 

@@ -61,7 +61,8 @@ pub struct NewSubscription<'a> {
     /// The `data` of its `init` frame, raw JSON (`None`: no data).
     pub init_data: Option<&'a str>,
     /// On a retained collection, `init` carries the retained view instead of `init_data`
-    /// (a collection subscription that is not resuming with its history intact).
+    /// (a collection subscription that is not resuming with its history intact: the matching
+    /// items; an item subscription: the item, when held and visible).
     pub snapshot: bool,
     /// Where it starts.
     pub resume: Resume,
@@ -165,12 +166,15 @@ impl Hub {
                     && recovered != Some(true)
                     && state.retains(&sub.spec.collection) =>
             {
-                match state.snapshot(&sub.spec) {
-                    Ok(data) => Some(data),
-                    Err(e) => {
-                        drop(log);
-                        return Err(SubscribeError::Init(e));
-                    }
+                match &sub.spec.item {
+                    Some(_) => state.item_snapshot(&sub.spec),
+                    None => match state.snapshot(&sub.spec) {
+                        Ok(data) => Some(data),
+                        Err(e) => {
+                            drop(log);
+                            return Err(SubscribeError::Init(e));
+                        }
+                    },
                 }
             }
             _ => None,

@@ -109,6 +109,7 @@ impl World {
             items,
             keys,
             before: Vec::new(),
+            version: None,
             offset: self.offset,
             epoch: Arc::from("test"),
             received: Instant::now(),

@@ -26,6 +26,14 @@ fn retaining(collections: &[&str]) -> Config {
     }
 }
 
+/// [`retaining`] `orders`, with the static tokens of `tokens` (JSON).
+fn retaining_with_tokens(tokens: &str) -> Config {
+    Config {
+        tokens: TokenStore::from_json(tokens).expect("tokens"),
+        ..retaining(&["orders"])
+    }
+}
+
 async fn subscribe(server: &TestServer, uid: &str, query: Value) -> (WsClient, String) {
     let mut c = server.ws().await;
     c.send(&json!({"type":"subscribe","collection":"orders","uid":uid,"query":query}).to_string())
@@ -210,15 +218,11 @@ async fn init_is_filtered_sorted_sliced_and_projected() {
 
 #[tokio::test]
 async fn row_rules_narrow_init_and_key_only_deletes_reach_exactly_who_saw_the_item() {
-    let config = Config {
-        tokens: TokenStore::from_json(
-            r#"{"t1":{"sub":"one","collections":{"orders":{"filter":{"tenant":{"_eq":1}}}}},
+    let server = start(retaining_with_tokens(
+        r#"{"t1":{"sub":"one","collections":{"orders":{"filter":{"tenant":{"_eq":1}}}}},
                 "t0":{"sub":"zero","collections":{"orders":{"filter":{"tenant":{"_eq":0}}}}}}"#,
-        )
-        .expect("tokens"),
-        ..retaining(&["orders"])
-    };
-    let server = start(config).await;
+    ))
+    .await;
     seed(&server).await;
     let sub = r#"{"type":"subscribe","collection":"orders","uid":"s","query":{"fields":["id"]}}"#;
     let mut one = server.ws_token("t1").await;
@@ -627,14 +631,10 @@ async fn an_update_that_enters_or_leaves_a_filter_is_a_create_or_a_key_only_dele
 
 #[tokio::test]
 async fn a_row_rule_that_stops_matching_is_a_leave_for_collection_and_item_subscriptions() {
-    let config = Config {
-        tokens: TokenStore::from_json(
-            r#"{"t1":{"sub":"one","collections":{"orders":{"filter":{"tenant":{"_eq":1}}}}}}"#,
-        )
-        .expect("tokens"),
-        ..retaining(&["orders"])
-    };
-    let server = start(config).await;
+    let server = start(retaining_with_tokens(
+        r#"{"t1":{"sub":"one","collections":{"orders":{"filter":{"tenant":{"_eq":1}}}}}}"#,
+    ))
+    .await;
     publish_orders(&server, "create", json!({"id":5,"tenant":1,"secret":"a"})).await;
     let mut list = server.ws_token("t1").await;
     list.exchange(
@@ -645,7 +645,7 @@ async fn a_row_rule_that_stops_matching_is_a_leave_for_collection_and_item_subsc
     let mut item = server.ws_token("t1").await;
     item.exchange(
         r#"{"type":"subscribe","collection":"orders","uid":"i","query":{"fields":["id","tenant"]},"item":5}"#,
-        r#"{"type":"subscription","event":"init","uid":"i"}"#,
+        r#"{"type":"subscription","event":"init","data":{"id":5,"tenant":1},"uid":"i"}"#,
     )
     .await;
     // Moved to another tenant: both learn it left, neither sees the new content.
@@ -761,4 +761,106 @@ async fn a_resume_replays_the_transitions_it_missed() {
         .await;
     back.expect(&caused("delete", "o", json!([1]), "leave"))
         .await;
+}
+
+#[tokio::test]
+async fn an_item_subscription_init_carries_the_item_in_directus_shape() {
+    let server = start(retaining_with_tokens(
+        r#"{"t0":{"sub":"zero","collections":{"orders":{"filter":{"tenant":{"_eq":0}}}}}}"#,
+    ))
+    .await;
+    seed(&server).await;
+    let mut c = server.ws().await;
+    c.exchange(
+        r#"{"type":"subscribe","collection":"orders","uid":"i","item":"3","query":{"fields":["id","note"]}}"#,
+        r#"{"type":"subscription","event":"init","data":{"id":3,"note":"n3"},"uid":"i"}"#,
+    )
+    .await;
+    // Not held: no data (the item arrives when it is published).
+    c.exchange(
+        r#"{"type":"subscribe","collection":"orders","uid":"u","item":77}"#,
+        r#"{"type":"subscription","event":"init","uid":"u"}"#,
+    )
+    .await;
+    // Held but outside the reader's rows (item 3 is tenant 1): no data either.
+    let mut zero = server.ws_token("t0").await;
+    zero.exchange(
+        r#"{"type":"subscribe","collection":"orders","uid":"i","item":3}"#,
+        r#"{"type":"subscription","event":"init","uid":"i"}"#,
+    )
+    .await;
+    zero.exchange(
+        r#"{"type":"subscribe","collection":"orders","uid":"j","item":4,"query":{"fields":["id"]}}"#,
+        r#"{"type":"subscription","event":"init","data":{"id":4},"uid":"j"}"#,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_stale_version_changes_nothing_reaches_nobody_and_is_reported() {
+    let server = start(retaining(&["orders"])).await;
+    let (mut c, _) = subscribe(&server, "a", json!({})).await;
+    let quiet = std::time::Duration::from_millis(150);
+    let post = |body: Value| {
+        let server = &server;
+        async move { server.publish(body).await["events"].clone() }
+    };
+    let events =
+        post(json!({"collection":"orders","event":"create","data":{"id":1,"v":"a"},"version":2}))
+            .await;
+    assert!(events[0].get("stale").is_none(), "{events}");
+    c.expect(&frame("create", "a", json!([{"id":1,"v":"a"}])))
+        .await;
+    // Not newer (equal, older): changes nothing, delivered to nobody, reported.
+    for version in [2, 1] {
+        let events = post(json!({"collection":"orders","event":"update","data":{"id":1,"v":"old"},"version":version})).await;
+        assert_eq!(events[0]["stale"], json!([1]), "{events}");
+        c.expect_silence(quiet).await;
+    }
+    // Within one batch, the later event is judged after the earlier one.
+    let events = post(json!([
+        {"collection":"orders","event":"update","data":[{"id":1,"v":"c"},{"id":2,"v":"new"}],"version":5},
+        {"collection":"orders","event":"update","data":{"id":1,"v":"b"},"version":4}
+    ]))
+    .await;
+    assert!(events[0].get("stale").is_none(), "{events}");
+    assert_eq!(events[1]["stale"], json!([1]), "{events}");
+    c.expect(&frame("update", "a", json!([{"id":1,"v":"c"}])))
+        .await;
+    c.expect(&caused("create", "a", json!([{"id":2,"v":"new"}]), "enter"))
+        .await;
+    c.expect_silence(quiet).await;
+    // A stale delete deletes nothing.
+    let events = post(json!({"collection":"orders","event":"delete","keys":[1],"version":5})).await;
+    assert_eq!(events[0]["stale"], json!([1]), "{events}");
+    c.expect_silence(quiet).await;
+    let (_l, snapshot) = subscribe(&server, "l", json!({})).await;
+    assert_eq!(
+        snapshot,
+        init("l", json!([{"id":1,"v":"c"},{"id":2,"v":"new"}]))
+    );
+    // A newer one applies; an unversioned write always applies.
+    post(json!({"collection":"orders","event":"delete","keys":[1],"version":6})).await;
+    c.expect(&frame("delete", "a", json!([1]))).await;
+    post(json!({"collection":"orders","event":"update","data":{"id":2,"v":"free"}})).await;
+    c.expect(&frame("update", "a", json!([{"id":2,"v":"free"}])))
+        .await;
+    // A version is a non-negative integer.
+    for (bad, why) in [
+        (json!(-1), "-1"),
+        (json!(1.5), "1.5"),
+        (json!("3"), "string"),
+    ] {
+        let (status, body) = server
+            .post(
+                "/v1/publish",
+                &json!([{"collection":"orders","event":"update","data":{"id":2},"version":bad}]),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(
+            body,
+            json!({"error":{"code":"INVALID_PAYLOAD","message":format!("expected an integer from 0 to 9007199254740991, got {why}"),"where":"/0/version"}})
+        );
+    }
 }

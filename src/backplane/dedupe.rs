@@ -47,6 +47,7 @@ impl Dedupe {
             .get(&(collection.clone(), key.clone()))
             .map(|a| Accepted {
                 duplicate: true,
+                stale: Vec::new(),
                 ..a.clone()
             })
     }
@@ -96,6 +97,7 @@ mod tests {
             offset: 3,
             epoch: Arc::from("e"),
             duplicate: false,
+            stale: Vec::new(),
         };
         let (c, k): (Arc<str>, Arc<str>) = (Arc::from("c"), Arc::from("k"));
         assert!(d.get(&c, &k).is_none());

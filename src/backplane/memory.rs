@@ -94,6 +94,7 @@ impl MemoryBackplane {
             offset: *last,
             epoch: self.epoch.clone(),
             duplicate: false,
+            stale: Vec::new(),
         };
         if let Some(key) = new.idempotency_key {
             let evicted = self.dedupe.insert(new.collection.clone(), key, &accepted);
@@ -107,6 +108,7 @@ impl MemoryBackplane {
             items: new.items,
             keys: new.keys,
             before: new.before,
+            version: new.version,
             offset: *last,
             epoch: self.epoch.clone(),
             received,
@@ -145,16 +147,26 @@ impl Backplane for MemoryBackplane {
         names.dedup();
         let logs: Vec<Arc<Mutex<u64>>> = names.iter().map(|c| self.log(c)).collect();
         let mut guards: Vec<_> = logs.iter().map(|l| l.lock()).collect();
-        let admission = match self.state.as_ref().map(|s| s.admit(&events)) {
+        let mut admission = match self.state.as_ref().map(|s| s.admit(&events)) {
             Some(Err(e)) => return Box::pin(std::future::ready(Err(BackplaneError::StateFull(e)))),
             Some(Ok(admission)) => Some(admission),
             None => None,
         };
+        let mut stale = admission
+            .as_mut()
+            .map(|a| std::mem::take(&mut a.stale))
+            .unwrap_or_default();
         let mut accepted = Vec::with_capacity(events.len());
-        for e in events {
+        for (i, e) in events.into_iter().enumerate() {
             // Every collection of the batch is in `names`.
             let at = names.binary_search(&e.collection).unwrap_or_default();
-            accepted.push(self.append(&mut guards[at], e, received));
+            let mut position = self.append(&mut guards[at], e, received);
+            if !position.duplicate {
+                if let Some(keys) = stale.get_mut(i) {
+                    position.stale = std::mem::take(keys);
+                }
+            }
+            accepted.push(position);
         }
         drop(admission);
         drop(guards);
@@ -193,6 +205,7 @@ mod tests {
             items: vec![],
             keys: vec![],
             before: Vec::new(),
+            version: None,
             idempotency_key: None,
         }
     }

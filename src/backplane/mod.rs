@@ -47,6 +47,9 @@ pub struct Accepted {
     /// The idempotency key was seen within the window: this is the first publish's position
     /// and nothing new was delivered.
     pub duplicate: bool,
+    /// Keys of the event's items that were stale on a retained collection (their `version`
+    /// not newer than the stored one): they changed nothing and reached nobody.
+    pub stale: Vec<serde_json::Value>,
 }
 
 /// Why a publish could not be accepted.
@@ -153,6 +156,9 @@ pub struct WireEvent {
     /// Previous versions of the items, when the publisher sent them.
     #[serde(rename = "b", default, skip_serializing_if = "Vec::is_empty")]
     pub before: Vec<serde_json::Value>,
+    /// The publisher's version of the items, when it sent one.
+    #[serde(rename = "v", default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
     /// Milliseconds since the Unix epoch when the publishing node accepted it (history age).
     #[serde(rename = "t")]
     pub accepted_ms: u64,
@@ -170,6 +176,8 @@ impl WireEvent {
             ks: &'a [serde_json::Value],
             #[serde(skip_serializing_if = "<[serde_json::Value]>::is_empty")]
             b: &'a [serde_json::Value],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            v: Option<u64>,
             t: u64,
         }
         let t = std::time::SystemTime::now()
@@ -182,6 +190,7 @@ impl WireEvent {
             i: &event.items,
             ks: &event.keys,
             b: &event.before,
+            v: event.version,
             t,
         })
         .unwrap_or_default()
@@ -200,6 +209,7 @@ impl WireEvent {
             items: self.items,
             keys: self.keys,
             before: self.before,
+            version: self.version,
             offset,
             epoch,
             received: std::time::Instant::now(),
@@ -219,6 +229,7 @@ mod tests {
             items: vec![],
             keys: vec![serde_json::json!(5), serde_json::json!("a")],
             before: Vec::new(),
+            version: None,
             idempotency_key: Some(Arc::from("k")),
         };
         let bytes = WireEvent::encode(&new);

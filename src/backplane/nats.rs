@@ -474,6 +474,7 @@ impl NatsBackplane {
                 offset: ack.sequence,
                 epoch: epoch.clone(),
                 duplicate: ack.duplicate,
+                stale: Vec::new(),
             })
         });
         match first_error {

@@ -269,13 +269,17 @@ fn accepted_entry(
         .published_items
         .with_label_values(&[&*label, kind.as_str()])
         .inc_by(items as u64);
-    json!({
+    let mut entry = json!({
         "collection": &**collection,
         "event": kind.as_str(),
         "items": items,
         "offset": position.offset,
         "epoch": &*position.epoch,
-    })
+    });
+    if !position.stale.is_empty() {
+        entry["stale"] = Value::Array(position.stale.clone());
+    }
+    entry
 }
 
 /// The answer to a publish the backplane refused as a whole.

@@ -473,6 +473,7 @@ mod tests {
             items,
             keys,
             before: Vec::new(),
+            version: None,
             offset: 1,
             epoch: Arc::from("e"),
             received: Instant::now(),

@@ -119,10 +119,28 @@ pub enum StateError {
     },
 }
 
+/// One stored item: its compact JSON and the publisher's version (plus one; 0: none).
+#[derive(Debug)]
+struct Stored {
+    json: Box<str>,
+    version: u64,
+}
+
+/// The version as stored: plus one, so 0 means "unversioned" without an `Option`'s padding.
+fn encode_version(version: Option<u64>) -> u64 {
+    version.map_or(0, |v| v.saturating_add(1))
+}
+
+/// Whether a write with `version` is stale against a stored `held` (encoded) version: only a
+/// versioned write onto a versioned item can be, when it is not newer.
+fn is_stale(held: u64, version: Option<u64>) -> bool {
+    version.is_some_and(|v| held != 0 && v.saturating_add(1) <= held)
+}
+
 /// One collection's items, by key string (Directus' `String(key)`).
 #[derive(Debug, Default)]
 struct Store {
-    items: HashMap<Box<str>, Box<str>>,
+    items: HashMap<Box<str>, Stored>,
     /// Bytes counted for these items (see [`item_bytes`]).
     bytes: usize,
 }
@@ -144,28 +162,38 @@ fn compact(value: &Value) -> Box<str> {
 }
 
 impl Store {
-    /// Stores `item` under `key`, returning the byte delta.
-    fn put(&mut self, key: &str, item: &Value) -> isize {
+    /// Stores `item` under `key` with `version` (the key's box is kept when it is held).
+    fn put(&mut self, key: &str, item: &Value, version: Option<u64>) {
         let json = compact(item);
         let added = item_bytes(key, &json);
-        let removed = match self.items.insert(Box::from(key), json) {
-            Some(old) => item_bytes(key, &old),
-            None => 0,
+        let stored = Stored {
+            json,
+            version: encode_version(version),
+        };
+        let removed = match self.items.get_mut(key) {
+            Some(held) => item_bytes(key, &std::mem::replace(held, stored).json),
+            None => {
+                self.items.insert(Box::from(key), stored);
+                0
+            }
         };
         self.bytes = self.bytes + added - removed;
-        added as isize - removed as isize
     }
 
-    /// Removes `key`, returning the removed item and the byte delta.
-    fn remove(&mut self, key: &str) -> Option<(Value, isize)> {
+    /// Removes `key`, returning the removed item.
+    fn remove(&mut self, key: &str) -> Option<Value> {
         let old = self.items.remove(key)?;
-        let removed = item_bytes(key, &old);
-        self.bytes -= removed;
-        Some((parse(&old), -(removed as isize)))
+        self.bytes -= item_bytes(key, &old.json);
+        Some(parse(&old.json))
     }
 
     fn get(&self, key: &str) -> Option<Value> {
-        self.items.get(key).map(|json| parse(json))
+        self.items.get(key).map(|held| parse(&held.json))
+    }
+
+    /// The encoded version of `key` (0: unversioned or not held).
+    fn version(&self, key: &str) -> u64 {
+        self.items.get(key).map_or(0, |held| held.version)
     }
 }
 
@@ -203,6 +231,9 @@ pub struct State {
 pub struct Admission<'a> {
     pending: &'a AtomicUsize,
     bytes: usize,
+    /// Per event of the batch: the keys of its items that are stale (their `version` is not
+    /// newer than the one held): the fold leaves them out.
+    pub stale: Vec<Vec<Value>>,
 }
 
 impl Drop for Admission<'_> {
@@ -269,22 +300,50 @@ impl State {
         let mut new_keys: HashMap<Arc<str>, HashSet<String>> = HashMap::new();
         let mut new_bytes = 0usize;
         let mut over: Option<StateError> = None;
+        let mut stale: Vec<Vec<Value>> = vec![Vec::new(); events.len()];
+        // With versions in the batch: the (encoded) version each earlier event of the batch
+        // leaves on a key, so later ones are judged as the fold will judge them.
+        let versioned = events.iter().any(|e| e.version.is_some());
+        let mut overlay: HashMap<(Arc<str>, String), u64> = HashMap::new();
         for (index, event) in events.iter().enumerate() {
-            if event.kind == EventKind::Delete || !self.retains(&event.collection) {
+            if !self.retains(&event.collection) {
                 continue;
             }
             let store = self.store(&event.collection);
             let store = store.lock();
             let seen = new_keys.entry(event.collection.clone()).or_default();
-            for (item, key) in event.items.iter().zip(&event.keys) {
-                let key = key_string(key);
-                if store.items.contains_key(key.as_str()) || seen.contains(&key) {
+            for (i, key) in event.keys.iter().enumerate() {
+                let k = key_string(key);
+                if versioned {
+                    let slot = (event.collection.clone(), k.clone());
+                    let held = overlay
+                        .get(&slot)
+                        .copied()
+                        .unwrap_or_else(|| store.version(&k));
+                    if is_stale(held, event.version) {
+                        stale[index].push(key.clone());
+                        continue;
+                    }
+                    let left = match event.kind {
+                        EventKind::Delete => 0,
+                        _ => encode_version(event.version),
+                    };
+                    overlay.insert(slot, left);
+                }
+                if event.kind == EventKind::Delete
+                    || store.items.contains_key(k.as_str())
+                    || seen.contains(&k)
+                {
                     continue;
                 }
-                new_bytes += item_bytes(&key, &compact(item));
-                seen.insert(key);
+                if let Some(item) = event.items.get(i) {
+                    new_bytes += item_bytes(&k, &compact(item));
+                }
+                seen.insert(k);
             }
-            if store.items.len() + seen.len() > self.settings.max_items {
+            if event.kind != EventKind::Delete
+                && store.items.len() + seen.len() > self.settings.max_items
+            {
                 over = Some(StateError::Full {
                     collection: event.collection.clone(),
                     index,
@@ -329,6 +388,7 @@ impl State {
         Ok(Admission {
             pending: &self.pending,
             bytes: new_bytes,
+            stale,
         })
     }
 
@@ -338,6 +398,8 @@ impl State {
     ///
     /// - `create`: each item replaces the stored one; the event's items are unchanged.
     /// - `update`: each item is merged into the stored one; the event carries the merged items.
+    /// - an item whose `version` is not newer than the stored one (both versioned) is left
+    ///   out: it changes nothing and reaches nobody ([`State::admit`] reported it);
     /// - for both, `before` is the state's previous version of each item (`null` where it held
     ///   none), whatever the publisher sent: the state is what subscribers were shown.
     /// - `delete`: each key is removed; the event carries the removed items (the stored
@@ -353,33 +415,32 @@ impl State {
         let mut items = Vec::with_capacity(event.keys.len());
         let mut keys = Vec::with_capacity(event.keys.len());
         let mut before = Vec::new();
+        let version = event.version;
         match event.kind {
-            EventKind::Create => {
+            EventKind::Create | EventKind::Update => {
                 for (item, key) in event.items.iter().zip(&event.keys) {
                     let k = key_string(key);
-                    before.push(store.get(&k).unwrap_or(Value::Null));
-                    store.put(&k, item);
-                }
-                items.clone_from(&event.items);
-                keys.clone_from(&event.keys);
-            }
-            EventKind::Update => {
-                for (item, key) in event.items.iter().zip(&event.keys) {
-                    let k = key_string(key);
+                    if is_stale(store.version(&k), version) {
+                        continue;
+                    }
                     let stored = store.get(&k);
-                    let merged = match &stored {
-                        Some(stored) => merge(stored.clone(), item),
-                        None => item.clone(),
+                    let new = match (&stored, event.kind) {
+                        (Some(stored), EventKind::Update) => merge(stored.clone(), item),
+                        _ => item.clone(),
                     };
-                    store.put(&k, &merged);
+                    store.put(&k, &new, version);
                     before.push(stored.unwrap_or(Value::Null));
-                    items.push(merged);
+                    items.push(new);
                     keys.push(key.clone());
                 }
             }
             EventKind::Delete => {
                 for (i, key) in event.keys.iter().enumerate() {
-                    let removed = store.remove(&key_string(key)).map(|(item, _)| item);
+                    let k = key_string(key);
+                    if is_stale(store.version(&k), version) {
+                        continue;
+                    }
+                    let removed = store.remove(&k);
                     if let Some(item) = removed.or_else(|| event.items.get(i).cloned()) {
                         items.push(item);
                         keys.push(key.clone());
@@ -396,6 +457,7 @@ impl State {
             items,
             keys,
             before,
+            version,
             offset: event.offset,
             epoch: event.epoch.clone(),
             received: event.received,
@@ -419,6 +481,26 @@ impl State {
             .add(after.1 as i64 - before.1 as i64);
     }
 
+    /// The `data` of an item subscription's `init` (Directus' shape: the item object,
+    /// projected), when the state holds the item and the subscription may see it; `None`
+    /// otherwise (the `init` then has no `data`, and the item arrives when it is published).
+    pub fn item_snapshot(&self, spec: &Spec) -> Option<String> {
+        let key = spec.item.as_deref()?;
+        let store = self
+            .stores
+            .get(&spec.collection)
+            .map(|s| s.value().clone())?;
+        let item = store.lock().get(key)?;
+        if !spec.matches(&item) {
+            return None;
+        }
+        let shown = match spec.projection.is_all() {
+            true => item,
+            false => spec.projection.apply(&item),
+        };
+        serde_json::to_string(&shown).ok()
+    }
+
     /// The `data` of a collection subscription's `init`: the retained items `spec` matches
     /// (filter, row rule, search), sorted by its `sort` (then by key; by key alone without
     /// one), sliced by its `offset` and `limit` (Directus' default of
@@ -435,7 +517,7 @@ impl State {
                 .lock()
                 .items
                 .values()
-                .map(|json| parse(json))
+                .map(|held| parse(&held.json))
                 .filter(|item| spec.matches(item))
                 .collect(),
         };
@@ -522,6 +604,7 @@ mod tests {
             items,
             keys,
             before: Vec::new(),
+            version: None,
             offset: 1,
             epoch: Arc::from("e"),
             received: Instant::now(),
@@ -536,6 +619,7 @@ mod tests {
             items,
             keys,
             before: Vec::new(),
+            version: None,
             idempotency_key: None,
         }
     }

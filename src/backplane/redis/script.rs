@@ -149,6 +149,7 @@ pub fn parse(reply: Value, epoch: &Arc<str>, count: usize) -> Result<Outcome, St
                 offset: *offset as u64,
                 epoch: epoch.clone(),
                 duplicate: *dup == 1,
+                stale: Vec::new(),
             }),
             other => Err(format!(
                 "unexpected position from the publish script: {other:?}"

@@ -150,8 +150,8 @@ impl Session {
         // A collection subscription's init is a list: the retained items on a collection
         // that keeps them (the hub takes the snapshot), else empty; event and item
         // subscriptions get an init without data (Directus omits it for `event`).
-        let listed =
-            spec.item.is_none() && request.event.is_none() && spec.dialect == Dialect::Flat;
+        let plain = request.event.is_none() && spec.dialect == Dialect::Flat;
+        let listed = plain && spec.item.is_none();
         let init_data = listed.then_some("[]");
         let label = self.state.metrics.collections.label(&spec.collection);
         let subscriptions = &self.state.subscriptions;
@@ -160,7 +160,7 @@ impl Session {
             uid: uid_str.clone(),
             outbox: self.outbox.clone(),
             init_data,
-            snapshot: listed,
+            snapshot: plain,
             // A client resuming from a node that is ahead of this one waits for this node
             // to catch up rather than be replayed the difference twice; past the wait, its
             // position counts as lost.

@@ -149,6 +149,7 @@ async fn publish(app: &App, id: i64) {
             items: vec![json!({"id": id, "text": "hi"})],
             keys: vec![json!(id)],
             before: Vec::new(),
+            version: None,
             idempotency_key: None,
         }])
         .await
