@@ -70,6 +70,8 @@ export declare class TidingsError extends Error {
 type Listener<T> = (value: T) => void;
 /** Delay before reconnect attempt `attempt` (0-based): exponential, capped, half-jittered. */
 export declare function backoffDelay(attempt: number, opts: ReconnectOptions, random: () => number): number;
+/** The position at the end of a shutdown close reason (`… since {"epoch":…,"offset":N}`). */
+export declare function positionInReason(reason: unknown): Position | undefined;
 /**
  * A subscription: an async iterator of frames and a callback source, fed from one unbounded
  * client-side queue so that no frame is ever dropped, however many arrive at once.
@@ -172,6 +174,13 @@ export declare class Client {
     private setState;
     private token;
     private open;
+    /**
+     * A broker that shuts down closes with `1001` and, when all of the connection's
+     * subscriptions are on one collection, ` since {"epoch":…,"offset":N}`: every event up to
+     * that position was written before the close, matching or not. A subscription whose last
+     * position is older (same epoch) resumes from it, so the new node replays less.
+     */
+    private adoptClosePosition;
     private scheduleReconnect;
     private onReady;
     private sendSubscribe;

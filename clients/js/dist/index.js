@@ -18,6 +18,24 @@ export function backoffDelay(attempt, opts, random) {
     const base = Math.min(max, initial * 2 ** Math.min(attempt, 30));
     return Math.round(base / 2 + (base / 2) * random());
 }
+/** The position at the end of a shutdown close reason (`… since {"epoch":…,"offset":N}`). */
+export function positionInReason(reason) {
+    if (typeof reason !== 'string')
+        return undefined;
+    const m = / since (\{.*\})$/.exec(reason);
+    if (!m)
+        return undefined;
+    try {
+        const p = JSON.parse(m[1]);
+        if (typeof p.epoch === 'string' && Number.isSafeInteger(p.offset) && p.offset >= 0) {
+            return { epoch: p.epoch, offset: p.offset };
+        }
+    }
+    catch {
+        // Not a position: nothing to adopt.
+    }
+    return undefined;
+}
 function wsUrl(url) {
     let u = url.replace(/^http(s?):\/\//, 'ws$1://');
     if (!/\/websocket\/?(\?|$)/.test(u))
@@ -346,9 +364,10 @@ export class Client {
             }
         };
         ws.onmessage = (ev) => this.onFrame(String(ev.data));
-        const lost = () => {
+        const lost = (reason) => {
             if (this.ws !== ws)
                 return;
+            this.adoptClosePosition(reason);
             this.ready = false;
             this.ws = undefined;
             this.subs.clear();
@@ -359,7 +378,7 @@ export class Client {
         // readyState stays CONNECTING), so an error counts as the end of this socket too; `lost`
         // runs once per socket whichever comes first.
         ws.onerror = () => {
-            lost();
+            lost(undefined);
             try {
                 ws.close();
             }
@@ -367,7 +386,23 @@ export class Client {
                 // Closing a socket that never opened may throw; it is gone either way.
             }
         };
-        ws.onclose = lost;
+        ws.onclose = (ev) => lost(ev?.reason);
+    }
+    /**
+     * A broker that shuts down closes with `1001` and, when all of the connection's
+     * subscriptions are on one collection, ` since {"epoch":…,"offset":N}`: every event up to
+     * that position was written before the close, matching or not. A subscription whose last
+     * position is older (same epoch) resumes from it, so the new node replays less.
+     */
+    adoptClosePosition(reason) {
+        const at = positionInReason(reason);
+        if (!at)
+            return;
+        for (const sub of this.subs.values()) {
+            const p = sub.position;
+            if (p && p.epoch === at.epoch && p.offset < at.offset)
+                sub.position = at;
+        }
     }
     scheduleReconnect() {
         const r = this.opts.reconnect;

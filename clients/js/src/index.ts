@@ -89,6 +89,22 @@ export function backoffDelay(attempt: number, opts: ReconnectOptions, random: ()
   return Math.round(base / 2 + (base / 2) * random());
 }
 
+/** The position at the end of a shutdown close reason (`… since {"epoch":…,"offset":N}`). */
+export function positionInReason(reason: unknown): Position | undefined {
+  if (typeof reason !== 'string') return undefined;
+  const m = / since (\{.*\})$/.exec(reason);
+  if (!m) return undefined;
+  try {
+    const p = JSON.parse(m[1]) as { epoch?: unknown; offset?: unknown };
+    if (typeof p.epoch === 'string' && Number.isSafeInteger(p.offset) && (p.offset as number) >= 0) {
+      return { epoch: p.epoch, offset: p.offset as number };
+    }
+  } catch {
+    // Not a position: nothing to adopt.
+  }
+  return undefined;
+}
+
 function wsUrl(url: string): string {
   let u = url.replace(/^http(s?):\/\//, 'ws$1://');
   if (!/\/websocket\/?(\?|$)/.test(u)) u = u.replace(/\/?(\?|$)/, '/websocket$1');
@@ -434,8 +450,9 @@ export class Client {
       }
     };
     ws.onmessage = (ev) => this.onFrame(String(ev.data));
-    const lost = () => {
+    const lost = (reason?: unknown) => {
       if (this.ws !== ws) return;
+      this.adoptClosePosition(reason);
       this.ready = false;
       this.ws = undefined;
       this.subs.clear();
@@ -445,14 +462,29 @@ export class Client {
     // readyState stays CONNECTING), so an error counts as the end of this socket too; `lost`
     // runs once per socket whichever comes first.
     ws.onerror = () => {
-      lost();
+      lost(undefined);
       try {
         ws.close();
       } catch {
         // Closing a socket that never opened may throw; it is gone either way.
       }
     };
-    ws.onclose = lost;
+    ws.onclose = (ev) => lost(ev?.reason);
+  }
+
+  /**
+   * A broker that shuts down closes with `1001` and, when all of the connection's
+   * subscriptions are on one collection, ` since {"epoch":…,"offset":N}`: every event up to
+   * that position was written before the close, matching or not. A subscription whose last
+   * position is older (same epoch) resumes from it, so the new node replays less.
+   */
+  private adoptClosePosition(reason: unknown): void {
+    const at = positionInReason(reason);
+    if (!at) return;
+    for (const sub of this.subs.values()) {
+      const p = sub.position;
+      if (p && p.epoch === at.epoch && p.offset < at.offset) sub.position = at;
+    }
   }
 
   private scheduleReconnect(): void {

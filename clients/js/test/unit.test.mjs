@@ -1,7 +1,7 @@
 // Unit tests of the client against a scripted fake WebSocket (no network).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { Client, applyFrame, backoffDelay } from '../dist/index.js';
+import { Client, applyFrame, backoffDelay, positionInReason } from '../dist/index.js';
 
 class FakeWS {
   static all = [];
@@ -19,7 +19,7 @@ class FakeWS {
   close() { this.readyState = 3; this.onclose?.({ code: 1000, reason: '' }); }
   // Several frames handed over in one go, as one socket read would.
   push(...frames) { for (const f of frames) this.onmessage?.({ data: JSON.stringify(f) }); }
-  drop() { this.readyState = 3; this.onclose?.({ code: 1001, reason: 'shutdown' }); }
+  drop(reason = 'shutdown') { this.readyState = 3; this.onclose?.({ code: 1001, reason }); }
 }
 const tick = () => new Promise((r) => setTimeout(r, 5));
 const last = () => FakeWS.all[FakeWS.all.length - 1];
@@ -173,5 +173,33 @@ test('a refused connection reported only as `error` (Node 20) still reconnects',
   assert.equal(c.state, 'open');
   assert.equal(c.connects, 3);
   assert.deepEqual(states, ['reconnecting', 'open']);
+  c.close();
+});
+
+test('a shutdown close reason with a position advances older positions of that epoch', async () => {
+  assert.deepEqual(positionInReason('server shutting down: reconnect elsewhere since {"epoch":"e1","offset":44}'), pos(44));
+  assert.equal(positionInReason('server shutting down: reconnect elsewhere'), undefined);
+  assert.equal(positionInReason('x since {"epoch":"e1","offset":-1}'), undefined);
+  assert.equal(positionInReason('x since {nope}'), undefined);
+  assert.equal(positionInReason(undefined), undefined);
+
+  const c = new Client({ url: 'ws://x', WebSocket: FakeWS, reconnect: { initialDelayMs: 1 }, random: () => 0 });
+  const behind = c.subscribe('orders', { query: { filter: { a: { _eq: 1 } } } });
+  const ahead = c.subscribe('orders');
+  const other = c.subscribe('orders', { event: 'create' });
+  await tick();
+  let ws = last();
+  const [u1, u2, u3] = ws.sent.map((m) => m.uid);
+  ws.push({ type: 'subscription', event: 'init', data: [], uid: u1, position: pos(3) },
+          { type: 'subscription', event: 'init', data: [], uid: u2, position: pos(50) },
+          { type: 'subscription', event: 'init', uid: u3, position: { epoch: 'e0', offset: 1 } });
+  ws.drop('server shutting down: reconnect elsewhere since {"epoch":"e1","offset":44}');
+  await tick(); await tick();
+  ws = last();
+  const since = Object.fromEntries(ws.sent.map((m) => [m.event ?? (m.query?.filter ? 'behind' : 'ahead'), m.since]));
+  assert.deepEqual(since.behind, pos(44), 'moved up to the close position');
+  assert.deepEqual(since.ahead, pos(50), 'a later position is kept');
+  assert.deepEqual(since.create, { epoch: 'e0', offset: 1 }, 'another epoch is kept');
+  assert.ok(behind && ahead && other);
   c.close();
 });
