@@ -98,8 +98,9 @@ pub(super) struct Session {
     heard: bool,
     /// A heartbeat ping was sent and not yet followed by a full silent period.
     pinged: bool,
-    /// The last write of queued frames carried more than one: the broker is busy, so the
-    /// next wake-up gathers frames before writing (`writer::gather`).
+    /// The last write of queued frames carried more than one (and fewer than
+    /// `writer::GATHER_FRAMES`): the broker is busy, so the next wake-up gathers frames before
+    /// writing (`writer::gather`).
     busy: bool,
     heartbeat: Option<Interval>,
     /// The one timer of the auth state, whichever applies (they never overlap): the handshake

@@ -17,6 +17,12 @@ use crate::protocol::{close, ProtocolError};
 /// How long a closing frame may take to go out before the socket is dropped anyway.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Frames a busy session gathers before it stops yielding. A write of this many (~10 KB of
+/// typical events) already amortizes the wake-up and the `send`; holding more back only adds
+/// latency and eats into the outbox's slack for a slow reader (a session whose last write
+/// carried this many or more does not yield at all: it is batching on its own).
+const GATHER_FRAMES: usize = 32;
+
 /// What a flush of the outbox did.
 pub(super) enum Flushed {
     /// This many frames were written (possibly none).
@@ -41,7 +47,7 @@ impl Session {
         }
         match self.flush_outbox(socket).await {
             Ok(Flushed::Frames(frames)) => {
-                self.busy = frames > 1;
+                self.busy = frames > 1 && frames < GATHER_FRAMES;
                 Flow::Continue
             }
             Ok(Flushed::Overflowed) | Err(WriteError::Timeout) => {
@@ -60,20 +66,21 @@ impl Session {
     /// Lets the tasks already queued on this worker run (the hub's dispatch of other
     /// concurrent publishes among them) before writing, so that one wake-up and one `send`
     /// carry the frames they queue too. Called only when the previous write carried several
-    /// frames: a wake-up that found a lone frame means the broker is not busy, and the next
-    /// one is written at once. It stops as soon as a yield brought nothing new, after
-    /// `--coalesce-yields` yields, or once the outbox is half full (waiting longer would risk
-    /// a slow-consumer close). A yield waits for no timer: under load it costs one turn of
+    /// frames, but fewer than [`GATHER_FRAMES`]: a wake-up that found a lone frame means the
+    /// broker is not busy, and the next one is written at once. It stops as soon as a yield
+    /// brought nothing new, after `--coalesce-yields` yields, once [`GATHER_FRAMES`] are
+    /// queued, or once the outbox is half full (waiting longer would risk a slow-consumer
+    /// close). A yield waits for no timer: under load it costs one turn of
     /// the scheduler's queue, which is exactly the time in which the frames it gathers are
     /// queued.
     async fn gather(&self) {
-        let Some(mut queued) = self.outbox.below_half() else {
+        let Some(mut queued) = self.outbox.below_half().filter(|&n| n < GATHER_FRAMES) else {
             return;
         };
         for _ in 0..self.state.config.coalesce_yields {
             tokio::task::yield_now().await;
             match self.outbox.below_half() {
-                Some(now) if now > queued => queued = now,
+                Some(now) if now > queued && now < GATHER_FRAMES => queued = now,
                 _ => return,
             }
         }
