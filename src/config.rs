@@ -19,6 +19,7 @@ use crate::event::EventKind;
 use crate::filter::FilterLimits;
 use crate::history::HistoryLimits;
 use crate::ingest::cloudevents::{valid_attribute_name, Mapping};
+use crate::ingest::debezium::{self, DecimalMode, TimeMode};
 use crate::state::StateSettings;
 
 /// How WebSocket clients authenticate (Directus `WEBSOCKETS_REST_AUTH`).
@@ -77,6 +78,7 @@ pub enum LogFormat {
 pub mod defaults {
     use super::{AuthMode, Console, Engine, LogFormat, Transitions};
     use crate::filter::FilterLimits;
+    use crate::ingest::debezium::{DecimalMode, TimeMode};
 
     /// A default number of seconds, as a number and as clap's default text, from one literal.
     #[derive(Debug, Clone, Copy)]
@@ -155,6 +157,12 @@ pub mod defaults {
     pub const CLOUDEVENTS_COLLECTION_FROM: &str = "subject,collection";
     /// `--cloudevents-webhook-origins`: any origin.
     pub const CLOUDEVENTS_WEBHOOK_ORIGINS: &str = "*";
+    /// `--debezium-tables`: every table.
+    pub const DEBEZIUM_TABLES: &str = "*";
+    /// `--debezium-decimal`: exact decimal strings.
+    pub const DEBEZIUM_DECIMAL: DecimalMode = DecimalMode::String;
+    /// `--debezium-time`: ISO 8601 strings.
+    pub const DEBEZIUM_TIME: TimeMode = TimeMode::Iso;
     /// `--max-subscriptions`.
     pub const MAX_SUBSCRIPTIONS: usize = 100;
     /// `--max-connections`.
@@ -352,6 +360,24 @@ pub struct ServeArgs {
     /// comma-separated; `*` allows any.
     #[arg(long, env = "TIDINGS_CLOUDEVENTS_WEBHOOK_ORIGINS", default_value = defaults::CLOUDEVENTS_WEBHOOK_ORIGINS)]
     pub cloudevents_webhook_origins: String,
+    /// A Debezium table and the collection its changes go to, `TABLE=COLLECTION`; TABLE is
+    /// `table` or `schema.table` (MySQL: `database.table`). Repeatable.
+    #[arg(
+        long = "debezium-collection",
+        env = "TIDINGS_DEBEZIUM_COLLECTION",
+        value_delimiter = ';'
+    )]
+    pub debezium_collections: Vec<String>,
+    /// Debezium tables accepted (`table` or `schema.table`), comma-separated; `*`: every table.
+    #[arg(long, env = "TIDINGS_DEBEZIUM_TABLES", default_value = defaults::DEBEZIUM_TABLES)]
+    pub debezium_tables: String,
+    /// What a Debezium base64 `Decimal` becomes: an exact string, a JSON number, or unchanged.
+    #[arg(long, env = "TIDINGS_DEBEZIUM_DECIMAL", value_enum, default_value_t = defaults::DEBEZIUM_DECIMAL)]
+    pub debezium_decimal: DecimalMode,
+    /// What Debezium's dates and times (`io.debezium.time.*`) become: ISO 8601 strings, or
+    /// unchanged epoch numbers.
+    #[arg(long, env = "TIDINGS_DEBEZIUM_TIME", value_enum, default_value_t = defaults::DEBEZIUM_TIME)]
+    pub debezium_time: TimeMode,
     /// Most subscriptions one connection may hold.
     #[arg(long, env = "TIDINGS_MAX_SUBSCRIPTIONS", default_value_t = defaults::MAX_SUBSCRIPTIONS)]
     pub max_subscriptions: usize,
@@ -506,6 +532,8 @@ pub struct Config {
     pub cloudevents: Mapping,
     /// Origins the CloudEvents webhook handshake allows; `*` allows any.
     pub cloudevents_webhook_origins: Vec<String>,
+    /// How `POST /v1/debezium` maps a change to a collection, and converts logical types.
+    pub debezium: debezium::Mapping,
     /// Most subscriptions per connection.
     pub max_subscriptions: usize,
     /// Most concurrent connections.
@@ -598,6 +626,7 @@ impl Default for Config {
             max_publish_events: defaults::MAX_PUBLISH_EVENTS,
             cloudevents: Mapping::default(),
             cloudevents_webhook_origins: vec![defaults::CLOUDEVENTS_WEBHOOK_ORIGINS.into()],
+            debezium: debezium::Mapping::default(),
             max_subscriptions: defaults::MAX_SUBSCRIPTIONS,
             max_connections: defaults::MAX_CONNECTIONS,
             max_connections_per_ip: defaults::MAX_CONNECTIONS_PER_IP,
@@ -786,6 +815,12 @@ impl ServeArgs {
                 "names no origin (`*` allows any)",
             ));
         }
+        let debezium = debezium_mapping(
+            &self.debezium_collections,
+            &self.debezium_tables,
+            self.debezium_decimal,
+            self.debezium_time,
+        )?;
         let mut publish_keys = PublishKeys::default();
         publish_keys
             .add_flags(&self.publish_keys)
@@ -865,6 +900,7 @@ impl ServeArgs {
             max_publish_events: self.max_publish_events,
             cloudevents,
             cloudevents_webhook_origins,
+            debezium,
             max_subscriptions: self.max_subscriptions,
             max_connections: self.max_connections,
             max_connections_per_ip: self.max_connections_per_ip,
@@ -944,6 +980,52 @@ fn cloudevents_mapping(
             )
         })?;
         mapping.type_kinds.insert(ty.to_string(), kind);
+    }
+    Ok(mapping)
+}
+
+/// The `--debezium-*` flags into the mapping.
+fn debezium_mapping(
+    collections: &[String],
+    tables: &str,
+    decimal: DecimalMode,
+    time: TimeMode,
+) -> Result<debezium::Mapping, ConfigError> {
+    let mut mapping = debezium::Mapping {
+        decimal,
+        time,
+        ..debezium::Mapping::default()
+    };
+    for spec in collections {
+        let (table, collection) = spec
+            .split_once('=')
+            .map(|(t, c)| (t.trim(), c.trim()))
+            .filter(|(t, c)| !t.is_empty() && !c.is_empty())
+            .ok_or_else(|| {
+                err(
+                    "debezium-collection",
+                    format!("`{spec}` is not TABLE=COLLECTION"),
+                )
+            })?;
+        if !crate::event::valid_collection_name(collection) {
+            return Err(err(
+                "debezium-collection",
+                format!("`{collection}` in `{spec}` is not a valid collection name"),
+            ));
+        }
+        mapping
+            .collections
+            .insert(table.to_string(), collection.to_string());
+    }
+    let tables = list(tables);
+    if tables.is_empty() {
+        return Err(err(
+            "debezium-tables",
+            "names no table (`*` accepts every table)",
+        ));
+    }
+    if !tables.iter().any(|t| t == "*") {
+        mapping.tables = Some(tables.into_iter().collect());
     }
     Ok(mapping)
 }
@@ -1240,6 +1322,25 @@ mod tests {
         let c = parse(&[]).unwrap();
         assert_eq!(c.cloudevents, Mapping::default());
         assert_eq!(c.cloudevents_webhook_origins, ["*"]);
+        assert_eq!(c.debezium, debezium::Mapping::default());
+        let d = parse(&[
+            "--debezium-collection",
+            "public.customers=people",
+            "--debezium-tables",
+            "public.customers, orders",
+            "--debezium-decimal",
+            "number",
+            "--debezium-time",
+            "epoch",
+        ])
+        .unwrap()
+        .debezium;
+        assert_eq!(d.collections["public.customers"], "people");
+        assert_eq!(
+            d.tables,
+            Some(["public.customers".to_string(), "orders".to_string()].into())
+        );
+        assert_eq!((d.decimal, d.time), (DecimalMode::Number, TimeMode::Epoch));
         let c = parse(&[
             "--cloudevents-collection-from",
             "tenant, subject",

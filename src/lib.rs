@@ -14,7 +14,8 @@
 //!
 //! - [`config`]: every flag, limit and timeout, and their validation.
 //! - [`event`]: events, event kinds, item keys; normalization of publish payloads.
-//! - [`ingest`]: front-ends to that normalization for standard formats (CloudEvents 1.0).
+//! - [`ingest`]: front-ends to that normalization for standard formats (CloudEvents 1.0,
+//!   Debezium change events).
 //! - [`protocol`]: wire types of the WebSocket protocol (client and server messages).
 //! - [`filter`], [`projection`]: compile a subscriber's filter and field list once; evaluate them.
 //! - [`auth`]: subscriber credentials (static tokens, JWTs), the permissions they grant,

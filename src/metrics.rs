@@ -122,7 +122,7 @@ const PUBLISH_STATUSES: [&str; 10] = [
 
 /// Every `format` of `tidings_publish_requests_total`: which front-end read the request
 /// (`json` is `/v1/publish` and `/v1/collections/…`).
-pub const PUBLISH_FORMATS: [&str; 2] = ["json", "cloudevents"];
+pub const PUBLISH_FORMATS: [&str; 3] = ["json", "cloudevents", "debezium"];
 
 /// The process collector of the `prometheus` crate, with `process_cpu_seconds_total` at the
 /// kernel's resolution (clock ticks, usually 10 ms) instead of whole seconds, which drew a
@@ -272,6 +272,8 @@ pub struct Metrics {
     pub resumes: IntCounterVec,
     /// Published events that were duplicates of an idempotency key seen in the window.
     pub publish_duplicates: IntCounter,
+    /// Debezium tombstones (`null` values after a delete) received and skipped.
+    pub debezium_tombstones: IntCounter,
     /// Idempotency keys forgotten before their window ended, to bound memory (memory engine).
     pub idempotency_evictions: IntCounter,
     /// 1 while the backplane can take publishes and delivers live events, else 0.
@@ -477,6 +479,10 @@ impl Metrics {
             publish_duplicates: counter(
                 "tidings_publish_duplicates_total",
                 "Published events skipped because their idempotency key was seen within the window.",
+            )?,
+            debezium_tombstones: counter(
+                "tidings_debezium_tombstones_total",
+                "Debezium tombstones (null values that follow a delete) received on /v1/debezium and skipped.",
             )?,
             protocol_errors: counter_vec(
                 "tidings_protocol_errors_total",

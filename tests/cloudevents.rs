@@ -74,18 +74,9 @@ async fn emit(server: &TestServer, plan: Value) -> Vec<(u16, Value)> {
 }
 
 async fn subscribed(server: &TestServer) -> WsClient {
-    let mut ws = server.ws().await;
-    for (collection, uid) in [("orders", "o"), ("users", "u")] {
-        ws.send(&format!(
-            r#"{{"type":"subscribe","collection":"{collection}","uid":"{uid}"}}"#
-        ))
-        .await;
-        ws.expect(&format!(
-            r#"{{"type":"subscription","event":"init","data":[],"uid":"{uid}"}}"#
-        ))
-        .await;
-    }
-    ws
+    server
+        .ws_subscribed(&[("orders", "o"), ("users", "u")])
+        .await
 }
 
 fn config() -> Config {
@@ -362,7 +353,7 @@ async fn bad_inputs_get_exact_errors_and_deliver_nothing() {
         ("batch, not an array", BATCH, vec![], one(structured(json!({}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PAYLOAD", "",
          "a batch is a JSON array of CloudEvents, got object"),
         ("batch, empty", BATCH, vec![], b"[]".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PAYLOAD", "",
-         "the batch of events is empty"),
+         "the array of events is empty"),
         ("batch, the second event bad", BATCH, vec![], one(json!([structured(json!({})), structured(json!({"id": "s-2", "source": null}))])), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PAYLOAD", "/1/source",
          "the required attribute `source` is missing"),
         ("batch, a member not an object", BATCH, vec![], one(json!([structured(json!({})), "x"])), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PAYLOAD", "/1",
@@ -375,18 +366,7 @@ async fn bad_inputs_get_exact_errors_and_deliver_nothing() {
         let (got, answer) = server
             .post_raw("/v1/cloudevents", Some(content_type), body, &headers)
             .await;
-        assert_eq!(got, status, "{what}: {answer}");
-        let error = &answer["error"];
-        assert_eq!(error["code"], code, "{what}: {answer}");
-        assert_eq!(
-            error["where"].as_str().unwrap_or(""),
-            pointer,
-            "{what}: {answer}"
-        );
-        if !message.is_empty() {
-            assert_eq!(error["message"], message, "{what}: {answer}");
-        }
-        support::schema_check_http(&answer);
+        support::assert_error(what, (got, &answer), status, code, pointer, message);
         refused += 1;
     }
     // Nothing above was delivered, nor took an offset.

@@ -1,6 +1,7 @@
-//! `POST /v1/cloudevents` and the CloudEvents webhook handshake (`OPTIONS`). The same door
-//! as `/v1/publish` (readiness, publish key, content type, size, JSON syntax: `read_body`),
-//! the format's mapping in [`crate::ingest`], then the same `accept` and counters.
+//! `POST /v1/cloudevents` and the CloudEvents webhook handshake (`OPTIONS`), and
+//! `POST /v1/debezium`. Through the same door as `/v1/publish` (`serve_format`: readiness,
+//! publish key, content type, size, JSON syntax, then publish and counters), with the
+//! format's mapping in [`crate::ingest`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,9 +12,9 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::publish::{accept, count, invalid, read_body};
+use super::publish::{invalid, serve_format, Normalized};
 use super::{ApiError, HttpState};
-use crate::ingest::{cloudevents, IngestError};
+use crate::ingest::{cloudevents, debezium, IngestError};
 
 /// `POST /v1/cloudevents`: binary, structured or batched content mode.
 pub async fn cloudevents_handler(
@@ -22,37 +23,70 @@ pub async fn cloudevents_handler(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let result = async {
-        let body = read_body(&state, peer, &headers, body)?;
-        let config = &state.config;
-        // Batched mode's body is an array of events: a refusal points into it.
-        let batch = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                v.trim_start()
-                    .to_ascii_lowercase()
-                    .starts_with("application/cloudevents-batch+json")
-            });
-        let lookup = |name: &str| headers.get(name).map(HeaderValue::as_bytes);
-        let request = cloudevents::Request {
-            header: &lookup,
-            content_type: headers
+    serve_format(
+        &state,
+        "cloudevents",
+        peer,
+        &headers,
+        body,
+        |state, body| {
+            let config = &state.config;
+            let lookup = |name: &str| headers.get(name).map(HeaderValue::as_bytes);
+            let content_type = headers
                 .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok()),
+                .and_then(|v| v.to_str().ok());
+            // Batched mode's body is an array of events: a refusal of one points into it.
+            let batch = cloudevents::Mode::of(content_type) == cloudevents::Mode::Batched;
+            let request = cloudevents::Request {
+                header: &lookup,
+                content_type,
+                body,
+            };
+            let events = cloudevents::normalize(
+                request,
+                &config.cloudevents,
+                &|c| config.key_field(c).to_string(),
+                config.max_publish_events,
+            )
+            .map_err(refused)?;
+            Ok(Normalized {
+                at: batch.then(|| (0..events.len()).collect()),
+                events,
+                tombstones: 0,
+            })
+        },
+    )
+    .await
+}
+
+/// `POST /v1/debezium`: one change event or an array, with or without the schema envelope,
+/// or CloudEvents carrying them. Tombstones are counted and skipped.
+pub async fn debezium_handler(
+    State(state): State<Arc<HttpState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    serve_format(&state, "debezium", peer, &headers, body, |state, body| {
+        let config = &state.config;
+        let normalized = debezium::normalize(
             body,
-        };
-        let events = cloudevents::normalize(
-            request,
-            &config.cloudevents,
+            &config.debezium,
             &|c| config.key_field(c).to_string(),
             config.max_publish_events,
         )
         .map_err(refused)?;
-        accept(&state, events, batch).await
-    }
-    .await;
-    count(&state, "cloudevents", result)
+        state
+            .metrics
+            .debezium_tombstones
+            .inc_by(normalized.tombstones as u64);
+        Ok(Normalized {
+            events: normalized.events,
+            at: normalized.at,
+            tombstones: normalized.tombstones,
+        })
+    })
+    .await
 }
 
 fn refused(e: IngestError) -> ApiError {

@@ -4,6 +4,8 @@
 //! - `POST /v1/collections/{collection}/{event}`: the item(s) (or keys) as the body.
 //! - `POST /v1/cloudevents`: CloudEvents 1.0 in any HTTP content mode; `OPTIONS` answers the
 //!   webhook handshake.
+//! - `POST /v1/debezium`: Debezium change events (JSON, with or without schema, or as
+//!   CloudEvents).
 //! - `GET /healthz`: the process is up.
 //! - `GET /readyz`: the broker accepts publishes and connections (false while shutting down).
 //! - `GET /metrics`: Prometheus text format.
@@ -73,6 +75,7 @@ pub fn routes(state: Arc<HttpState>) -> Router {
             "/v1/cloudevents",
             post(ingest::cloudevents_handler).options(ingest::webhook_handshake_handler),
         )
+        .route("/v1/debezium", post(ingest::debezium_handler))
         .route("/healthz", get(healthz_handler))
         .route("/readyz", get(readyz_handler))
         .route("/metrics", get(metrics_handler))

@@ -28,8 +28,7 @@ pub async fn publish_handler(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let result = async {
-        let body = read_body(&state, peer, &headers, body)?;
+    serve_format(&state, "json", peer, &headers, body, |state, body| {
         let config = &state.config;
         let batch = body.is_array();
         let mut events = normalize_publish(
@@ -39,10 +38,49 @@ pub async fn publish_handler(
         )
         .map_err(invalid)?;
         apply_idempotency_header(&headers, &mut events)?;
-        accept(&state, events, batch).await
+        Ok(Normalized {
+            at: batch.then(|| (0..events.len()).collect()),
+            events,
+            tombstones: 0,
+        })
+    })
+    .await
+}
+
+/// What a body format's normalization made of a request.
+pub(super) struct Normalized {
+    /// The events, in request order.
+    pub events: Vec<NewEvent>,
+    /// Where each event sits in a body that is an array (`/3`), for a refusal that names one
+    /// event; `None` when the body is one event.
+    pub at: Option<Vec<usize>>,
+    /// Debezium tombstones skipped.
+    pub tombstones: usize,
+}
+
+/// What every endpoint taking a body format does: `read_body`'s checks, the format's
+/// `normalize` (all or nothing), publish, the 202 (with `tombstones` when there were any),
+/// counted under `format`.
+pub(super) async fn serve_format(
+    state: &HttpState,
+    format: &'static str,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    normalize: impl FnOnce(&HttpState, Value) -> Result<Normalized, ApiError>,
+) -> Response {
+    let result = async {
+        let body = read_body(state, peer, headers, body)?;
+        let normalized = normalize(state, body)?;
+        let accepted = publish_events(state, normalized.events, normalized.at.as_deref()).await?;
+        let mut answer = json!({ "events": accepted });
+        if normalized.tombstones > 0 {
+            answer["tombstones"] = normalized.tombstones.into();
+        }
+        Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
     }
     .await;
-    count(&state, "json", result)
+    count(state, format, result)
 }
 
 /// `POST /v1/collections/{collection}/{event}`.
@@ -63,7 +101,7 @@ pub async fn collection_handler(
         .map_err(invalid)?;
         let mut events = vec![event];
         apply_idempotency_header(&headers, &mut events)?;
-        accept(&state, events, false).await
+        accept(&state, events).await
     }
     .await;
     count(&state, "json", result)
@@ -104,11 +142,7 @@ pub(super) fn invalid(e: NormalizeError) -> ApiError {
 
 /// Counts the answer in `tidings_publish_requests_total{format,status}` (`format`: one of
 /// `metrics::PUBLISH_FORMATS`).
-pub(super) fn count(
-    state: &HttpState,
-    format: &str,
-    result: Result<Response, ApiError>,
-) -> Response {
+fn count(state: &HttpState, format: &str, result: Result<Response, ApiError>) -> Response {
     let response = result.unwrap_or_else(IntoResponse::into_response);
     state
         .metrics
@@ -145,7 +179,7 @@ fn authorize(
 }
 
 /// Readiness, publisher key, content type, size and JSON syntax, in that order.
-pub(super) fn read_body(
+fn read_body(
     state: &HttpState,
     peer: SocketAddr,
     headers: &HeaderMap,
@@ -203,13 +237,23 @@ pub(super) fn read_body(
     })
 }
 
-/// Publishes `events`; `batch`: the body was an array of events (so a refusal points at
-/// `/<index>`, else at the whole body).
-pub(super) async fn accept(
+/// Publishes `events` (one body event) and answers 202 with one entry per event.
+async fn accept(state: &HttpState, events: Vec<NewEvent>) -> Result<Response, ApiError> {
+    let accepted = publish_events(state, events, None).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "events": accepted }))).into_response())
+}
+
+/// Publishes `events` (none: nothing to do) and counts them; the 202 body's entries. `at`:
+/// where each event sits in an array body, so a refusal of one points at it (else at the
+/// whole body).
+async fn publish_events(
     state: &HttpState,
     events: Vec<NewEvent>,
-    batch: bool,
-) -> Result<Response, ApiError> {
+    at: Option<&[usize]>,
+) -> Result<Vec<Value>, ApiError> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
     let summary: Vec<(Arc<str>, EventKind, usize)> = events
         .iter()
         .map(|e| (e.collection.clone(), e.kind, e.keys.len()))
@@ -218,7 +262,7 @@ pub(super) async fn accept(
     let (positions, failure) = match published {
         Ok(positions) => (positions.into_iter().map(Some).collect(), None),
         Err(BackplaneError::Partial { accepted, detail }) => (accepted, Some(detail)),
-        Err(e) => return Err(refusal(state, e, batch)),
+        Err(e) => return Err(refusal(state, e, at)),
     };
     let mut entries = Vec::with_capacity(summary.len());
     for ((collection, kind, items), position) in summary.into_iter().zip(positions) {
@@ -234,7 +278,7 @@ pub(super) async fn accept(
         entries.push(accepted_entry(state, &collection, kind, items, &position));
     }
     match failure {
-        None => Ok((StatusCode::ACCEPTED, Json(json!({ "events": entries }))).into_response()),
+        None => Ok(entries),
         Some(detail) => Err(ApiError::partial(&state.metrics, entries, detail)),
     }
 }
@@ -282,15 +326,17 @@ fn accepted_entry(
     entry
 }
 
-/// The answer to a publish the backplane refused as a whole.
-fn refusal(state: &HttpState, error: BackplaneError, batch: bool) -> ApiError {
+/// The answer to a publish the backplane refused as a whole; `at` as for `publish_events`.
+fn refusal(state: &HttpState, error: BackplaneError, at: Option<&[usize]>) -> ApiError {
     match error {
         BackplaneError::TooLarge { index, size, limit } => {
             ApiError::EventTooLarge { index, size, limit }
         }
         BackplaneError::StateFull(full) => {
-            let pointer = match (&full, batch) {
-                (StateError::Full { index, .. }, true) => format!("/{index}"),
+            let pointer = match (&full, at) {
+                (StateError::Full { index, .. }, Some(at)) => {
+                    at.get(*index).map_or(String::new(), |i| format!("/{i}"))
+                }
                 _ => String::new(),
             };
             ApiError::StateFull {

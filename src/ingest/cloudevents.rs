@@ -22,7 +22,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
-use super::{derived_key, under, IngestError};
+use super::{check_batch, derived_key, under, IngestError};
 use crate::event::{
     kind_of, normalize_collection_body, valid_collection_name, EventKind, NewEvent,
     MAX_COLLECTION_NAME,
@@ -151,18 +151,7 @@ pub fn normalize(
                     ),
                 ));
             };
-            if list.is_empty() {
-                return Err(IngestError::at("", "the batch of events is empty"));
-            }
-            if list.len() > max_events {
-                return Err(IngestError::at(
-                    "",
-                    format!(
-                        "{} events in one request; the limit is {max_events}",
-                        list.len()
-                    ),
-                ));
-            }
+            check_batch(list.len(), max_events, "events")?;
             list.into_iter()
                 .enumerate()
                 .map(|(i, one)| structured(one, &format!("/{i}"), mapping, key_field))

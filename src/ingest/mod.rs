@@ -1,5 +1,5 @@
 //! Front-ends for the change formats applications already emit: CloudEvents 1.0 over HTTP
-//! ([`cloudevents`]). Each one only maps its format's envelope to (collection, event kind,
+//! ([`cloudevents`]) and Debezium change events ([`debezium`]). Each one only maps its format's envelope to (collection, event kind,
 //! data); the data then goes through [`crate::event`]'s normalization, so item keys, limits,
 //! JSON Pointers and the all-or-nothing rule are those of `POST /v1/publish`.
 //!
@@ -7,6 +7,7 @@
 //! values and the parsed body, and turns an [`IngestError`] into its JSON error.
 
 pub mod cloudevents;
+pub mod debezium;
 
 use std::sync::Arc;
 
@@ -45,6 +46,21 @@ impl IngestError {
             message: message.into(),
         })
     }
+}
+
+/// A request's array of events: not empty, not over `max` (`/v1/publish`'s
+/// `--max-publish-events`). `noun` names its members in the message.
+fn check_batch(len: usize, max: usize, noun: &str) -> Result<(), IngestError> {
+    if len == 0 {
+        return Err(IngestError::at("", format!("the array of {noun} is empty")));
+    }
+    if len > max {
+        return Err(IngestError::at(
+            "",
+            format!("{len} {noun} in one request; the limit is {max}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Moves an error of `event`'s normalization, whose pointer is relative to the data it was

@@ -129,6 +129,22 @@ impl TestServer {
         self.ws_at(&self.ws_url()).await
     }
 
+    /// Opens a WebSocket subscribed to each (collection, uid), every `init` empty.
+    pub async fn ws_subscribed(&self, subs: &[(&str, &str)]) -> WsClient {
+        let mut ws = self.ws().await;
+        for (collection, uid) in subs {
+            ws.send(&format!(
+                r#"{{"type":"subscribe","collection":"{collection}","uid":"{uid}"}}"#
+            ))
+            .await;
+            ws.expect(&format!(
+                r#"{{"type":"subscription","event":"init","data":[],"uid":"{uid}"}}"#
+            ))
+            .await;
+        }
+        ws
+    }
+
     /// Opens a WebSocket with `?access_token=`.
     pub async fn ws_token(&self, token: &str) -> WsClient {
         self.ws_at(&format!("{}?access_token={token}", self.ws_url()))
@@ -388,6 +404,30 @@ pub fn schema_check_component(name: &str, answer: &Value) {
         errors.is_empty(),
         "{answer} does not match {name}: {errors:?}"
     );
+}
+
+/// Asserts an HTTP error answer exactly: its status, `code`, `where` (`""` when absent) and
+/// `message` (not checked when `message` is empty), and that it matches the OpenAPI `Error`.
+pub fn assert_error(
+    what: &str,
+    (got, answer): (StatusCode, &Value),
+    status: StatusCode,
+    code: &str,
+    pointer: &str,
+    message: &str,
+) {
+    assert_eq!(got, status, "{what}: {answer}");
+    let error = &answer["error"];
+    assert_eq!(error["code"], code, "{what}: {answer}");
+    assert_eq!(
+        error["where"].as_str().unwrap_or(""),
+        pointer,
+        "{what}: {answer}"
+    );
+    if !message.is_empty() {
+        assert_eq!(error["message"], message, "{what}: {answer}");
+    }
+    schema_check_http(answer);
 }
 
 /// What arrived on a socket.
