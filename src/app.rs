@@ -105,8 +105,13 @@ impl App {
             // NATS offsets are the stream sequence, shared by all collections: sparse.
             matches!(config.engine, Engine::Memory | Engine::Redis),
         ));
-        let state = (!config.state.collections.is_empty())
-            .then(|| Arc::new(State::new(config.state.clone(), metrics.clone())));
+        let state_settings = crate::state::StateSettings {
+            file: config.collections_file.clone(),
+            ..config.state.clone()
+        };
+        let state = state_settings
+            .any()
+            .then(|| Arc::new(State::new(state_settings, metrics.clone())));
         let hub = Arc::new(Hub::with_state(
             registry.clone(),
             metrics.clone(),

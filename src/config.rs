@@ -15,6 +15,7 @@ use clap::{Args, ValueEnum};
 
 use crate::auth::jwt::{JwtSettings, JwtVerifier};
 use crate::auth::{AdminKey, Permissions, Principal, PublishKeys, TokenStore};
+use crate::collections::{CollectionSettings, CollectionsFile, Shorthand};
 use crate::event::EventKind;
 use crate::filter::FilterLimits;
 use crate::history::HistoryLimits;
@@ -437,6 +438,10 @@ pub struct ServeArgs {
     /// (enter as update, leave not sent).
     #[arg(long, env = "TIDINGS_TRANSITIONS", value_enum, default_value_t = defaults::TRANSITIONS)]
     pub transitions: Transitions,
+    /// JSON file of per-collection settings (key field, state, max items, transitions) and
+    /// whether undeclared collections are allowed; what it sets wins over the flags above.
+    #[arg(long, env = "TIDINGS_COLLECTIONS_FILE")]
+    pub collections_file: Option<PathBuf>,
     /// Log format.
     #[arg(long, env = "TIDINGS_LOG_FORMAT", value_enum, default_value_t = defaults::LOG_FORMAT)]
     pub log_format: LogFormat,
@@ -554,8 +559,11 @@ pub struct Config {
     pub metrics_max_collections: usize,
     /// Retained state: which collections, how much.
     pub state: StateSettings,
-    /// How enter/leave transitions are sent.
+    /// How enter/leave transitions are sent (per collection, the collections file wins).
     pub transitions: Transitions,
+    /// `--collections-file`: per-collection settings, and whether undeclared collections
+    /// exist.
+    pub collections_file: Option<Arc<CollectionsFile>>,
 }
 
 impl Config {
@@ -641,19 +649,40 @@ impl Default for Config {
                 max_items: defaults::STATE_MAX_ITEMS,
                 max_bytes: defaults::STATE_MAX_BYTES,
                 max_init_items: defaults::MAX_INIT_ITEMS,
+                file: None,
             },
             transitions: defaults::TRANSITIONS,
+            collections_file: None,
         }
     }
 }
 
 impl Config {
+    /// The per-collection flags and the collections file, to resolve a collection's
+    /// settings from (the file wins; see [`crate::collections`]).
+    pub fn shorthand(&self) -> Shorthand<'_> {
+        Shorthand {
+            file: self.collections_file.as_deref(),
+            key_fields: &self.key_fields,
+            state: &self.state.collections,
+            max_items: self.state.max_items,
+            transitions: self.transitions,
+        }
+    }
+
+    /// Every setting of `collection`; `None` when the collections file forbids it.
+    pub fn collection(&self, collection: &str) -> Option<CollectionSettings> {
+        self.shorthand().resolve(collection)
+    }
+
     /// The key field of `collection`.
     pub fn key_field(&self, collection: &str) -> &str {
-        self.key_fields
-            .get(collection)
-            .map(String::as_str)
-            .unwrap_or("id")
+        self.shorthand().key_field(collection)
+    }
+
+    /// Whether clients may use `collection` (the collections file may forbid undeclared ones).
+    pub fn collection_exists(&self, collection: &str) -> bool {
+        self.shorthand().exists(collection)
     }
 
     /// Checks invariants that hold however the config was built (CLI or code).
@@ -732,7 +761,10 @@ impl Config {
                 ));
             }
         }
-        if !self.state.collections.is_empty() && self.engine != Engine::Memory {
+        self.shorthand()
+            .check()
+            .map_err(|(flag, message)| err(flag, message))?;
+        if self.shorthand().any_state() && self.engine != Engine::Memory {
             return Err(err(
                 "state",
                 "retained state needs --engine memory for now (state shared through Redis or NATS is not built yet)",
@@ -867,6 +899,12 @@ impl ServeArgs {
         .build()
         .map_err(|e| err(e.flag, e.message))?
         .map(Arc::new);
+        let collections_file = match &self.collections_file {
+            None => None,
+            Some(path) => Some(Arc::new(
+                CollectionsFile::read(path).map_err(|e| err("collections-file", e.to_string()))?,
+            )),
+        };
         let config = Config {
             ws_path: self.ws_path,
             auth_mode: self.auth_mode,
@@ -925,8 +963,10 @@ impl ServeArgs {
                 max_items: self.state_max_items,
                 max_bytes: self.state_max_bytes,
                 max_init_items: self.max_init_items,
+                file: None,
             },
             transitions: self.transitions,
+            collections_file,
         };
         config.validate()?;
         Ok(config)

@@ -44,6 +44,7 @@ pub mod app;
 pub mod auth;
 pub mod backplane;
 pub mod cli;
+pub mod collections;
 pub mod config;
 pub mod event;
 pub mod filter;

@@ -556,6 +556,67 @@ fn unreadable_tokens_file_content_exits_2() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A bad collections file: exit 2, and the message names the flag, the file, the JSON
+/// Pointer of the problem and the problem; so does a flag naming a collection the file
+/// forbids.
+#[test]
+fn a_bad_collections_file_exits_2_naming_the_file_the_pointer_and_the_problem() {
+    let dir = std::env::temp_dir().join(format!("tidings-cli-collections-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("collections.json");
+    let file = path.to_str().unwrap();
+    for (content, pointer, problem) in [
+        (
+            r#"{"collections":{"orders":{"max_items":0}}}"#,
+            "/collections/orders/max_items",
+            "must be an integer greater than 0",
+        ),
+        (
+            r#"{"undeclared":"deny","collections":{}}"#,
+            "/undeclared",
+            r#"must be "allow" or "forbid""#,
+        ),
+        (
+            r#"{"collections":{"orders":{"key":"order_id"}}}"#,
+            "/collections/orders/key",
+            "unknown setting `key`",
+        ),
+    ] {
+        std::fs::write(&path, content).unwrap();
+        let argv = [
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--collections-file",
+            file,
+        ];
+        let out = run(&argv, &[]);
+        assert_eq!(out.status.code(), Some(2), "{}", out.describe(content));
+        let expected = format!("--collections-file: {file}: at {pointer}: {problem}");
+        assert!(
+            out.stderr.contains(&expected),
+            "stderr lacks {expected:?}: {}",
+            out.describe(content)
+        );
+    }
+    std::fs::write(
+        &path,
+        r#"{"undeclared":"forbid","collections":{"orders":{}}}"#,
+    )
+    .unwrap();
+    assert_config_error(
+        &["--collections-file", file, "--state", "ordres"],
+        &[],
+        "state",
+    );
+    assert_config_error(
+        &["--collections-file", &format!("{file}.missing")],
+        &[],
+        "collections-file",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn strict_mode_with_a_tokens_file_starts() {
     let dir = std::env::temp_dir().join(format!("tidings-cli-strict-{}", std::process::id()));

@@ -8,6 +8,8 @@
 //!     `schemas/client-message.schema.json`;
 //!   - `server/<name>.<case>.json` → `schemas/server/<name>.schema.json`, and also
 //!     `schemas/server-message.schema.json`;
+//!   - `config/<name>.<case>.json` → `schemas/config/<name>.schema.json` (configuration files
+//!     such as `--collections-file`), and the broker's own parser gives the same verdict;
 //!   - `http/<name>.<case>.json` → the OpenAPI component `#/components/schemas/<Name>` of
 //!     `openapi.yaml` (kebab-case → `PascalCase`: `publish-request` → `PublishRequest`).
 //!
@@ -115,8 +117,8 @@ fn examples() -> Vec<Example> {
             _ => panic!("examples/{rel}: expected <side>/<file> or invalid/<side>/<file>"),
         };
         assert!(
-            matches!(side.as_str(), "client" | "server" | "http"),
-            "examples/{rel}: unknown side {side:?} (client, server, http)"
+            matches!(side.as_str(), "client" | "server" | "http" | "config"),
+            "examples/{rel}: unknown side {side:?} (client, server, http, config)"
         );
         assert!(
             file.ends_with(".json"),
@@ -305,6 +307,49 @@ fn shared_defs_agree_across_schema_files() {
     fail_with(&failures);
 }
 
+/// Configuration files: each example matches its schema (or, under `invalid/`, does not), and
+/// the broker's parser accepts exactly the valid ones, so the schema tells the truth.
+#[test]
+fn config_examples_match_their_schema_and_the_parser() {
+    let schemas = schema_files();
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for ex in examples().iter().filter(|e| e.side == "config") {
+        let own = format!("config/{}.schema.json", ex.name);
+        let Some(schema) = schemas.get(&own) else {
+            failures.push(format!("examples/{}: no schema schemas/{own}", ex.rel));
+            continue;
+        };
+        let errors = errors_of(&compile(&own, schema), &ex.value);
+        if ex.valid != errors.is_empty() {
+            failures.push(format!(
+                "examples/{}: valid={} but schemas/{own} says {errors:?}",
+                ex.rel, ex.valid
+            ));
+        }
+        let parsed = match ex.name.as_str() {
+            "collections-file" => {
+                tidings::collections::CollectionsFile::parse(Path::new(&ex.rel), &ex.text)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
+            other => {
+                failures.push(format!("examples/{}: no parser for {other}", ex.rel));
+                continue;
+            }
+        };
+        if ex.valid != parsed.is_ok() {
+            failures.push(format!(
+                "examples/{}: valid={} but the broker's parser says {parsed:?}",
+                ex.rel, ex.valid
+            ));
+        }
+        checked += 1;
+    }
+    assert!(checked > 0, "no configuration examples");
+    fail_with(&failures);
+}
+
 #[test]
 fn ws_examples_match_their_schema_and_the_aggregate() {
     let schemas = schema_files();
@@ -314,7 +359,10 @@ fn ws_examples_match_their_schema_and_the_aggregate() {
     }
     let mut failures = Vec::new();
     let mut checked = 0;
-    for ex in examples().iter().filter(|e| e.side != "http") {
+    for ex in examples()
+        .iter()
+        .filter(|e| WS_SIDES.contains(&e.side.as_str()))
+    {
         let own = format!("{}/{}.schema.json", ex.side, ex.name);
         let Some(own_validator) = validators.get(&own) else {
             failures.push(format!("examples/{}: no schema schemas/{own}", ex.rel));

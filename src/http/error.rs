@@ -125,6 +125,15 @@ pub enum ApiError {
         /// JSON Pointer to the event that went over (`""`: the whole body).
         pointer: String,
     },
+    /// The collections file forbids undeclared collections and does not declare this one
+    /// (404): nothing of the request was published.
+    #[error("collection \"{collection}\" is not declared in the collections file (\"undeclared\": \"forbid\"); nothing was published")]
+    UnknownCollection {
+        /// The collection.
+        collection: String,
+        /// JSON Pointer to the event's `collection` (`/collection` for one event).
+        pointer: String,
+    },
     /// Not `application/json`.
     #[error("the request body must be JSON: send `Content-Type: application/json`")]
     UnsupportedMediaType,
@@ -203,7 +212,7 @@ impl ApiError {
             ApiError::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized | ApiError::AdminUnauthorized => StatusCode::UNAUTHORIZED,
             ApiError::OriginNotAllowed { .. } => StatusCode::FORBIDDEN,
-            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::NotFound | ApiError::UnknownCollection { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } | ApiError::EventTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
@@ -228,6 +237,7 @@ impl ApiError {
             ApiError::Unauthorized | ApiError::AdminUnauthorized => "UNAUTHORIZED",
             ApiError::OriginNotAllowed { .. } => "FORBIDDEN",
             ApiError::NotFound => "NOT_FOUND",
+            ApiError::UnknownCollection { .. } => "UNKNOWN_COLLECTION",
             ApiError::MethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
             ApiError::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
             ApiError::EventTooLarge { .. } => "EVENT_TOO_LARGE",
@@ -246,6 +256,7 @@ impl ApiError {
         match self {
             ApiError::InvalidPayload { pointer, .. }
             | ApiError::StateFull { pointer, .. }
+            | ApiError::UnknownCollection { pointer, .. }
             | ApiError::PartiallyAccepted { pointer, .. } => Some(pointer),
             ApiError::InvalidHeader { header, .. } => Some(header),
             ApiError::UnsupportedMediaType => Some("content-type"),

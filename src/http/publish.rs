@@ -31,6 +31,19 @@ pub async fn publish_handler(
     serve_format(&state, "json", peer, &headers, body, |state, body| {
         let config = &state.config;
         let batch = body.is_array();
+        // Before normalizing: a typo'd collection's key field means nothing.
+        let declared = |i: Option<usize>, event: &Value| match event["collection"].as_str() {
+            Some(c) if !config.collection_exists(c) => Err(unknown_collection(c, i)),
+            _ => Ok(()),
+        };
+        match &body {
+            Value::Array(events) => {
+                for (i, event) in events.iter().enumerate() {
+                    declared(Some(i), event)?;
+                }
+            }
+            event => declared(None, event)?,
+        }
         let mut events = normalize_publish(
             body,
             &|c| config.key_field(c).to_string(),
@@ -95,6 +108,9 @@ pub async fn collection_handler(
         let kind = EventKind::parse(&event).ok_or(ApiError::NotFound)?;
         let body = read_body(&state, peer, &headers, body)?;
         let config = &state.config;
+        if !config.collection_exists(&collection) {
+            return Err(unknown_collection(&collection, None));
+        }
         let event = normalize_collection_body(&collection, kind, body, &|c| {
             config.key_field(c).to_string()
         })
@@ -254,6 +270,14 @@ async fn publish_events(
     if events.is_empty() {
         return Ok(Vec::new());
     }
+    // Refused whole before the backplane sees anything: no offset is taken.
+    if let Some(i) = events
+        .iter()
+        .position(|e| !state.config.collection_exists(&e.collection))
+    {
+        let index = at.and_then(|at| at.get(i)).copied();
+        return Err(unknown_collection(&events[i].collection, index));
+    }
     let summary: Vec<(Arc<str>, EventKind, usize)> = events
         .iter()
         .map(|e| (e.collection.clone(), e.kind, e.keys.len()))
@@ -280,6 +304,18 @@ async fn publish_events(
     match failure {
         None => Ok(entries),
         Some(detail) => Err(ApiError::partial(&state.metrics, entries, detail)),
+    }
+}
+
+/// The refusal of a publish to a collection the collections file forbids; `index`: where
+/// the event sits in an array body.
+fn unknown_collection(collection: &str, index: Option<usize>) -> ApiError {
+    ApiError::UnknownCollection {
+        collection: collection.to_string(),
+        pointer: match index {
+            Some(index) => format!("/{index}/collection"),
+            None => "/collection".to_string(),
+        },
     }
 }
 

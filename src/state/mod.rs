@@ -32,6 +32,7 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use serde_json::Value;
 
+use crate::collections::{CollectionsFile, Shorthand};
 use crate::event::{key_string, Event, EventKind, NewEvent};
 use crate::metrics::Metrics;
 use crate::subscription::{ListShape, Spec};
@@ -45,7 +46,8 @@ pub const DEFAULT_INIT_LIMIT: usize = 100;
 const ITEM_OVERHEAD: usize = 32;
 
 /// What retains state and how much (from `--state`, `--state-max-items`,
-/// `--state-max-bytes`, `--max-init-items`).
+/// `--state-max-bytes`, `--max-init-items`, and the collections file, which wins per
+/// collection).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StateSettings {
     /// Collections that retain their items; `*` is every collection. Empty: none.
@@ -56,12 +58,60 @@ pub struct StateSettings {
     pub max_bytes: usize,
     /// Most items one `init` may carry.
     pub max_init_items: usize,
+    /// `--collections-file`, whose per-collection `state` and `max_items` win over the flags
+    /// (the composition root copies it from the configuration).
+    pub file: Option<Arc<CollectionsFile>>,
 }
 
 impl StateSettings {
+    fn shorthand<'a>(&'a self, no_keys: &'a HashMap<String, String>) -> Shorthand<'a> {
+        Shorthand {
+            file: self.file.as_deref(),
+            key_fields: no_keys,
+            state: &self.collections,
+            max_items: self.max_items,
+            transitions: crate::config::defaults::TRANSITIONS,
+        }
+    }
+
     /// Whether `collection` retains its items.
     pub fn retains(&self, collection: &str) -> bool {
-        self.collections.iter().any(|c| c == "*" || c == collection)
+        self.shorthand(&HashMap::new()).retains(collection)
+    }
+
+    /// Whether any collection may retain its items.
+    pub fn any(&self) -> bool {
+        self.shorthand(&HashMap::new()).any_state()
+    }
+
+    /// Most items `collection` may hold, and which limit that is.
+    pub fn max_items(&self, collection: &str) -> (usize, Limit) {
+        let declared = self
+            .file
+            .as_deref()
+            .and_then(|f| f.collections.get(collection))
+            .and_then(|d| d.max_items);
+        match declared {
+            Some(n) => (n, Limit::FileMaxItems),
+            None => (self.max_items, Limit::MaxItems),
+        }
+    }
+
+    /// Collections named as retaining (by `--state` or the file), for metrics from the
+    /// first scrape (`*` names none).
+    fn named(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .collections
+            .iter()
+            .filter(|c| *c != "*" && self.retains(c))
+            .cloned()
+            .collect();
+        if let Some(file) = &self.file {
+            names.extend(file.collections.keys().filter(|c| self.retains(c)).cloned());
+        }
+        names.sort();
+        names.dedup();
+        names
     }
 }
 
@@ -70,6 +120,8 @@ impl StateSettings {
 pub enum Limit {
     /// `--state-max-items`.
     MaxItems,
+    /// The collection's `max_items` in the collections file.
+    FileMaxItems,
     /// `--state-max-bytes`.
     MaxBytes,
 }
@@ -79,6 +131,7 @@ impl Limit {
     pub fn flag(self) -> &'static str {
         match self {
             Limit::MaxItems => "--state-max-items",
+            Limit::FileMaxItems => "its max_items in --collections-file",
             Limit::MaxBytes => "--state-max-bytes",
         }
     }
@@ -86,7 +139,7 @@ impl Limit {
     /// The `reason` label of `tidings_state_rejections_total`.
     pub fn reason(self) -> &'static str {
         match self {
-            Limit::MaxItems => "max_items",
+            Limit::MaxItems | Limit::FileMaxItems => "max_items",
             Limit::MaxBytes => "max_bytes",
         }
     }
@@ -284,7 +337,7 @@ impl State {
     /// State as `settings` say, reporting into `metrics`.
     pub fn new(settings: StateSettings, metrics: Arc<Metrics>) -> Self {
         // The named collections' series exist from the first scrape (`*` names none yet).
-        for collection in settings.collections.iter().filter(|c| *c != "*") {
+        for collection in settings.named() {
             let label = metrics.collections.label(&Arc::from(collection.as_str()));
             metrics.state_items.with_label_values(&[&*label]);
             metrics.state_bytes.with_label_values(&[&*label]);
@@ -379,15 +432,14 @@ impl State {
                 }
                 seen.insert(k);
             }
-            if event.kind != EventKind::Delete
-                && store.items.len() + seen.len() > self.settings.max_items
-            {
+            let (max_items, limit) = self.settings.max_items(&event.collection);
+            if event.kind != EventKind::Delete && store.items.len() + seen.len() > max_items {
                 over = Some(StateError::Full {
                     collection: event.collection.clone(),
                     index,
                     new: seen.len(),
-                    limit: Limit::MaxItems,
-                    limit_value: self.settings.max_items,
+                    limit,
+                    limit_value: max_items,
                 });
                 break;
             }
@@ -625,6 +677,7 @@ mod tests {
             max_items,
             max_bytes,
             max_init_items: 10,
+            file: None,
         }
     }
 

@@ -172,7 +172,8 @@ pub struct SpecContext<'a> {
     pub key_field: &'a str,
 }
 
-fn forbidden_collection(collection: &str, uid: Option<Uid>) -> ProtocolError {
+/// Directus' `FORBIDDEN` for a collection that does not exist or may not be read.
+pub fn forbidden_collection(collection: &str, uid: Option<Uid>) -> ProtocolError {
     ProtocolError::new(
         "subscribe",
         ErrorCode::Forbidden,
