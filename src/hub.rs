@@ -282,7 +282,10 @@ impl Hub {
                         Err(PushError::Overflow(lost)) => {
                             self.metrics.outbox_dropped.inc_by(lost as u64)
                         }
-                        Err(PushError::Closed) => self.metrics.outbox_dropped.inc(),
+                        // `push` never resets: only conflating pushes do.
+                        Err(PushError::Closed | PushError::Reset(_)) => {
+                            self.metrics.outbox_dropped.inc()
+                        }
                     }
                 }
             }

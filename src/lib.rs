@@ -46,6 +46,7 @@ pub mod backplane;
 pub mod cli;
 pub mod collections;
 pub mod config;
+pub mod conflate;
 pub mod event;
 pub mod filter;
 pub mod history;

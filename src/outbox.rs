@@ -5,14 +5,41 @@
 //! a push that would pass either bound marks the outbox overflowed, frees what it held, and
 //! tells the session, which closes the connection as a slow consumer (close code 4008). The
 //! caller counts the drop. Nothing else ever blocks on a slow reader.
+//!
+//! A conflating subscription (`--slow-consumer-policy conflate`) pushes through
+//! [`Outbox::push_conflating`] instead: past those bounds (the soft bound) its frames are
+//! split per item key and folded into the keyed queue of [`crate::conflate`], one slot per
+//! (subscription, key), which the session writes after the unkeyed frames. Its hard bound is
+//! `--conflation-max-keys` slots: passing it clears the subscription's slots and the hub
+//! queues a fresh `init` from the retained state instead ([`Outbox::push_reset`]); the
+//! [`RESETS_BEFORE_CLOSE`]th reset within [`RESET_WINDOW`] closes the connection with 4008.
+//! A subscription that opted in (`"checkpoints": true`) is owed a `checkpoint` frame once its
+//! folded frames are written ([`Outbox::checkpoint_collections`], [`Outbox::drain_with`]).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
+
+use crate::conflate::{Folded, KeyedChange, Slots};
+use crate::protocol::{event_frame, WirePosition};
+
+/// Resets of conflating subscriptions within [`RESET_WINDOW`] that close the connection as a
+/// slow consumer (the last one closes it instead of resetting).
+pub const RESETS_BEFORE_CLOSE: usize = 3;
+
+/// The window [`RESETS_BEFORE_CLOSE`] is counted in.
+pub const RESET_WINDOW: Duration = Duration::from_secs(60);
+
+/// The close reason of a consumer too slow even for conflation.
+pub const RESETS_REASON: &str = "slow consumer: conflation resets";
+
+/// The close reason of an outbox that overflowed (or a write that timed out).
+pub const OVERFLOW_REASON: &str = "slow consumer: outbox full";
 
 /// One encoded text frame, shared between every connection that receives it.
 #[derive(Debug, Clone)]
@@ -41,6 +68,44 @@ pub enum PushError {
     Overflow(usize),
     /// The outbox had already overflowed or was closed; the frame was dropped.
     Closed,
+    /// A conflating subscription passed the hard bound: its pending slots were dropped (the
+    /// count), this frame was not queued, and the caller owes it a fresh `init`
+    /// ([`Outbox::push_reset`]).
+    Reset(usize),
+}
+
+/// What a conflating push did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued as it is (the outbox was under its bounds and folding nothing).
+    Frame,
+    /// Split per key into the keyed queue; this many of its changes were folded into a
+    /// pending slot (merged or cancelled) rather than given one.
+    Keyed {
+        /// Changes merged into, or cancelled with, a pending slot.
+        folded: usize,
+    },
+}
+
+/// Who a conflating push is for.
+#[derive(Debug, Clone, Copy)]
+pub struct Conflating<'a> {
+    /// The subscription (its registry id).
+    pub sub: u64,
+    /// The uid its frames carry.
+    pub uid: &'a Option<Arc<str>>,
+    /// Its collection.
+    pub collection: &'a Arc<str>,
+    /// It asked for `checkpoint` frames.
+    pub checkpoints: bool,
+}
+
+/// A subscription owed a `checkpoint` frame.
+#[derive(Debug)]
+struct OwedCheckpoint {
+    sub: u64,
+    uid: Option<Arc<str>>,
+    collection: Arc<str>,
 }
 
 /// What a drain found.
@@ -62,6 +127,15 @@ struct State {
     /// gone once the queue is drained.
     extra_messages: usize,
     extra_bytes: usize,
+    /// Conflating subscriptions' pending changes, one slot per (subscription, key); written
+    /// after `queue`. Not empty: the outbox is folding (past its soft bound).
+    slots: Slots,
+    /// When recent resets happened, oldest first (at most [`RESETS_BEFORE_CLOSE`]).
+    resets: VecDeque<Instant>,
+    /// Subscriptions with folded frames queued or written since their last `checkpoint`.
+    owed: Vec<OwedCheckpoint>,
+    /// The close reason once overflowed: [`OVERFLOW_REASON`] or [`RESETS_REASON`].
+    slow_reason: Option<&'static str>,
 }
 
 /// A bounded, multi-producer, single-consumer frame queue.
@@ -73,6 +147,10 @@ pub struct Outbox {
     notify: Notify,
     max_messages: usize,
     max_bytes: usize,
+    /// Hard bound of the keyed queue, in slots (`--conflation-max-keys`).
+    max_keys: usize,
+    /// Some subscription is owed a checkpoint: read without the lock on every flush.
+    owes_checkpoint: AtomicBool,
 }
 
 /// Outboxes alive in this process (all brokers in it): the churn test checks that none
@@ -93,13 +171,140 @@ impl Outbox {
 
     /// An empty outbox with the given bounds.
     pub fn new(max_messages: usize, max_bytes: usize) -> Self {
+        Outbox::with_max_keys(max_messages, max_bytes, usize::MAX)
+    }
+
+    /// An empty outbox whose keyed queue holds at most `max_keys` slots.
+    pub fn with_max_keys(max_messages: usize, max_bytes: usize, max_keys: usize) -> Self {
         LIVE.fetch_add(1, Ordering::Relaxed);
         Outbox {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
             max_messages,
             max_bytes,
+            max_keys,
+            owes_checkpoint: AtomicBool::new(false),
         }
+    }
+
+    /// Queues a frame of a conflating subscription: as it is while the outbox is under its
+    /// bounds and folding nothing, else split into `changes` (rendered by the caller only
+    /// then) and folded into the keyed queue. Refused with [`PushError::Reset`] when that
+    /// passes the hard bound.
+    pub fn push_conflating<'c>(
+        &self,
+        to: Conflating<'_>,
+        frame: Frame,
+        changes: impl FnOnce() -> &'c [KeyedChange],
+    ) -> Result<Pushed, PushError> {
+        let len = frame.text.len();
+        let mut state = self.state.lock();
+        if state.overflowed || state.closed {
+            return Err(PushError::Closed);
+        }
+        let was_empty = state.queue.is_empty() && state.slots.is_empty();
+        if state.slots.is_empty()
+            && state.queue.len() < self.max_messages + state.extra_messages
+            && state.bytes + len <= self.max_bytes + state.extra_bytes
+        {
+            state.queue.push_back(frame);
+            state.bytes += len;
+            drop(state);
+            if was_empty {
+                self.notify.notify_one();
+            }
+            return Ok(Pushed::Frame);
+        }
+        let mut folded = 0;
+        for keyed in changes() {
+            let done =
+                state
+                    .slots
+                    .fold(to.sub, to.uid, &keyed.key, keyed.change.clone(), frame.live);
+            if done != Folded::Queued {
+                folded += 1;
+            }
+        }
+        if state.slots.len() > self.max_keys {
+            let dropped = state.slots.clear_sub(to.sub);
+            return Err(PushError::Reset(dropped));
+        }
+        if to.checkpoints && !state.owed.iter().any(|o| o.sub == to.sub) {
+            state.owed.push(OwedCheckpoint {
+                sub: to.sub,
+                uid: to.uid.clone(),
+                collection: to.collection.clone(),
+            });
+            self.owes_checkpoint.store(true, Ordering::Relaxed);
+        }
+        drop(state);
+        if was_empty {
+            self.notify.notify_one();
+        }
+        Ok(Pushed::Keyed { folded })
+    }
+
+    /// Queues the fresh `init` of a subscription that was reset ([`PushError::Reset`]),
+    /// behind everything pending, unless this reset is the [`RESETS_BEFORE_CLOSE`]th within
+    /// [`RESET_WINDOW`]: then the outbox overflows and the connection is closed with
+    /// [`RESETS_REASON`].
+    pub fn push_reset(&self, sub: u64, init: Frame, now: Instant) -> Result<(), PushError> {
+        let mut state = self.state.lock();
+        if state.overflowed || state.closed {
+            return Err(PushError::Closed);
+        }
+        while state
+            .resets
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= RESET_WINDOW)
+        {
+            state.resets.pop_front();
+        }
+        if state.resets.len() + 1 >= RESETS_BEFORE_CLOSE {
+            state.slow_reason = Some(RESETS_REASON);
+            return Err(self.overflow(state, 1));
+        }
+        state.resets.push_back(now);
+        let was_empty = state.queue.is_empty() && state.slots.is_empty();
+        state.slots.clear_sub(sub);
+        state.slots.push_frame(sub, init);
+        drop(state);
+        if was_empty {
+            self.notify.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The collections of the subscriptions owed a checkpoint (empty, without taking the
+    /// lock, when none is). The session reads their positions before it drains.
+    pub fn checkpoint_collections(&self) -> Vec<Arc<str>> {
+        if !self.owes_checkpoint.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        let state = self.state.lock();
+        let mut out: Vec<Arc<str>> = Vec::new();
+        for owed in &state.owed {
+            if !out.contains(&owed.collection) {
+                out.push(owed.collection.clone());
+            }
+        }
+        out
+    }
+
+    /// Drops what is pending for subscription `sub` in the keyed queue, and any checkpoint it
+    /// is owed: it was unsubscribed (or replaced by one with its uid), and nothing of it may
+    /// follow the `init` of its replacement.
+    pub fn forget(&self, sub: u64) {
+        let mut state = self.state.lock();
+        if !state.slots.is_empty() {
+            state.slots.clear_sub(sub);
+        }
+        state.owed.retain(|o| o.sub != sub);
+    }
+
+    /// Slow consumer close reason: why the outbox overflowed.
+    pub fn slow_reason(&self) -> &'static str {
+        self.state.lock().slow_reason.unwrap_or(OVERFLOW_REASON)
     }
 
     /// Queues a frame, or refuses it when that would pass a bound.
@@ -114,7 +319,7 @@ impl Outbox {
         {
             return Err(self.overflow(state, 1));
         }
-        let was_empty = state.queue.is_empty();
+        let was_empty = state.queue.is_empty() && state.slots.is_empty();
         state.queue.push_back(frame);
         state.bytes += len;
         drop(state);
@@ -136,7 +341,7 @@ impl Outbox {
         }
         state.extra_messages += frames.len();
         state.extra_bytes += len;
-        let was_empty = state.queue.is_empty();
+        let was_empty = state.queue.is_empty() && state.slots.is_empty();
         state.queue.extend(frames);
         state.bytes += len;
         drop(state);
@@ -148,8 +353,10 @@ impl Outbox {
 
     fn overflow(&self, mut state: parking_lot::MutexGuard<'_, State>, refused: usize) -> PushError {
         state.overflowed = true;
-        let lost = state.queue.len() + refused;
+        let lost = state.queue.len() + state.slots.len() + refused;
         state.queue = VecDeque::new();
+        state.slots.clear();
+        state.owed = Vec::new();
         state.bytes = 0;
         drop(state);
         self.notify.notify_one();
@@ -158,6 +365,19 @@ impl Outbox {
 
     /// Moves every queued frame into `out`.
     pub fn drain(&self, out: &mut Vec<Frame>) -> Drained {
+        self.drain_with(out, &[])
+    }
+
+    /// Moves every queued frame into `out`, the unkeyed ones first, then the keyed queue;
+    /// then a `checkpoint` for each subscription owed one whose collection is in `positions`.
+    /// Those positions must have been read (under the collections' log locks) before this
+    /// drain: every event up to them was queued before, so it is in `out` or was written
+    /// already, and nothing folded is left pending.
+    pub fn drain_with(
+        &self,
+        out: &mut Vec<Frame>,
+        positions: &[(Arc<str>, WirePosition)],
+    ) -> Drained {
         let mut state = self.state.lock();
         if state.overflowed {
             return Drained::Overflowed;
@@ -168,6 +388,26 @@ impl Outbox {
         state.bytes = 0;
         state.extra_messages = 0;
         state.extra_bytes = 0;
+        if !state.slots.is_empty() {
+            state.slots.drain(out);
+        }
+        if !positions.is_empty() {
+            state.owed.retain(|owed| {
+                let Some((_, at)) = positions.iter().find(|(c, _)| *c == owed.collection) else {
+                    return true;
+                };
+                let text = event_frame("checkpoint", None, owed.uid.as_deref(), None, Some(at));
+                out.push(Frame {
+                    text: Utf8Bytes::from(text),
+                    live: None,
+                });
+                false
+            });
+            if state.owed.is_empty() {
+                state.owed = Vec::new();
+                self.owes_checkpoint.store(false, Ordering::Relaxed);
+            }
+        }
         Drained::Frames
     }
 
@@ -181,13 +421,18 @@ impl Outbox {
         let mut state = self.state.lock();
         state.closed = true;
         state.queue = VecDeque::new();
+        state.slots.clear();
+        state.owed = Vec::new();
         state.bytes = 0;
     }
 
     /// Marks the consumer slow although the outbox did not overflow: a write to it outlasted
     /// the write timeout. Later drains answer `Overflowed`, so the session closes it.
     pub fn mark_slow(&self) {
-        self.state.lock().overflowed = true;
+        let mut state = self.state.lock();
+        state.overflowed = true;
+        state.slow_reason.get_or_insert(OVERFLOW_REASON);
+        drop(state);
         self.notify.notify_one();
     }
 
@@ -206,14 +451,16 @@ impl Outbox {
         let bytes = self.max_bytes + state.extra_bytes;
         let room = !state.overflowed
             && !state.closed
+            && state.slots.is_empty()
             && state.queue.len() * 2 < messages
             && state.bytes * 2 < bytes;
         room.then_some(state.queue.len())
     }
 
-    /// Frames currently queued.
+    /// Frames currently queued (keyed slots included).
     pub fn len(&self) -> usize {
-        self.state.lock().queue.len()
+        let state = self.state.lock();
+        state.queue.len() + state.slots.len()
     }
 
     /// True when nothing is queued.
@@ -321,6 +568,213 @@ mod tests {
         ob.close();
         assert!(ob.is_empty());
         assert_eq!(ob.push(frame("b")), Err(PushError::Closed));
+    }
+
+    use crate::conflate::Change;
+    use crate::event::EventKind;
+
+    fn changes(key: &str, kind: EventKind, data: &str) -> Vec<KeyedChange> {
+        vec![KeyedChange {
+            key: Arc::from(key),
+            change: Change {
+                kind,
+                cause: None,
+                data: Arc::from(data),
+            },
+        }]
+    }
+
+    fn texts(ob: &Outbox, positions: &[(Arc<str>, WirePosition)]) -> Vec<String> {
+        let mut out = Vec::new();
+        assert_eq!(ob.drain_with(&mut out, positions), Drained::Frames);
+        out.into_iter()
+            .map(|f| f.text.as_str().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn conflation_starts_past_the_soft_bound_and_folds_per_key() {
+        let ob = Outbox::with_max_keys(2, 1000, 10);
+        let uid = Some(Arc::<str>::from("u"));
+        let collection: Arc<str> = Arc::from("c");
+        let to = Conflating {
+            sub: 7,
+            uid: &uid,
+            collection: &collection,
+            checkpoints: true,
+        };
+        let push = |key: &str, kind, data: &str| {
+            let keyed = changes(key, kind, data);
+            ob.push_conflating(to, frame(&format!("plain {key} {data}")), || &keyed)
+        };
+        assert_eq!(push("a", EventKind::Update, "[1]"), Ok(Pushed::Frame));
+        assert_eq!(push("a", EventKind::Update, "[2]"), Ok(Pushed::Frame));
+        // Past the bound of two frames: keyed, not closed.
+        assert_eq!(
+            push("a", EventKind::Update, "[3]"),
+            Ok(Pushed::Keyed { folded: 0 })
+        );
+        assert_eq!(
+            push("b", EventKind::Create, "[10]"),
+            Ok(Pushed::Keyed { folded: 0 })
+        );
+        assert_eq!(
+            push("a", EventKind::Update, "[4]"),
+            Ok(Pushed::Keyed { folded: 1 })
+        );
+        assert_eq!(
+            push("b", EventKind::Delete, "[\"b\"]"),
+            Ok(Pushed::Keyed { folded: 1 })
+        );
+        // Folding once started, a push under the bounds is folded too (order per key).
+        assert_eq!(ob.len(), 3);
+        assert_eq!(ob.below_half(), None, "a folding outbox is written at once");
+        assert_eq!(ob.checkpoint_collections(), vec![collection.clone()]);
+        let at = WirePosition {
+            epoch: Arc::from("e"),
+            offset: 9,
+        };
+        assert_eq!(
+            texts(&ob, &[(collection.clone(), at)]),
+            [
+                "plain a [1]",
+                "plain a [2]",
+                r#"{"type":"subscription","event":"update","data":[4],"uid":"u"}"#,
+                r#"{"type":"subscription","event":"checkpoint","uid":"u","position":{"epoch":"e","offset":9}}"#,
+            ]
+        );
+        assert!(ob.checkpoint_collections().is_empty(), "paid");
+        // Drained: back to plain frames.
+        assert_eq!(push("a", EventKind::Update, "[5]"), Ok(Pushed::Frame));
+    }
+
+    #[test]
+    fn a_checkpoint_waits_for_its_position() {
+        let ob = Outbox::with_max_keys(0, 1000, 10);
+        let collection: Arc<str> = Arc::from("c");
+        let to = Conflating {
+            sub: 1,
+            uid: &None,
+            collection: &collection,
+            checkpoints: true,
+        };
+        let keyed = changes("a", EventKind::Update, "[1]");
+        ob.push_conflating(to, frame("x"), || &keyed).unwrap();
+        assert_eq!(
+            texts(&ob, &[]).len(),
+            1,
+            "no position read: no checkpoint yet"
+        );
+        assert_eq!(ob.checkpoint_collections(), vec![collection.clone()]);
+        let at = WirePosition {
+            epoch: Arc::from("e"),
+            offset: 3,
+        };
+        assert_eq!(
+            texts(&ob, &[(collection, at)]),
+            [r#"{"type":"subscription","event":"checkpoint","position":{"epoch":"e","offset":3}}"#]
+        );
+        // A subscription that did not ask is owed none.
+        let other: Arc<str> = Arc::from("d");
+        let quiet = Conflating {
+            sub: 2,
+            uid: &None,
+            collection: &other,
+            checkpoints: false,
+        };
+        ob.push_conflating(quiet, frame("x"), || &keyed).unwrap();
+        assert!(ob.checkpoint_collections().is_empty());
+    }
+
+    #[test]
+    fn the_hard_bound_resets_and_repeated_resets_close() {
+        let ob = Outbox::with_max_keys(0, 1000, 2);
+        let collection: Arc<str> = Arc::from("c");
+        let to = Conflating {
+            sub: 1,
+            uid: &None,
+            collection: &collection,
+            checkpoints: false,
+        };
+        let push = |key: &str| {
+            let keyed = changes(key, EventKind::Update, "[1]");
+            ob.push_conflating(to, frame("x"), || &keyed)
+        };
+        push("a").unwrap();
+        push("b").unwrap();
+        push("a").unwrap();
+        assert_eq!(push("c"), Err(PushError::Reset(3)));
+        assert_eq!(ob.len(), 0, "the subscription's slots are gone");
+        let now = Instant::now();
+        ob.push_reset(1, frame("init 1"), now).unwrap();
+        push("d").unwrap();
+        assert_eq!(texts(&ob, &[]).len(), 2, "init, then d");
+        // A reset past the window does not count.
+        push("a").unwrap();
+        push("b").unwrap();
+        assert_eq!(push("c"), Err(PushError::Reset(3)));
+        ob.push_reset(1, frame("init 2"), now + RESET_WINDOW * 2)
+            .unwrap();
+        // The pending init counts as a slot.
+        push("a").unwrap();
+        assert_eq!(push("b"), Err(PushError::Reset(3)));
+        // The third within the window closes.
+        ob.push_reset(1, frame("init 3"), now + RESET_WINDOW * 2)
+            .unwrap();
+        push("a").unwrap();
+        assert_eq!(push("b"), Err(PushError::Reset(3)));
+        assert!(matches!(
+            ob.push_reset(1, frame("init 4"), now + RESET_WINDOW * 2),
+            Err(PushError::Overflow(_))
+        ));
+        assert!(ob.is_slow());
+        assert_eq!(ob.slow_reason(), RESETS_REASON);
+        let mut out = Vec::new();
+        assert_eq!(ob.drain(&mut out), Drained::Overflowed);
+    }
+
+    #[test]
+    fn forget_drops_a_subscriptions_slots() {
+        let ob = Outbox::with_max_keys(0, 1000, 10);
+        let collection: Arc<str> = Arc::from("c");
+        for sub in [1, 2] {
+            let to = Conflating {
+                sub,
+                uid: &None,
+                collection: &collection,
+                checkpoints: true,
+            };
+            let keyed = changes("a", EventKind::Update, &format!("[{sub}]"));
+            ob.push_conflating(to, frame("x"), || &keyed).unwrap();
+        }
+        ob.forget(1);
+        assert_eq!(ob.len(), 1);
+        let at = WirePosition {
+            epoch: Arc::from("e"),
+            offset: 1,
+        };
+        let got = texts(&ob, &[(collection, at)]);
+        assert_eq!(got.len(), 2, "sub 2's update and its checkpoint: {got:?}");
+        assert!(got[0].contains("[2]"));
+    }
+
+    #[test]
+    fn unkeyed_frames_keep_the_usual_bounds_while_folding() {
+        let ob = Outbox::with_max_keys(1, 1000, 10);
+        let collection: Arc<str> = Arc::from("c");
+        let to = Conflating {
+            sub: 1,
+            uid: &None,
+            collection: &collection,
+            checkpoints: false,
+        };
+        let keyed = changes("a", EventKind::Update, "[1]");
+        ob.push(frame("close-policy")).unwrap();
+        ob.push_conflating(to, frame("x"), || &keyed).unwrap();
+        assert_eq!(
+            ob.push(frame("close-policy 2")),
+            Err(PushError::Overflow(3))
+        );
     }
 
     #[tokio::test]
