@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::outbox::{Frame, Live, Outbox, PushError};
 use crate::protocol::{event_frame, init_frame, WirePosition};
 use crate::registry::{Group, Registry, SubHandle};
-use crate::state::{State, StateError};
+use crate::state::{State, StateError, View};
 use crate::subscription::{payloads, Spec};
 
 /// Delivers events to the subscriptions of this node.
@@ -167,9 +167,11 @@ impl Hub {
                     && state.retains(&sub.spec.collection) =>
             {
                 match &sub.spec.item {
-                    Some(_) => state.item_snapshot(&sub.spec),
+                    Some(_) => state
+                        .item_snapshot(&sub.spec)
+                        .map(|data| View { data, meta: None }),
                     None => match state.snapshot(&sub.spec) {
-                        Ok(data) => Some(data),
+                        Ok(view) => Some(view),
                         Err(e) => {
                             drop(log);
                             return Err(SubscribeError::Init(e));
@@ -179,9 +181,10 @@ impl Hub {
             }
             _ => None,
         };
-        let init_data = retained.as_deref().or(sub.init_data);
+        let init_data = retained.as_ref().map(|v| v.data.as_str()).or(sub.init_data);
+        let meta = retained.as_ref().and_then(|v| v.meta.as_deref());
         let mut frames = vec![Frame {
-            text: init_frame(init_data, uid, &position, recovered).into(),
+            text: init_frame(init_data, meta, uid, &position, recovered).into(),
             live: None,
         }];
         for event in &missed {
@@ -366,6 +369,11 @@ impl Subscriptions {
             registry,
             backplane,
         }
+    }
+
+    /// The retained state, which `items` reads are answered from (`None`: nothing retained).
+    pub fn retained(&self) -> Option<&Arc<State>> {
+        self.hub.state()
     }
 
     /// False while the backplane is not ready: the node's history may be incomplete.

@@ -34,7 +34,9 @@
 //! - [`shutdown`]: signal handling.
 //! - [`history`]: recent events per collection, so clients resume with `since`.
 //! - [`state`]: retained items of the collections that keep them (`--state`): the fold,
-//!   capacity, `init` snapshots.
+//!   capacity, `init` snapshots and the list engine behind them.
+//! - [`read`]: one `items` read (socket and HTTP), compiled like a subscribe, cut from the
+//!   state.
 //! - [`cli`]: the `tidings` command line (serve, tail, publish; bench from `tidings-bench`).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -57,6 +59,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod projection;
 pub mod protocol;
+pub mod read;
 pub mod readiness;
 pub mod registry;
 pub mod shutdown;

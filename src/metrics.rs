@@ -309,6 +309,8 @@ pub struct Metrics {
     pub state_rejections: IntCounterVec,
     /// Time to build one retained `init` snapshot.
     pub state_init_duration: Histogram,
+    /// Time to answer one `items` read from the retained state (socket or HTTP).
+    pub state_read_duration: Histogram,
     /// Items that entered or left a subscription group's view on a retained collection, by
     /// collection and cause (`enter`, `leave`); identical subscriptions count once.
     pub transitions: IntCounterVec,
@@ -542,6 +544,11 @@ impl Metrics {
             state_init_duration: histogram(
                 "tidings_state_init_duration_seconds",
                 "Time to build one retained init snapshot (match, sort, slice, project, encode).",
+                latency_buckets(),
+            )?,
+            state_read_duration: histogram(
+                "tidings_state_read_duration_seconds",
+                "Time to answer one items read from the retained state, over the socket or HTTP (match, count, sort, slice, project, encode).",
                 latency_buckets(),
             )?,
             transitions: counter_vec(

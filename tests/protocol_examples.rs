@@ -16,7 +16,7 @@
 //!   `<name>` is the file name up to its first dot; `.<case>` is optional.
 //! - Every schema file, and every component an operation uses directly, has a valid example;
 //!   no file under `protocol/examples/` is left unmapped.
-//! - Server examples list their keys in wire order: `type`, `event`/`status`, `data`/`error`, `uid`,
+//! - Server examples list their keys in wire order: `type`, `event`/`status`, `data`/`error`, `meta`, `uid`,
 //!   then the extensions `position`, `recovered`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -423,9 +423,10 @@ fn server_examples_use_the_wire_key_order() {
             "type" => Some(0),
             "event" | "status" => Some(1),
             "data" | "error" => Some(2),
-            "uid" => Some(3),
-            "position" => Some(4),
-            "recovered" => Some(5),
+            "meta" => Some(3),
+            "uid" => Some(4),
+            "position" => Some(5),
+            "recovered" => Some(6),
             _ => None,
         }
     }
@@ -435,7 +436,7 @@ fn server_examples_use_the_wire_key_order() {
             serde_json::from_str(&ex.text).unwrap_or_else(|e| panic!("examples/{}: {e}", ex.rel));
         let ranks: Vec<Option<u8>> = keys.iter().map(|k| rank(k)).collect();
         if ranks.iter().any(Option::is_none) || ranks.windows(2).any(|w| w[0] >= w[1]) {
-            failures.push(format!("examples/{}: keys {keys:?} are not in wire order type, event|status, data|error, uid, position, recovered", ex.rel));
+            failures.push(format!("examples/{}: keys {keys:?} are not in wire order type, event|status, data|error, meta, uid, position, recovered", ex.rel));
         }
     }
     fail_with(&failures);

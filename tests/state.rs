@@ -9,22 +9,10 @@ use std::collections::BTreeMap;
 
 use hyper::StatusCode;
 use serde_json::{json, Value};
-use support::{start, TestServer, WsClient};
+use support::{retaining, start, TestServer, WsClient};
 use tidings::auth::TokenStore;
 use tidings::config::Engine;
-use tidings::state::StateSettings;
 use tidings::Config;
-
-fn retaining(collections: &[&str]) -> Config {
-    let defaults = Config::default();
-    Config {
-        state: StateSettings {
-            collections: collections.iter().map(|c| c.to_string()).collect(),
-            ..defaults.state.clone()
-        },
-        ..defaults
-    }
-}
 
 /// [`retaining`] `orders`, with the static tokens of `tokens` (JSON).
 fn retaining_with_tokens(tokens: &str) -> Config {

@@ -1,6 +1,6 @@
 //! One test per applicable case of `../shared/reference/directus-realtime-transcripts.md`,
 //! against the real broker over real sockets. Frames are compared byte for byte where Tidings
-//! answers as Directus does; where it deliberately differs (no item storage, no schema), the
+//! answers as Directus does; where it deliberately differs (no item writes, no schema), the
 //! test says so and asserts Tidings' documented answer (protocol/README.md).
 
 mod support;
@@ -710,14 +710,33 @@ async fn h22_client_close_drops_subscriptions() {
     }
 }
 
-/// Deviation: Tidings stores no items, so `items` requests get an UNSUPPORTED error.
+/// The read of H23 is answered as Directus answers it, from the retained state (`--state
+/// messages`). Deviations: writes over the socket are UNSUPPORTED (Tidings takes them from
+/// the application, over HTTP), and a collection that retains nothing, `directus_users`
+/// included, answers INVALID_COLLECTION, Directus' code for a system collection, with
+/// Tidings' reason.
 #[tokio::test]
-async fn h23_items_requests_are_unsupported() {
-    let server = start(handshake()).await;
+async fn h23_items_read_from_state_writes_unsupported() {
+    let mut config = handshake();
+    config.state.collections = vec!["messages".into()];
+    let server = start(config).await;
+    server
+        .publish(json!({"collection":"messages","event":"create","data":{"id":144,"text":"via ws","status":"draft","user":"ws"}}))
+        .await;
     let mut c = authed(&server).await;
     c.exchange(
-        r#"{"type":"items","collection":"messages","action":"read","uid":"i2"}"#,
-        r#"{"type":"items","status":"error","error":{"code":"UNSUPPORTED","message":"Tidings has no item storage: \"items\" requests are not supported."},"uid":"i2"}"#,
+        r#"{"type":"items","collection":"messages","action":"create","data":{"text":"via ws","status":"draft","user":"ws"},"uid":"i1","query":{"fields":["id","text"]}}"#,
+        r#"{"type":"items","status":"error","error":{"code":"UNSUPPORTED","message":"Tidings only reads items over the socket: \"create\", \"update\" and \"delete\" are not supported (publish changes through the HTTP API)."},"uid":"i1"}"#,
+    )
+    .await;
+    c.exchange(
+        r#"{"type":"items","collection":"messages","action":"read","query":{"fields":["id","text"],"limit":2},"uid":"i2"}"#,
+        r#"{"type":"items","data":[{"id":144,"text":"via ws"}],"uid":"i2"}"#,
+    )
+    .await;
+    c.exchange(
+        r#"{"type":"items","collection":"directus_users","action":"read","uid":"i6"}"#,
+        r#"{"type":"items","status":"error","error":{"code":"INVALID_COLLECTION","message":"Collection \"directus_users\" retains no items in Tidings (start it with --state directus_users), so it cannot be read."},"uid":"i6"}"#,
     )
     .await;
 }

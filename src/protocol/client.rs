@@ -46,6 +46,32 @@ pub struct SubscribeRequest {
     pub since: Option<WirePosition>,
 }
 
+/// The `action` of an `items` request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemsAction {
+    /// `read`: answered from the retained state.
+    Read,
+    /// `create`, `update` or `delete`: not supported (publish through the HTTP API).
+    Write,
+}
+
+/// A validated `items` request (the query is checked later, as a subscribe's is).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemsRequest {
+    /// Correlation id, echoed with its JSON type.
+    pub uid: Option<Uid>,
+    /// Collection name (not yet checked against permissions).
+    pub collection: String,
+    /// What to do.
+    pub action: ItemsAction,
+    /// The Directus query object.
+    pub query: Option<Map<String, Value>>,
+    /// `id`: one item (Directus' `readOne`), its key as a string.
+    pub id: Option<String>,
+    /// `ids`: these items (Directus' `readMany`), keys as strings.
+    pub ids: Option<Vec<String>>,
+}
+
 /// One parsed client frame.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientMessage {
@@ -65,11 +91,8 @@ pub enum ClientMessage {
     },
     /// Client `pong` (heartbeat answer; no reply).
     Pong,
-    /// `items` (CRUD over the socket), which Tidings does not support.
-    Items {
-        /// Echoed in the error.
-        uid: Option<Uid>,
-    },
+    /// `items` (CRUD over the socket): Tidings answers `read` from the retained state.
+    Items(ItemsRequest),
     /// A well-formed message of an unknown type: no reply at all, as Directus.
     Unknown,
 }
@@ -147,7 +170,7 @@ pub fn parse_client(text: &str) -> Result<ClientMessage, ProtocolError> {
         "unsubscribe" => ClientMessage::Unsubscribe { uid },
         "ping" => ClientMessage::Ping { uid },
         "pong" => ClientMessage::Pong,
-        "items" => ClientMessage::Items { uid },
+        "items" => ClientMessage::Items(parse_items(&obj, uid)?),
         _ => ClientMessage::Unknown,
     })
 }
@@ -223,6 +246,78 @@ fn parse_subscribe(
         query,
         nested,
         since,
+    })
+}
+
+fn items_validation(detail: String, uid: &Option<Uid>) -> ProtocolError {
+    let mut error = validation("items", detail);
+    error.uid = uid.clone();
+    error
+}
+
+/// A key as Directus keeps it: `String(key)` of a string or a number.
+fn key_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn parse_items(obj: &Map<String, Value>, uid: Option<Uid>) -> Result<ItemsRequest, ProtocolError> {
+    let collection = match obj.get("collection") {
+        Some(Value::String(c)) => c.clone(),
+        other => {
+            return Err(items_validation(
+                expected("string", other, "collection"),
+                &uid,
+            ))
+        }
+    };
+    let action = match obj.get("action").and_then(Value::as_str) {
+        Some("read") => ItemsAction::Read,
+        Some("create" | "update" | "delete") => ItemsAction::Write,
+        _ => {
+            let detail = ["create", "read", "update", "delete"]
+                .iter()
+                .map(|a| format!("Invalid input: expected \"{a}\" at \"action\""))
+                .collect::<Vec<_>>()
+                .join(" or ");
+            return Err(items_validation(detail, &uid));
+        }
+    };
+    let query = match obj.get("query") {
+        None => None,
+        Some(Value::Object(q)) => Some(q.clone()),
+        other => return Err(items_validation(expected("record", other, "query"), &uid)),
+    };
+    let id = match obj.get("id") {
+        None => None,
+        Some(v) => Some(
+            key_text(v).ok_or_else(|| items_validation(string_or_number(Some(v), "id"), &uid))?,
+        ),
+    };
+    let ids = match obj.get("ids") {
+        None => None,
+        Some(Value::Array(keys)) => Some(
+            keys.iter()
+                .enumerate()
+                .map(|(i, k)| {
+                    key_text(k).ok_or_else(|| {
+                        items_validation(string_or_number(Some(k), &format!("ids.{i}")), &uid)
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        other => return Err(items_validation(expected("array", other, "ids"), &uid)),
+    };
+    Ok(ItemsRequest {
+        uid,
+        collection,
+        action,
+        query,
+        id,
+        ids,
     })
 }
 

@@ -6,10 +6,13 @@
 mod client;
 mod server;
 
-pub use client::{parse_client, AuthRequest, ClientMessage, Credentials, SubscribeRequest};
+pub use client::{
+    parse_client, AuthRequest, ClientMessage, Credentials, ItemsAction, ItemsRequest,
+    SubscribeRequest,
+};
 pub use server::{
-    auth_ok, error_frame, event_frame, init_frame, pong, server_ping, subscription_frame,
-    unsubscribe_ack,
+    auth_ok, error_frame, event_frame, init_frame, items_frame, pong, server_ping,
+    subscription_frame, unsubscribe_ack,
 };
 
 /// A place in a collection's log: the `position` of event and `init` frames and the `since`
@@ -101,13 +104,16 @@ pub enum ErrorCode {
     RequestsExceeded,
     /// A Tidings limit was reached (e.g. subscriptions per connection).
     LimitExceeded,
-    /// A Directus feature Tidings does not have (`items` requests).
+    /// A Directus feature Tidings does not have (`items` writes).
     Unsupported,
+    /// An `items` request on a collection that cannot answer it (Directus' code for a system
+    /// collection; Tidings': a collection that retains no items).
+    InvalidCollection,
 }
 
 impl ErrorCode {
     /// Every code, for metrics initialization.
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 10] = [
         ErrorCode::InvalidPayload,
         ErrorCode::InvalidQuery,
         ErrorCode::Forbidden,
@@ -117,6 +123,7 @@ impl ErrorCode {
         ErrorCode::RequestsExceeded,
         ErrorCode::LimitExceeded,
         ErrorCode::Unsupported,
+        ErrorCode::InvalidCollection,
     ];
 
     /// The wire code.
@@ -131,6 +138,7 @@ impl ErrorCode {
             ErrorCode::RequestsExceeded => "REQUESTS_EXCEEDED",
             ErrorCode::LimitExceeded => "LIMIT_EXCEEDED",
             ErrorCode::Unsupported => "UNSUPPORTED",
+            ErrorCode::InvalidCollection => "INVALID_COLLECTION",
         }
     }
 }
@@ -146,6 +154,9 @@ pub struct ProtocolError {
     pub message: String,
     /// The uid to echo, if the error is tied to a request that had one.
     pub uid: Option<Uid>,
+    /// The query parameter at fault (`filter`, `fields`, `limit`…), when one is: never sent
+    /// on the socket (Directus' frames have no such field); the HTTP read names it in `where`.
+    pub at: Option<&'static str>,
 }
 
 impl ProtocolError {
@@ -161,7 +172,20 @@ impl ProtocolError {
             code,
             message: message.into(),
             uid,
+            at: None,
         }
+    }
+
+    /// The same error, naming the query parameter at fault.
+    pub fn at(mut self, parameter: &'static str) -> Self {
+        self.at = Some(parameter);
+        self
+    }
+
+    /// The same error under another frame `type` (a read answers `items`, not `subscribe`).
+    pub fn of_kind(mut self, kind: &'static str) -> Self {
+        self.kind = kind;
+        self
     }
 
     /// Encodes the error frame.

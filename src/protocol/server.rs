@@ -30,6 +30,21 @@ pub fn error_frame(kind: &str, code: ErrorCode, message: &str, uid: Option<&Uid>
     out
 }
 
+/// `{"type":"items","data":<data>,"meta"?:<meta>,"uid"?}`: the answer to an `items` read
+/// (`data` and `meta` raw JSON; the uid echoed with its original type).
+pub fn items_frame(data: &str, meta: Option<&str>, uid: Option<&Uid>) -> String {
+    let mut out = String::with_capacity(32 + data.len());
+    out.push_str(r#"{"type":"items","data":"#);
+    out.push_str(data);
+    if let Some(meta) = meta {
+        out.push_str(",\"meta\":");
+        out.push_str(meta);
+    }
+    uid_suffix(&mut out, uid);
+    out.push('}');
+    out
+}
+
 /// `{"type":"pong","uid"?}`.
 pub fn pong(uid: Option<&Uid>) -> String {
     let mut out = String::from(r#"{"type":"pong""#);
@@ -51,15 +66,25 @@ pub fn unsubscribe_ack(uid: Option<&Uid>) -> String {
     out
 }
 
-/// `{"type":"subscription","event":"init","data"?:<data>,"uid"?:"U","position":P,
-/// "recovered"?:bool}`; `data` is raw JSON. `recovered` answers a `since`.
+/// `{"type":"subscription","event":"init","data"?:<data>,"meta"?:<meta>,"uid"?:"U",
+/// "position":P,"recovered"?:bool}`; `data` and `meta` are raw JSON (`meta`: the counts
+/// `query.meta` asked, where Directus puts them). `recovered` answers a `since`.
 pub fn init_frame(
     data: Option<&str>,
+    meta: Option<&str>,
     uid: Option<&str>,
     position: &WirePosition,
     recovered: Option<bool>,
 ) -> String {
-    let mut out = subscription_frame("init", data, uid, Some(position));
+    let mut out = match meta {
+        None => subscription_frame("init", data, uid, Some(position)),
+        Some(meta) => {
+            let mut with_meta = data.unwrap_or("[]").to_string();
+            with_meta.push_str(",\"meta\":");
+            with_meta.push_str(meta);
+            subscription_frame("init", Some(&with_meta), uid, Some(position))
+        }
+    };
     if let Some(recovered) = recovered {
         out.pop();
         out.push_str(",\"recovered\":");
@@ -149,12 +174,20 @@ mod tests {
             offset: 7,
         };
         assert_eq!(
-            init_frame(Some("[]"), Some("42"), &at, None),
+            init_frame(Some("[]"), None, Some("42"), &at, None),
             r#"{"type":"subscription","event":"init","data":[],"uid":"42","position":{"epoch":"e1","offset":7}}"#
         );
         assert_eq!(
-            init_frame(None, Some("x\"y"), &at, Some(true)),
+            init_frame(None, None, Some("x\"y"), &at, Some(true)),
             r#"{"type":"subscription","event":"init","uid":"x\"y","position":{"epoch":"e1","offset":7},"recovered":true}"#
+        );
+        assert_eq!(
+            init_frame(Some("[]"), Some(r#"{"total_count":0}"#), None, &at, None),
+            r#"{"type":"subscription","event":"init","data":[],"meta":{"total_count":0},"position":{"epoch":"e1","offset":7}}"#
+        );
+        assert_eq!(
+            items_frame(r#"[{"id":1}]"#, Some(r#"{"filter_count":1}"#), Some(&num)),
+            r#"{"type":"items","data":[{"id":1}],"meta":{"filter_count":1},"uid":42}"#
         );
         assert_eq!(
             subscription_frame("delete", Some(r#"["5"]"#), None, None),

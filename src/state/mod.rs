@@ -10,7 +10,8 @@
 //!   `--state-max-items` (per collection) or `--state-max-bytes` (all collections) is refused
 //!   whole, before the engine gives it an offset;
 //! - **snapshots** ([`State::snapshot`]): a collection subscription's `init`, taken under the
-//!   same log lock as the fold, so the cut is exact.
+//!   same log lock as the fold, so the cut is exact; the same list engine ([`view`]) answers
+//!   the `items` reads.
 //!
 //! Items are kept as compact JSON text (`Box<str>`), not as `serde_json::Value` trees: a
 //! tree costs several times its text in allocations, and the fold and the snapshot parse only
@@ -26,7 +27,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use dashmap::DashMap;
 use parking_lot::Mutex;
@@ -35,7 +35,11 @@ use serde_json::Value;
 use crate::collections::{CollectionsFile, Shorthand};
 use crate::event::{key_string, Event, EventKind, NewEvent};
 use crate::metrics::Metrics;
-use crate::subscription::{ListShape, Spec};
+use crate::subscription::Spec;
+
+mod view;
+
+pub use view::{Purpose, View};
 
 /// Directus' default `limit` of an items read (`QUERY_LIMIT_DEFAULT`), which a retained
 /// `init` without `limit` follows; `limit: -1` asks for every matching item.
@@ -166,6 +170,14 @@ pub enum StateError {
     #[error("the initial list would hold {count} items, over --max-init-items ({limit}); narrow the filter or set a smaller limit")]
     InitTooLarge {
         /// Items the snapshot would carry.
+        count: usize,
+        /// `--max-init-items`.
+        limit: usize,
+    },
+    /// An `items` read would return more items than `--max-init-items`.
+    #[error("the read would return {count} items, over --max-init-items ({limit}); narrow the filter or set a smaller limit")]
+    ReadTooLarge {
+        /// Items the read would return.
         count: usize,
         /// `--max-init-items`.
         limit: usize,
@@ -591,58 +603,11 @@ impl State {
         serde_json::to_string(&shown).ok()
     }
 
-    /// The `data` of a collection subscription's `init`: the retained items `spec` matches
-    /// (filter, row rule, search), sorted by its `sort` (then by key; by key alone without
-    /// one), sliced by its `offset` and `limit` (Directus' default of
-    /// [`DEFAULT_INIT_LIMIT`] without one), projected, as a JSON array. Called under the
-    /// collection's history log lock, so it holds exactly the events up to the `init`
-    /// position.
-    pub fn snapshot(&self, spec: &Spec) -> Result<String, StateError> {
-        let started = Instant::now();
-        // The map shard is released before the store is locked (§6 of ARCHITECTURE).
-        let store = self.stores.get(&spec.collection).map(|s| s.value().clone());
-        let matched: Vec<Value> = match store {
-            None => Vec::new(),
-            Some(store) => store
-                .lock()
-                .items
-                .iter()
-                .map(|held| parse(held.json()))
-                .filter(|item| spec.matches(item))
-                .collect(),
-        };
-        let mut sort = spec.list.sort.clone();
-        sort.push((spec.key_field.to_string(), false));
-        let limit = match (spec.list.limit, spec.list.unbounded) {
-            (Some(n), _) => Some(n),
-            (None, true) => None,
-            (None, false) => Some(DEFAULT_INIT_LIMIT),
-        };
-        let shape = ListShape {
-            sort,
-            offset: spec.list.offset,
-            limit,
-            unbounded: spec.list.unbounded,
-        };
-        let kept = shape.apply(matched.iter().collect());
-        if kept.len() > self.settings.max_init_items {
-            return Err(StateError::InitTooLarge {
-                count: kept.len(),
-                limit: self.settings.max_init_items,
-            });
-        }
-        let projected: Vec<Value> = kept
-            .into_iter()
-            .map(|item| match spec.projection.is_all() {
-                true => item.clone(),
-                false => spec.projection.apply(item),
-            })
-            .collect();
-        let text = serde_json::to_string(&projected).unwrap_or_else(|_| "[]".to_string());
-        self.metrics
-            .state_init_duration
-            .observe(started.elapsed().as_secs_f64());
-        Ok(text)
+    /// A collection subscription's `init`: the retained items `spec` matches, cut and
+    /// counted as [`State::view`] says. Called under the collection's history log lock, so it
+    /// holds exactly the events up to the `init` position.
+    pub fn snapshot(&self, spec: &Spec) -> Result<View, StateError> {
+        self.view(spec, None, Purpose::Init)
     }
 }
 
@@ -670,6 +635,7 @@ fn first_new(
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::time::Instant;
 
     fn settings(max_items: usize, max_bytes: usize) -> StateSettings {
         StateSettings {

@@ -94,8 +94,79 @@ pub struct Spec {
     /// so [`SpecKey`] needs no field for it; `--transitions directus` turns it off for every
     /// spec of the process ([`Spec::without_transitions`]).
     pub transitions: bool,
-    /// Canonical identity of everything above.
+    /// `query.meta`: the counts an `init` or a read answers beside its `data` (`None`: no
+    /// `meta`). Not part of [`SpecKey`]: it shapes only the one-off `init` (live events carry
+    /// no `meta`), which is built from the subscription's own spec before it joins a group.
+    pub meta: Option<Box<MetaQuery>>,
+    /// Canonical identity of everything above but `meta`.
     pub key: Arc<SpecKey>,
+}
+
+/// One count `query.meta` asks for, by Directus' name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaCount {
+    /// `total_count`: the items of the collection the reader may see (under the row rule,
+    /// whatever the query's filter), as Directus counts under permissions.
+    Total,
+    /// `filter_count`: the items the query's filter and search match (before `limit`).
+    Filter,
+}
+
+impl MetaCount {
+    /// The name in the query and in the reply.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MetaCount::Total => "total_count",
+            MetaCount::Filter => "filter_count",
+        }
+    }
+}
+
+/// `query.meta` compiled: which counts, in the order asked, and what `total_count` counts
+/// under.
+#[derive(Debug, Clone)]
+pub struct MetaQuery {
+    /// The counts, in the order asked (`*`: `total_count`, `filter_count`), without repeats.
+    pub counts: Vec<MetaCount>,
+    /// The permission's row rule alone, which `total_count` counts under; `None`: every item.
+    pub rule: Option<Filter>,
+}
+
+/// Reads `meta` as Directus sanitizes it: `*` (both counts), a name, a comma-separated string
+/// or an array of names; each must be `total_count` or `filter_count`.
+fn parse_meta(v: &Value, uid: &Option<Uid>) -> Result<Vec<MetaCount>, ProtocolError> {
+    let names = match v {
+        Value::String(s) if s.trim() == "*" => {
+            vec!["total_count".to_string(), "filter_count".to_string()]
+        }
+        other => string_list(other, "meta", uid)?,
+    };
+    let mut counts = Vec::with_capacity(2);
+    for (i, name) in names.iter().enumerate() {
+        let count = match name.as_str() {
+            "total_count" => MetaCount::Total,
+            "filter_count" => MetaCount::Filter,
+            "*" => {
+                for c in [MetaCount::Total, MetaCount::Filter] {
+                    if !counts.contains(&c) {
+                        counts.push(c);
+                    }
+                }
+                continue;
+            }
+            _ => {
+                return Err(invalid_query(
+                    format!("\"meta[{i}]\" must be one of [total_count, filter_count]."),
+                    uid.clone(),
+                )
+                .at("meta"))
+            }
+        };
+        if !counts.contains(&count) {
+            counts.push(count);
+        }
+    }
+    Ok(counts)
 }
 
 impl Spec {
@@ -143,6 +214,7 @@ impl Spec {
             }),
             key_field: Arc::from(key_field),
             transitions: false,
+            meta: None,
         }
     }
 }
@@ -203,7 +275,11 @@ fn invalid_query(message: impl std::fmt::Display, uid: Option<Uid>) -> ProtocolE
 }
 
 /// Reads a list query parameter: an array of strings or a comma-separated string.
-fn string_list(v: &Value, name: &str, uid: &Option<Uid>) -> Result<Vec<String>, ProtocolError> {
+fn string_list(
+    v: &Value,
+    name: &'static str,
+    uid: &Option<Uid>,
+) -> Result<Vec<String>, ProtocolError> {
     match v {
         Value::String(s) => Ok(s
             .split(',')
@@ -217,24 +293,26 @@ fn string_list(v: &Value, name: &str, uid: &Option<Uid>) -> Result<Vec<String>, 
                 _ => Err(invalid_query(
                     format!("\"{name}\" must be an array of strings."),
                     uid.clone(),
-                )),
+                )
+                .at(name)),
             })
             .collect(),
         _ => Err(invalid_query(
             format!("\"{name}\" must be an array or a comma-separated string."),
             uid.clone(),
-        )),
+        )
+        .at(name)),
     }
 }
 
 /// Reads `limit`/`offset`/`page`: a number or a numeric string.
-fn integer(v: &Value, name: &str, uid: &Option<Uid>) -> Result<i64, ProtocolError> {
+fn integer(v: &Value, name: &'static str, uid: &Option<Uid>) -> Result<i64, ProtocolError> {
     let n = match v {
         Value::Number(n) => n.as_i64(),
         Value::String(s) => s.trim().parse::<i64>().ok(),
         _ => None,
     };
-    n.ok_or_else(|| invalid_query(format!("\"{name}\" must be a number."), uid.clone()))
+    n.ok_or_else(|| invalid_query(format!("\"{name}\" must be a number."), uid.clone()).at(name))
 }
 
 /// Splits `json(meta, a.b)` aware of parentheses so commas inside it survive a CSV split.
@@ -310,8 +388,9 @@ pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, Pr
     let user_filter = match query.get("filter") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => {
-            let parsed: Value = serde_json::from_str(s)
-                .map_err(|_| invalid_query("Invalid JSON for filter object.", uid.clone()))?;
+            let parsed: Value = serde_json::from_str(s).map_err(|_| {
+                invalid_query("Invalid JSON for filter object.", uid.clone()).at("filter")
+            })?;
             Some(parsed)
         }
         Some(other) => Some(other.clone()),
@@ -319,14 +398,14 @@ pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, Pr
     let mut filter = match &user_filter {
         Some(f @ Value::Object(_)) => Some(
             Filter::compile(f, ctx.limits, &compile_ctx)
-                .map_err(|e| invalid_query(e, uid.clone()))?,
+                .map_err(|e| invalid_query(e, uid.clone()).at("filter"))?,
         ),
-        Some(_) => return Err(invalid_query("\"filter\" must be an object.", uid)),
+        Some(_) => return Err(invalid_query("\"filter\" must be an object.", uid).at("filter")),
         None => None,
     };
     if let Some(expr) = query.get("jsonpath") {
         let Value::String(expr) = expr else {
-            return Err(invalid_query("\"jsonpath\" must be a string.", uid));
+            return Err(invalid_query("\"jsonpath\" must be a string.", uid).at("jsonpath"));
         };
         if permission.fields.is_some() {
             return Err(ProtocolError::new(
@@ -337,7 +416,7 @@ pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, Pr
             ));
         }
         let jp = Filter::compile_jsonpath(expr, ctx.limits)
-            .map_err(|e| invalid_query(e, uid.clone()))?;
+            .map_err(|e| invalid_query(e, uid.clone()).at("jsonpath"))?;
         filter = Some(match filter {
             Some(f) => f.and(jp),
             None => jp,
@@ -350,34 +429,37 @@ pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, Pr
         Some(v) => split_fields(v, &uid)?,
     };
     let projection = match &permission.fields {
-        None => Projection::compile(&requested).map_err(|e| invalid_query(e, uid.clone()))?,
+        None => Projection::compile(&requested)
+            .map_err(|e| invalid_query(e, uid.clone()).at("fields"))?,
         Some(allowed) => {
             let allows = |field: &str| allowed.iter().any(|a| a == "*" || a == field);
             if let Some(f) = &filter {
                 for path in f.fields() {
                     let top = path.split('.').next().unwrap_or(&path);
                     if !allows(top) {
-                        return Err(forbidden_field(top, &req.collection, uid));
+                        return Err(forbidden_field(top, &req.collection, uid).at("filter"));
                     }
                 }
             }
             let wants_all = requested.is_empty() || requested.iter().all(|f| f == "*");
             if wants_all && !allowed.iter().any(|a| a == "*") {
-                Projection::compile(allowed).map_err(|e| invalid_query(e, uid.clone()))?
+                Projection::compile(allowed)
+                    .map_err(|e| invalid_query(e, uid.clone()).at("fields"))?
             } else {
-                let p =
-                    Projection::compile(&requested).map_err(|e| invalid_query(e, uid.clone()))?;
+                let p = Projection::compile(&requested)
+                    .map_err(|e| invalid_query(e, uid.clone()).at("fields"))?;
                 for path in p.fields() {
                     let top = path.split('.').next().unwrap_or(&path);
                     if top != "*" && !allows(top) {
-                        return Err(forbidden_field(top, &req.collection, uid));
+                        return Err(forbidden_field(top, &req.collection, uid).at("fields"));
                     }
                 }
                 if requested.iter().any(|f| f == "*") && !allowed.iter().any(|a| a == "*") {
                     // `*` means "every field I may read".
                     let mut narrowed: Vec<String> = allowed.clone();
                     narrowed.extend(requested.iter().filter(|f| *f != "*").cloned());
-                    Projection::compile(&narrowed).map_err(|e| invalid_query(e, uid.clone()))?
+                    Projection::compile(&narrowed)
+                        .map_err(|e| invalid_query(e, uid.clone()).at("fields"))?
                 } else {
                     p
                 }
@@ -385,6 +467,13 @@ pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, Pr
         }
     };
 
+    // `meta` (Directus' counts), parsed before the row rule joins the filter: `total_count`
+    // counts under the rule alone.
+    let meta_counts = match query.get("meta") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(v) => parse_meta(v, &uid)?,
+    };
+    let mut meta_rule = None;
     // Row rule of the permission, ANDed on the server; no client message can widen it.
     if let Some(rule) = permission
         .filter
@@ -395,6 +484,9 @@ pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, Pr
             tracing::warn!(collection = %req.collection, error = %e, "permission filter does not compile");
             forbidden_collection(&req.collection, uid.clone())
         })?;
+        if meta_counts.contains(&MetaCount::Total) {
+            meta_rule = Some(rule.clone());
+        }
         filter = Some(match filter {
             Some(f) => rule.and(f),
             None => rule,
@@ -410,13 +502,13 @@ pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, Pr
                 None => (field, false),
             };
             if name.is_empty() {
-                return Err(invalid_query("\"sort\" has an empty field.", uid));
+                return Err(invalid_query("\"sort\" has an empty field.", uid).at("sort"));
             }
             // Sorting by a field orders the items by it, and `limit` then reveals that order.
             if let Some(allowed) = &permission.fields {
                 let top = name.split('.').next().unwrap_or(&name);
                 if !allowed.iter().any(|a| a == "*" || a == top) {
-                    return Err(forbidden_field(top, &req.collection, uid));
+                    return Err(forbidden_field(top, &req.collection, uid).at("sort"));
                 }
             }
             list.sort.push((name, desc));
@@ -430,22 +522,22 @@ pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, Pr
             }
             n if n >= 0 => list.limit = usize::try_from(n).ok(),
             _ => {
-                return Err(invalid_query(
-                    "\"limit\" must be -1 or a positive number.",
-                    uid,
-                ))
+                return Err(
+                    invalid_query("\"limit\" must be -1 or a positive number.", uid).at("limit"),
+                )
             }
         }
     }
     if let Some(v) = query.get("offset").filter(|v| !v.is_null()) {
         let n = integer(v, "offset", &uid)?;
-        list.offset = usize::try_from(n)
-            .map_err(|_| invalid_query("\"offset\" must be a positive number.", uid.clone()))?;
+        list.offset = usize::try_from(n).map_err(|_| {
+            invalid_query("\"offset\" must be a positive number.", uid.clone()).at("offset")
+        })?;
     }
     if let Some(v) = query.get("page").filter(|v| !v.is_null()) {
         let page = integer(v, "page", &uid)?;
         if page < 1 {
-            return Err(invalid_query("\"page\" must be a positive number.", uid));
+            return Err(invalid_query("\"page\" must be a positive number.", uid).at("page"));
         }
         if let (Some(limit), Ok(p)) = (list.limit, usize::try_from(page - 1)) {
             list.offset = list.offset.saturating_add(limit.saturating_mul(p));
@@ -456,7 +548,7 @@ pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, Pr
         Some(Value::String(s)) if s.is_empty() => None,
         Some(Value::String(s)) => Some(s.to_lowercase()),
         Some(Value::Number(n)) => Some(n.to_string()),
-        Some(_) => return Err(invalid_query("\"search\" must be a string.", uid)),
+        Some(_) => return Err(invalid_query("\"search\" must be a string.", uid).at("search")),
     };
 
     // Searching a field the subscriber cannot read would reveal it by probing.
@@ -499,6 +591,12 @@ pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, Pr
         key_only_deletes,
         key_field,
         transitions: events == EventSet::ALL,
+        meta: (!meta_counts.is_empty()).then(|| {
+            Box::new(MetaQuery {
+                counts: meta_counts,
+                rule: meta_rule,
+            })
+        }),
         key,
     })
 }

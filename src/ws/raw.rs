@@ -208,6 +208,12 @@ mod tests {
             texts[1].starts_with(r#"{"type":"subscription","event":"init","#),
             "{texts:?}"
         );
-        assert!(texts[2].contains("UNSUPPORTED"), "{texts:?}");
+        // The seed's `items` request has no `action`: a validation error of type `items`.
+        assert!(
+            texts[2].starts_with(
+                r#"{"type":"items","status":"error","error":{"code":"INVALID_PAYLOAD""#
+            ),
+            "{texts:?}"
+        );
     }
 }

@@ -104,6 +104,18 @@ pub async fn start_default() -> TestServer {
     start(Config::default()).await
 }
 
+/// The embedded defaults, with `collections` retaining their items (`--state`).
+pub fn retaining(collections: &[&str]) -> Config {
+    let defaults = Config::default();
+    Config {
+        state: tidings::state::StateSettings {
+            collections: collections.iter().map(|c| c.to_string()).collect(),
+            ..defaults.state.clone()
+        },
+        ..defaults
+    }
+}
+
 /// A config with static tokens like the reference recordings: `admin-static-token` reads
 /// everything, `reader-static-token` reads `messages` only.
 pub fn directus_like(mode: tidings::config::AuthMode) -> Config {

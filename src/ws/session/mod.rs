@@ -20,9 +20,11 @@
 //! - this file: the state, the `select!` loop and the dispatch of what woke it;
 //! - `writer`: outbox → socket, replies, close codes, delivery metrics;
 //! - `auth`: handshake, expiry, re-auth and the recompile of subscriptions it causes;
-//! - `subscriptions`: subscribe, unsubscribe, uid replacement, the resume wait.
+//! - `subscriptions`: subscribe, unsubscribe, uid replacement, the resume wait;
+//! - `items`: the `items` request (a read answered from the retained state).
 
 mod auth;
+mod items;
 mod subscriptions;
 mod writer;
 
@@ -310,15 +312,7 @@ impl Session {
                 Flow::Continue
             }
             ClientMessage::Pong | ClientMessage::Unknown => Flow::Continue,
-            ClientMessage::Items { uid } => {
-                let error = ProtocolError::new(
-                    "items",
-                    ErrorCode::Unsupported,
-                    "Tidings has no item storage: \"items\" requests are not supported.",
-                    uid,
-                );
-                self.reply_error(socket, &error).await
-            }
+            ClientMessage::Items(request) => self.on_items(socket, request).await,
         }
     }
 }

@@ -12,6 +12,7 @@ use crate::auth::Principal;
 use crate::config::Transitions;
 use crate::hub::{NewSubscription, Resume};
 use crate::protocol::{unsubscribe_ack, ErrorCode, ProtocolError, SubscribeRequest, Uid};
+use crate::read::capitalized;
 use crate::registry::SubHandle;
 use crate::subscription::{compile, forbidden_collection, Dialect, Spec, SpecContext};
 
@@ -220,14 +221,5 @@ impl Session {
             self.drop_sub(sub);
         }
         self.reply(socket, unsubscribe_ack(uid.as_ref())).await
-    }
-}
-
-/// `text` with its first letter upper-cased, as Directus' messages read.
-fn capitalized(text: &str) -> String {
-    let mut chars = text.chars();
-    match chars.next() {
-        Some(first) => first.to_uppercase().chain(chars).collect(),
-        None => String::new(),
     }
 }
