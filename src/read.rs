@@ -16,7 +16,7 @@ use crate::auth::Principal;
 use crate::config::Config;
 use crate::protocol::{ErrorCode, ProtocolError, SubscribeRequest, Uid};
 use crate::state::{Purpose, State, StateError, View};
-use crate::subscription::{compile, SpecContext};
+use crate::subscription::compile_configured;
 
 /// What to read.
 #[derive(Debug, Clone, Default)]
@@ -54,12 +54,7 @@ pub fn read(
         nested: false,
         since: None,
     };
-    let ctx = SpecContext {
-        principal,
-        limits: &config.filter_limits,
-        key_field: config.key_field(&subscribe.collection),
-    };
-    let spec = compile(&subscribe, &ctx).map_err(|e| e.of_kind("items"))?;
+    let spec = compile_configured(config, &subscribe, principal).map_err(|e| e.of_kind("items"))?;
     let uid = request.uid;
     let Some(state) = state.filter(|s| s.retains(&spec.collection)) else {
         return Err(ProtocolError::new(

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use crate::auth::Principal;
+use crate::config::{Config, Transitions};
 use crate::event::{valid_collection_name, EventSet};
 use crate::filter::{CompileContext, Filter, FilterLimits};
 use crate::projection::Projection;
@@ -339,6 +340,30 @@ fn split_fields(v: &Value, uid: &Option<Uid>) -> Result<Vec<String>, ProtocolErr
         }
         other => string_list(other, "fields", uid),
     }
+}
+
+/// Compiles `req` for `principal` under `config`: the collection's settings (key field,
+/// transitions) from the collections file or the flags; a collection the file does not
+/// declare (with `"undeclared": "forbid"`) does not exist, Directus' answer for an unknown
+/// collection. Subscribes and `items` reads both compile through here.
+pub fn compile_configured(
+    config: &Config,
+    req: &SubscribeRequest,
+    principal: &Principal,
+) -> Result<Spec, ProtocolError> {
+    let Some(settings) = config.collection(&req.collection) else {
+        return Err(forbidden_collection(&req.collection, req.uid.clone()));
+    };
+    let ctx = SpecContext {
+        principal,
+        limits: &config.filter_limits,
+        key_field: &settings.key_field,
+    };
+    let spec = compile(req, &ctx)?;
+    Ok(match settings.transitions {
+        Transitions::View => spec,
+        Transitions::Directus => spec.without_transitions(),
+    })
 }
 
 /// Compiles a subscribe request. `Err` is the frame to send back.

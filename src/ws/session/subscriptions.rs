@@ -9,12 +9,11 @@ use std::time::Duration;
 use super::auth::AuthState;
 use super::{Flow, Session, Socket};
 use crate::auth::Principal;
-use crate::config::Transitions;
 use crate::hub::{NewSubscription, Resume};
 use crate::protocol::{unsubscribe_ack, ErrorCode, ProtocolError, SubscribeRequest, Uid};
 use crate::read::capitalized;
 use crate::registry::SubHandle;
-use crate::subscription::{compile, forbidden_collection, Dialect, Spec, SpecContext};
+use crate::subscription::{compile_configured, Dialect, Spec};
 
 /// How long a resume from a position this node has not reached yet waits for it.
 pub(super) const RESUME_CATCH_UP: Duration = Duration::from_secs(2);
@@ -45,25 +44,7 @@ impl Session {
         request: &SubscribeRequest,
         principal: &Principal,
     ) -> Result<Spec, ProtocolError> {
-        let config = &self.state.config;
-        // A collection the collections file does not declare (with "undeclared": "forbid")
-        // does not exist: Directus' answer for an unknown collection.
-        let Some(settings) = config.collection(&request.collection) else {
-            return Err(forbidden_collection(
-                &request.collection,
-                request.uid.clone(),
-            ));
-        };
-        let ctx = SpecContext {
-            principal,
-            limits: &config.filter_limits,
-            key_field: &settings.key_field,
-        };
-        let spec = compile(request, &ctx)?;
-        Ok(match settings.transitions {
-            Transitions::View => spec,
-            Transitions::Directus => spec.without_transitions(),
-        })
+        compile_configured(&self.state.config, request, principal)
     }
 
     /// Swaps every subscription for one that receives nothing (the token expired).
