@@ -179,6 +179,7 @@ impl App {
         }
         let config = Arc::new(config);
         let readiness = Readiness::new();
+        let auth = Arc::new(auth);
         let http = Arc::new(HttpState {
             config: config.clone(),
             metrics: metrics.clone(),
@@ -187,11 +188,13 @@ impl App {
             readiness: readiness.clone(),
             shutdown: shutdown.clone(),
             history: hub.history().clone(),
+            state: hub.state().cloned(),
+            auth: auth.clone(),
         });
         let ws = Arc::new(WsState {
             config: config.clone(),
             metrics: metrics.clone(),
-            auth: Arc::new(auth),
+            auth,
             subscriptions: Subscriptions::new(hub.clone(), registry.clone(), backplane.clone()),
             limits: Arc::new(ConnectionLimits::new(
                 config.max_connections,

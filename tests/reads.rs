@@ -5,6 +5,7 @@
 
 mod support;
 
+use hyper::StatusCode;
 use serde_json::{json, Value};
 use support::{retaining, start, TestServer, WsClient};
 use tidings::auth::TokenStore;
@@ -223,4 +224,170 @@ async fn init_answers_query_meta_from_state() {
         r#"{"type":"subscription","event":"init","data":[],"uid":"n"}"#,
     )
     .await;
+}
+
+/// Query string, headers, and the error expected: status, code, `where`, message ("": any).
+type ErrorCase = (
+    String,
+    Vec<(&'static str, &'static str)>,
+    StatusCode,
+    &'static str,
+    &'static str,
+    &'static str,
+);
+
+async fn get_items(
+    server: &TestServer,
+    query: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, Value) {
+    let (status, got, body) = server
+        .request(
+            "GET",
+            &format!("/v1/collections/orders/items{query}"),
+            headers,
+            Vec::new(),
+        )
+        .await;
+    let value: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    if status == StatusCode::OK {
+        assert_eq!(got["content-type"], "application/json");
+        support::schema_check_component("ItemsRead", &value);
+    }
+    (status, value)
+}
+
+fn encoded(filter: Value) -> String {
+    percent_encoding::utf8_percent_encode(&filter.to_string(), percent_encoding::NON_ALPHANUMERIC)
+        .to_string()
+}
+
+#[tokio::test]
+async fn http_read_answers_directus_rest_shape_under_the_credential() {
+    let mut config = with_tokens();
+    config.state.max_init_items = 5;
+    let server = start(config).await;
+    seed(&server).await;
+    let open = encoded(json!({"status":{"_eq":"open"}}));
+    // Public mode (the default): the public permissions read everything.
+    let cases: Vec<(String, Value)> = vec![
+        (
+            format!("?fields=id,status&filter={open}&sort=-id&limit=2"),
+            json!({"data":[{"id":3,"status":"open"},{"id":2,"status":"open"}]}),
+        ),
+        (
+            format!("?fields[]=id&fields[]=secret&filter={open}&meta=*&limit=1&page=2"),
+            json!({"data":[{"id":2,"secret":"s2"}],"meta":{"total_count":6,"filter_count":3}}),
+        ),
+        (
+            "?fields=id&search=done&offset=1&meta=filter_count&unknown=1".to_string(),
+            json!({"data":[{"id":5},{"id":6}],"meta":{"filter_count":3}}),
+        ),
+    ];
+    for (query, expected) in cases {
+        let (status, body) = get_items(&server, &query, &[]).await;
+        assert_eq!((status, body), (StatusCode::OK, expected), "{query}");
+    }
+    // A token: its row rule and field grant, by header or by access_token.
+    for (query, headers) in [
+        ("?meta=*", vec![("authorization", "Bearer t1")]),
+        ("?meta=*&access_token=t1", vec![]),
+    ] {
+        let (status, body) = get_items(&server, query, &headers).await;
+        assert_eq!(
+            (status, body),
+            (
+                StatusCode::OK,
+                json!({"data":[{"id":1,"tenant":1,"status":"open"},{"id":3,"tenant":1,"status":"open"},{"id":5,"tenant":1,"status":"done"}],"meta":{"total_count":3,"filter_count":3}})
+            ),
+            "{query}"
+        );
+    }
+    let errors: Vec<ErrorCase> = vec![
+        ("".into(), vec![("authorization", "Bearer nope")], StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "authorization",
+            "a valid access token is required: send `Authorization: Bearer <token>` (a static token or a JWT)"),
+        ("".into(), vec![("authorization", "Basic dDE6")], StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "authorization", ""),
+        ("?fields=secret".into(), vec![("authorization", "Bearer t1")], StatusCode::FORBIDDEN, "FORBIDDEN", "fields",
+            "You don't have permission to access field \"secret\" in collection \"orders\" or it does not exist. Queried in root."),
+        ("?limit=x".into(), vec![], StatusCode::BAD_REQUEST, "INVALID_QUERY", "limit", "Invalid query. \"limit\" must be a number."),
+        ("?filter=%7Bnot".into(), vec![], StatusCode::BAD_REQUEST, "INVALID_QUERY", "filter", "Invalid query. Invalid JSON for filter object."),
+        ("?filter[status][_eq]=open".into(), vec![], StatusCode::BAD_REQUEST, "INVALID_QUERY", "filter", ""),
+        (format!("?filter={}", encoded(json!({"id":{"_nope":1}}))), vec![], StatusCode::BAD_REQUEST, "INVALID_QUERY", "filter", ""),
+        ("?sort=-".into(), vec![], StatusCode::BAD_REQUEST, "INVALID_QUERY", "sort", ""),
+        ("?offset=-1".into(), vec![], StatusCode::BAD_REQUEST, "INVALID_QUERY", "offset", ""),
+        ("?page=0&limit=1".into(), vec![], StatusCode::BAD_REQUEST, "INVALID_QUERY", "page", ""),
+        ("?meta=nope".into(), vec![], StatusCode::BAD_REQUEST, "INVALID_QUERY", "meta", "Invalid query. \"meta[0]\" must be one of [total_count, filter_count]."),
+        ("?limit=1&limit=2".into(), vec![], StatusCode::BAD_REQUEST, "INVALID_QUERY", "limit", "Invalid query. \"limit\" is given more than once."),
+        ("?limit=-1".into(), vec![], StatusCode::UNPROCESSABLE_ENTITY, "LIMIT_EXCEEDED", "limit",
+            "The read would return 6 items, over --max-init-items (5); narrow the filter or set a smaller limit."),
+    ];
+    for (query, headers, status, code, at, message) in errors {
+        let got = get_items(&server, &query, &headers).await;
+        support::assert_error(&query, (got.0, &got.1), status, code, at, message);
+    }
+    // A collection without state; one the token does not grant.
+    let (status, _, body) = server
+        .request("GET", "/v1/collections/invoices/items", &[], Vec::new())
+        .await;
+    let body: Value = serde_json::from_str(&body).expect("json");
+    support::assert_error("invoices", (status, &body), StatusCode::NOT_FOUND, "INVALID_COLLECTION", "collection",
+        "Collection \"invoices\" retains no items in Tidings (start it with --state invoices), so it cannot be read.");
+    let (status, _, body) = server
+        .request(
+            "GET",
+            "/v1/collections/invoices/items",
+            &[("authorization", "Bearer t1")],
+            Vec::new(),
+        )
+        .await;
+    let body: Value = serde_json::from_str(&body).expect("json");
+    support::assert_error(
+        "invoices t1",
+        (status, &body),
+        StatusCode::FORBIDDEN,
+        "FORBIDDEN",
+        "",
+        "",
+    );
+    // Another method: 405 naming GET.
+    let (status, headers, _) = server
+        .request(
+            "POST",
+            "/v1/collections/orders/items",
+            &[("content-type", "application/json")],
+            b"{}".to_vec(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(headers["allow"], "GET");
+}
+
+#[tokio::test]
+async fn http_read_needs_a_token_outside_public_mode() {
+    let mut config = with_tokens();
+    config.auth_mode = tidings::config::AuthMode::Handshake;
+    let server = start(config).await;
+    seed(&server).await;
+    let (status, headers, body) = server
+        .request("GET", "/v1/collections/orders/items", &[], Vec::new())
+        .await;
+    let body: Value = serde_json::from_str(&body).expect("json");
+    support::assert_error(
+        "no token",
+        (status, &body),
+        StatusCode::UNAUTHORIZED,
+        "UNAUTHORIZED",
+        "authorization",
+        "",
+    );
+    assert_eq!(headers["www-authenticate"], "Bearer");
+    let (status, body) = get_items(&server, "?fields=id", &[("authorization", "bearer t1")]).await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, json!({"data":[{"id":1},{"id":3},{"id":5}]}))
+    );
+    let reads = server
+        .metric("tidings_state_read_duration_seconds_count")
+        .await;
+    assert_eq!(reads, Some(1.0));
 }

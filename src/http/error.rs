@@ -89,6 +89,22 @@ pub enum ApiError {
     /// Missing or wrong publish key.
     #[error("a valid publish key is required: send `Authorization: Bearer <key>`")]
     Unauthorized,
+    /// Missing or wrong subscriber credential on a read (`GET …/items`), where the auth mode
+    /// has no public permissions.
+    #[error("a valid access token is required: send `Authorization: Bearer <token>` (a static token or a JWT)")]
+    ReaderUnauthorized,
+    /// An items read refused: the query, the permissions, the collection or the bound
+    /// (the socket read's error, with its code).
+    #[error("{message}")]
+    Read {
+        /// The protocol error code (`FORBIDDEN`, `INVALID_QUERY`, `INVALID_COLLECTION`,
+        /// `LIMIT_EXCEEDED`).
+        code: crate::protocol::ErrorCode,
+        /// What the socket read would say.
+        message: String,
+        /// The query parameter at fault, when one is.
+        parameter: Option<&'static str>,
+    },
     /// Missing or wrong admin key (`GET /v1/admin/stats`).
     #[error("a valid admin key is required: send `Authorization: Bearer <admin key>`")]
     AdminUnauthorized,
@@ -210,7 +226,15 @@ impl ApiError {
             ApiError::InvalidJson { .. } => StatusCode::BAD_REQUEST,
             ApiError::InvalidPayload { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized | ApiError::AdminUnauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized | ApiError::AdminUnauthorized | ApiError::ReaderUnauthorized => {
+                StatusCode::UNAUTHORIZED
+            }
+            ApiError::Read { code, .. } => match code {
+                crate::protocol::ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+                crate::protocol::ErrorCode::InvalidCollection => StatusCode::NOT_FOUND,
+                crate::protocol::ErrorCode::LimitExceeded => StatusCode::UNPROCESSABLE_ENTITY,
+                _ => StatusCode::BAD_REQUEST,
+            },
             ApiError::OriginNotAllowed { .. } => StatusCode::FORBIDDEN,
             ApiError::NotFound | ApiError::UnknownCollection { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -234,7 +258,10 @@ impl ApiError {
             ApiError::InvalidJson { .. } => "INVALID_JSON",
             ApiError::InvalidPayload { .. } => "INVALID_PAYLOAD",
             ApiError::InvalidHeader { .. } => "INVALID_HEADER",
-            ApiError::Unauthorized | ApiError::AdminUnauthorized => "UNAUTHORIZED",
+            ApiError::Unauthorized | ApiError::AdminUnauthorized | ApiError::ReaderUnauthorized => {
+                "UNAUTHORIZED"
+            }
+            ApiError::Read { code, .. } => code.as_str(),
             ApiError::OriginNotAllowed { .. } => "FORBIDDEN",
             ApiError::NotFound => "NOT_FOUND",
             ApiError::UnknownCollection { .. } => "UNKNOWN_COLLECTION",
@@ -261,7 +288,10 @@ impl ApiError {
             ApiError::InvalidHeader { header, .. } => Some(header),
             ApiError::UnsupportedMediaType => Some("content-type"),
             ApiError::OriginNotAllowed { .. } => Some("webhook-request-origin"),
-            ApiError::Unauthorized | ApiError::AdminUnauthorized => Some("authorization"),
+            ApiError::Unauthorized | ApiError::AdminUnauthorized | ApiError::ReaderUnauthorized => {
+                Some("authorization")
+            }
+            ApiError::Read { parameter, .. } => *parameter,
             _ => None,
         }
     }
@@ -286,7 +316,7 @@ impl IntoResponse for ApiError {
                 axum::http::HeaderValue::from_static(allow),
             );
         }
-        if matches!(self, ApiError::Unauthorized) {
+        if matches!(self, ApiError::Unauthorized | ApiError::ReaderUnauthorized) {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
                 axum::http::HeaderValue::from_static("Bearer"),

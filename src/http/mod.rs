@@ -6,6 +6,8 @@
 //!   webhook handshake.
 //! - `POST /v1/debezium`: Debezium change events (JSON, with or without schema, or as
 //!   CloudEvents).
+//! - `GET /v1/collections/{collection}/items`: a read of the retained state (subscriber
+//!   credential).
 //! - `GET /healthz`: the process is up.
 //! - `GET /readyz`: the broker accepts publishes and connections (false while shutting down).
 //! - `GET /metrics`: Prometheus text format.
@@ -14,6 +16,7 @@
 
 mod error;
 mod ingest;
+mod items;
 mod publish;
 
 pub use error::{ApiError, ServerErrorReason};
@@ -52,6 +55,10 @@ pub struct HttpState {
     pub shutdown: CancellationToken,
     /// The resume history, for its size gauges at each scrape.
     pub history: Arc<History>,
+    /// The retained state, which `GET …/items` reads (`None`: nothing retained).
+    pub state: Option<Arc<crate::state::State>>,
+    /// Subscriber credentials, for `GET …/items`.
+    pub auth: Arc<crate::auth::Authenticator>,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -70,6 +77,10 @@ pub fn routes(state: Arc<HttpState>) -> Router {
         .route(
             "/v1/collections/{collection}/{event}",
             post(publish::collection_handler),
+        )
+        .route(
+            "/v1/collections/{collection}/items",
+            get(items::read_handler),
         )
         .route(
             "/v1/cloudevents",
@@ -125,11 +136,14 @@ async fn metrics_handler(State(state): State<Arc<HttpState>>) -> Response {
 }
 
 /// JSON 405 for a known route asked with another method: the publish routes take `POST`
-/// (and `/v1/cloudevents` `OPTIONS`, the webhook handshake), the others (health, readiness, metrics, the WebSocket) `GET`.
+/// (and `/v1/cloudevents` `OPTIONS`, the webhook handshake), the items read `GET`, the others (health, readiness, metrics, the WebSocket) `GET`.
 pub async fn method_not_allowed_handler(uri: axum::http::Uri) -> Response {
-    let allow = if uri.path() == "/v1/cloudevents" {
+    let path = uri.path();
+    let allow = if path == "/v1/cloudevents" {
         "POST, OPTIONS"
-    } else if uri.path().starts_with("/v1/") {
+    } else if path.starts_with("/v1/collections/") && path.ends_with("/items") {
+        "GET"
+    } else if path.starts_with("/v1/") {
         "POST"
     } else {
         "GET, HEAD"
