@@ -1,5 +1,6 @@
 //! Conformance with the real official client: `@directus/sdk` `realtime()` (npm, pinned in
-//! `tests/sdk/package.json`) runs `tests/sdk/conformance.mjs` against a broker started here.
+//! `tests/sdk/package.json`) runs `tests/sdk/conformance.mjs` against a broker started here,
+//! and `tests/sdk/retained.mjs` against one retaining a collection (`--state`).
 //!
 //! Needs `node` and `npm`: the test runs `npm ci` in `tests/sdk` itself when the installed
 //! packages are not exactly the pinned ones. Without Node.js, or when `npm ci` fails, the test
@@ -156,6 +157,43 @@ async fn directus_sdk_realtime_conformance() {
         "the restart phase did not run\n{report}"
     );
     eprintln!("{}", ok.unwrap());
+}
+
+/// `tests/sdk/retained.mjs` on a broker retaining `orders`: the SDK receives a non-empty
+/// `init` (with `meta`) and the list its application keeps stays equal to the broker's state
+/// through an enter, a leave and a partial update, read back over HTTP and by a socket
+/// `items` read sent with the SDK's `sendMessage`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directus_sdk_keeps_a_retained_list() {
+    support::services::require_node();
+    support::services::npm_ci(&sdk_dir());
+    let mut config = support::directus_like(AuthMode::Handshake);
+    config.state.collections = vec!["orders".into()];
+    let server = support::start(config).await;
+    let base = format!("http://{}", server.addr);
+    let mut cmd = Command::new("node");
+    cmd.arg(sdk_dir().join("retained.mjs"))
+        .arg(&base)
+        .current_dir(sdk_dir());
+    let mut node = Proc::spawn_with_stdin(cmd, "node retained.mjs");
+    let status = tokio::task::block_in_place(|| node.try_wait_for(CHILD_DEADLINE));
+    let end = Instant::now() + Duration::from_secs(10);
+    let _ = tokio::task::block_in_place(|| {
+        node.stdout
+            .read_to_end(end)
+            .and(node.stderr.read_to_end(end))
+    });
+    let report = node.transcript();
+    server.shutdown().await;
+    let Some(status) = status else {
+        panic!("node did not exit within {CHILD_DEADLINE:?}\n{report}");
+    };
+    assert!(status.success(), "retained.mjs failed ({status})\n{report}");
+    let stdout = node.stdout.seen.join("\n");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("SDK RETAINED OK ")),
+        "no `SDK RETAINED OK <n> checks` line\n{report}"
+    );
 }
 
 #[test]

@@ -1,5 +1,6 @@
-//! Runs README's one-minute walkthrough, command by command, against the real binary, and
-//! compares what each command prints with what README shows. Only the port (README's 8080 is
+//! Runs README's one-minute walkthrough, command by command, against the real binary (with
+//! `--state orders`, so the late subscriber's retained `init` is shown too), and compares
+//! what each command prints with what README shows. Only the port (README's 8080 is
 //! replaced by a free one) and the random epoch are not compared.
 
 use std::io::{BufRead, BufReader};
@@ -117,17 +118,17 @@ fn readme_walkthrough_prints_what_readme_shows() {
     let langs: Vec<&str> = blocks.iter().map(|b| b.lang.as_str()).collect();
     assert_eq!(
         langs,
-        ["sh", "sh", "sh", "json", "sh", "sh"],
+        ["sh", "sh", "sh", "json", "sh", "sh", "sh", "json"],
         "walkthrough blocks"
     );
 
     // Terminal 1: the broker, on a free port instead of 8080.
     let serve = commands(&blocks[0]);
     assert_eq!(serve.len(), 1);
-    assert_eq!(serve[0].0, "cargo run --release -- serve");
+    assert_eq!(serve[0].0, "cargo run --release -- serve --state orders");
     let mut broker = Killed(
         Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--state", "orders", "--listen", "127.0.0.1:0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -198,4 +199,23 @@ fn readme_walkthrough_prints_what_readme_shows() {
         }
     }
     assert!(tail_out.recv_timeout(Duration::from_millis(300)).is_err());
+
+    // Terminal 4: a late subscriber prints the retained init first.
+    let late = commands(&blocks[6]);
+    assert_eq!(late.len(), 1);
+    let mut late_child = Killed(
+        Command::new("sh")
+            .args(["-c", &localize(&late[0].0, &addr)])
+            .env("TIDINGS_URL", format!("ws://{addr}/websocket"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the late tail"),
+    );
+    let late_out = lines_of(late_child.0.stdout.take().unwrap());
+    let init = late_out
+        .recv_timeout(WAIT)
+        .expect("the late tail prints its init");
+    assert_eq!(mask_epoch(&init), mask_epoch(&blocks[7].lines.join("\n")));
+    assert!(late_out.recv_timeout(Duration::from_millis(300)).is_err());
 }

@@ -1,4 +1,5 @@
-//! `tidings tail`: subscribe and print events as JSON lines.
+//! `tidings tail`: subscribe and print events as JSON lines (first, on a retained collection,
+//! the `init` with the current list when it holds items).
 
 use clap::Args;
 use futures_util::{SinkExt, StreamExt};
@@ -41,9 +42,22 @@ pub struct TailArgs {
     /// Access token (sent as ?access_token=, which works in every auth mode).
     #[arg(long, env = "TIDINGS_TOKEN")]
     pub token: Option<String>,
-    /// Exit after this many events.
+    /// Exit after this many events (a retained collection's `init`, printed first when it
+    /// holds items, does not count).
     #[arg(long)]
     pub count: Option<u64>,
+}
+
+async fn print_line(stdout: &mut tokio::io::Stdout, text: &str) -> Result<(), CliError> {
+    let line = format!("{text}\n");
+    stdout
+        .write_all(line.as_bytes())
+        .await
+        .map_err(|e| CliError::Connect(e.to_string()))?;
+    stdout
+        .flush()
+        .await
+        .map_err(|e| CliError::Connect(e.to_string()))
 }
 
 /// Runs `tail` until the connection closes, `--count` events arrived, or Ctrl-C.
@@ -115,17 +129,21 @@ pub async fn tail(args: TailArgs) -> Result<(), CliError> {
                     .await
                     .map_err(|e| CliError::Connect(e.to_string()))?;
             }
-            (_, Some("init")) => eprintln!("subscribed to {}", args.collection),
+            (_, Some("init")) => {
+                eprintln!("subscribed to {}", args.collection);
+                // On a retained collection the init carries the current list (or item):
+                // printed first, so the lines that follow are the changes to it.
+                let holds = match value.get("data") {
+                    Some(Value::Array(items)) => !items.is_empty(),
+                    Some(Value::Object(_)) => true,
+                    _ => false,
+                };
+                if holds {
+                    print_line(&mut stdout, text.as_str()).await?;
+                }
+            }
             (Some("subscription"), Some(_)) => {
-                let line = format!("{}\n", text.as_str());
-                stdout
-                    .write_all(line.as_bytes())
-                    .await
-                    .map_err(|e| CliError::Connect(e.to_string()))?;
-                stdout
-                    .flush()
-                    .await
-                    .map_err(|e| CliError::Connect(e.to_string()))?;
+                print_line(&mut stdout, text.as_str()).await?;
                 seen += 1;
                 if args.count.is_some_and(|n| seen >= n) {
                     return Ok(());
