@@ -115,6 +115,7 @@ fn create(item: Value) -> Event {
         keys: vec![key],
         before: Vec::new(),
         version: None,
+        apply: Default::default(),
         offset: 1,
         epoch: Arc::from("bench"),
         received: Instant::now(),

@@ -78,6 +78,33 @@ impl EventSet {
     }
 }
 
+/// How a retained collection's fold applies an event, beyond what its kind says. Collections
+/// without state deliver every event as published, whatever this says.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Apply {
+    /// As the kind says: `create` upserts, `update` merges, `delete` removes its keys.
+    #[default]
+    AsKind,
+    /// An `update` that replaces each stored item whole instead of merging into it (a
+    /// reconcile's: the state must end equal to the set it was given).
+    Replace,
+    /// A `delete` of every item the collection holds at this event's position (a Debezium
+    /// truncate). It carries no keys: the fold finds them, and reads each removed item's key
+    /// from its `key_field`.
+    Truncate {
+        /// The collection's key field.
+        key_field: Arc<str>,
+    },
+}
+
+impl Apply {
+    /// Whether this is the default, [`Apply::AsKind`] (the wire leaves it out).
+    pub fn is_as_kind(&self) -> bool {
+        *self == Apply::AsKind
+    }
+}
+
 /// An event as normalized from a publish request, before the backplane gives it a position.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {
@@ -100,6 +127,8 @@ pub struct NewEvent {
     /// retained collection, an item whose version is not newer than the stored one changes
     /// nothing and is delivered to nobody. `None`: unversioned.
     pub version: Option<u64>,
+    /// How the fold applies it (a reconcile's replacing update, a truncate).
+    pub apply: Apply,
 }
 
 /// An event with its position in its collection's log.
@@ -117,6 +146,8 @@ pub struct Event {
     pub before: Vec<Value>,
     /// The publisher's version of its items ([`NewEvent::version`]).
     pub version: Option<u64>,
+    /// How the fold applies it ([`NewEvent::apply`]); the folded event keeps it.
+    pub apply: Apply,
     /// Position in the collection's log (1-based, monotonic within an epoch).
     pub offset: u64,
     /// Lifetime of the log the offset belongs to.
@@ -457,6 +488,7 @@ fn normalize_keys_at(
         keys,
         before: Vec::new(),
         version: None,
+        apply: Apply::AsKind,
     })
 }
 
@@ -526,6 +558,7 @@ fn normalize_data_at(
         keys,
         before: Vec::new(),
         version: None,
+        apply: Apply::AsKind,
     })
 }
 

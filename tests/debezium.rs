@@ -157,7 +157,8 @@ async fn documented_events_give_exactly_the_expected_frames() {
             assert_eq!(accepted(&answer), one(collection, event), "{what} {file}");
             ws.expect(frame).await;
         }
-        // Truncates: nothing is retained, so they are refused, and say why.
+        // Truncates: nothing is retained, so they are refused, and say why (a retained
+        // collection's truncate: `truncate_deletes_every_retained_item`).
         for (file, collection) in [
             ("postgresql-truncate.json", "pg_customers"),
             ("mysql-truncate.json", "my_customers"),
@@ -172,7 +173,7 @@ async fn documented_events_give_exactly_the_expected_frames() {
             assert_eq!(
                 answer["error"],
                 json!({"code": "INVALID_PAYLOAD", "where": pointer, "message": format!(
-                    "a truncate of `{collection}` cannot be published: Tidings keeps no state of this collection, so it cannot tell which items to delete"
+                    "a truncate of `{collection}` cannot be published: Tidings keeps no state of this collection (see --state), so it cannot tell which items to delete"
                 )}),
                 "{what} {file}"
             );
@@ -473,7 +474,7 @@ async fn bad_inputs_get_exact_errors_and_deliver_nothing() {
         ("a delete without before (REPLICA IDENTITY NOTHING)", with(&["op"], json!("d")).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PAYLOAD", "/before",
          "a `d` event needs `before`: the row".into()),
         ("a truncate", truncate.to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PAYLOAD", "/payload/op",
-         "a truncate of `pg_customers` cannot be published: Tidings keeps no state of this collection, so it cannot tell which items to delete".into()),
+         "a truncate of `pg_customers` cannot be published: Tidings keeps no state of this collection (see --state), so it cannot tell which items to delete".into()),
         ("a decimal that is not base64", bad_decimal.to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PAYLOAD", "/payload/after/price",
          "`not*base64` is not a base64 Decimal".into()),
         ("a bad event after a good one", json!([create, with(&["op"], json!("m"))]).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PAYLOAD", "/1/op",
@@ -558,4 +559,262 @@ async fn before_drives_enter_and_leave() {
     ))
     .await;
     ws.expect_silence(Duration::from_millis(200)).await;
+}
+
+fn retaining_config() -> Config {
+    let mut config = config();
+    config.state.collections = vec!["pg_customers".into(), "my_customers".into()];
+    config
+}
+
+fn customer(id: i64, first_name: &str) -> Value {
+    json!({"id": id, "first_name": first_name, "last_name": "Kretchmar", "email": format!("c{id}@noanswer.org")})
+}
+
+/// Debezium's own truncate examples (`postgresql-truncate.json`, `mysql-truncate.json`, with
+/// and without schema) on collections that retain state: one `delete` of every retained item,
+/// which each subscriber sees only for the items it was shown (a filtered subscriber the
+/// matching ones, an unfiltered one all), and after which the state is empty. A redelivered
+/// truncate is delivered once; a truncate of an empty collection reaches nobody.
+#[tokio::test]
+async fn truncate_deletes_every_retained_item() {
+    for with_schema in [true, false] {
+        let form = |v: Value| if with_schema { v } else { bare(&v) };
+        let server = start(retaining_config()).await;
+        let seed = |collection: &str, ids: &[(i64, &str)]| {
+            json!({"collection": collection, "event": "create",
+                "data": ids.iter().map(|(id, name)| customer(*id, name)).collect::<Vec<_>>()})
+        };
+        server
+            .publish(seed(
+                "pg_customers",
+                &[(1, "Anne"), (2, "Bob"), (3, "Anne")],
+            ))
+            .await;
+        server
+            .publish(seed("my_customers", &[(1004, "Anne"), (1005, "Edward")]))
+            .await;
+        let mut ws = server.ws().await;
+        for (collection, uid, query, init) in [
+            (
+                "pg_customers",
+                "all",
+                json!({}),
+                json!([customer(1, "Anne"), customer(2, "Bob"), customer(3, "Anne")]),
+            ),
+            (
+                "pg_customers",
+                "annes",
+                json!({"filter": {"first_name": {"_eq": "Anne"}}}),
+                json!([customer(1, "Anne"), customer(3, "Anne")]),
+            ),
+            (
+                "pg_customers",
+                "nobody",
+                json!({"filter": {"first_name": {"_eq": "Zoe"}}}),
+                json!([]),
+            ),
+            (
+                "my_customers",
+                "my",
+                json!({"filter": {"first_name": {"_eq": "Edward"}}}),
+                json!([customer(1005, "Edward")]),
+            ),
+        ] {
+            ws.send(
+                &json!({"type": "subscribe", "collection": collection, "uid": uid, "query": query})
+                    .to_string(),
+            )
+            .await;
+            ws.expect(&format!(
+                r#"{{"type":"subscription","event":"init","data":{init},"uid":"{uid}"}}"#
+            ))
+            .await;
+        }
+        let truncate = form(fixture("postgresql-truncate.json"));
+        let (status, answer) = post(&server, &truncate).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+        assert_eq!(
+            accepted(&answer),
+            vec![("pg_customers".into(), "delete".into(), 0, false)]
+        );
+        assert_eq!(answer["events"][0]["offset"], 2);
+        ws.expect(r#"{"type":"subscription","event":"delete","data":[1,2,3],"uid":"all"}"#)
+            .await;
+        ws.expect(r#"{"type":"subscription","event":"delete","data":[1,3],"uid":"annes"}"#)
+            .await;
+        // The same truncate again (same source position): delivered once.
+        let (status, again) = post(&server, &truncate).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        assert_eq!(again["events"][0]["duplicate"], true, "{again}");
+        // A truncate of what is now empty: accepted, reaches nobody.
+        let mut later = truncate.clone();
+        let source = if with_schema {
+            &mut later["payload"]["source"]
+        } else {
+            &mut later["source"]
+        };
+        source["lsn"] = json!(46523200);
+        let (status, answer) = post(&server, &later).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+        assert_eq!(answer["events"][0]["offset"], 3);
+        // MySQL's truncate example, in the same batch as a create after it: the create
+        // survives (the truncate deletes what is held when it is applied).
+        let batch = json!([
+            form(fixture("mysql-truncate.json")),
+            form(fixture("mysql-create.json"))
+        ]);
+        let (status, answer) = post(&server, &batch).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+        assert_eq!(
+            accepted(&answer),
+            [
+                vec![("my_customers".into(), "delete".into(), 0, false)],
+                one("my_customers", "create")
+            ]
+            .concat()
+        );
+        ws.expect(r#"{"type":"subscription","event":"delete","data":[1005],"uid":"my"}"#)
+            .await;
+        ws.expect_silence(Duration::from_millis(200)).await;
+        assert_eq!(
+            server
+                .metric("tidings_state_items{collection=\"pg_customers\"}")
+                .await,
+            Some(0.0)
+        );
+        assert_eq!(
+            server
+                .metric("tidings_state_items{collection=\"my_customers\"}")
+                .await,
+            Some(1.0)
+        );
+        // A new subscriber's init is what is left.
+        ws.send(r#"{"type":"subscribe","collection":"my_customers","uid":"late"}"#)
+            .await;
+        ws.expect(&format!(
+            r#"{{"type":"subscription","event":"init","data":[{MY_ROW}],"uid":"late"}}"#
+        ))
+        .await;
+        ws.send(r#"{"type":"subscribe","collection":"pg_customers","uid":"late_pg"}"#)
+            .await;
+        ws.expect(r#"{"type":"subscription","event":"init","data":[],"uid":"late_pg"}"#)
+            .await;
+    }
+}
+
+/// The CloudEvents binary content mode at `/v1/debezium`: the attributes in `ce-*` headers
+/// (`ce-iodebezium*` standing in for `op` and `source`), the body the change (`data`), with or
+/// without its schema envelope. Debezium's own CloudEvents example, sent binary, gives the
+/// same frame as sent structured; a redelivery in the other mode is the same change.
+#[tokio::test]
+async fn cloudevents_binary_mode() {
+    let server = start(config()).await;
+    let mut ws = subscribed(&server, &[("a", "a"), ("pg_customers", "p")]).await;
+    let structured = fixture("postgresql-snapshot.cloudevent.json");
+    let mut headers: Vec<(String, String)> = Vec::new();
+    for (name, value) in structured.as_object().expect("object") {
+        let value = match value {
+            Value::String(s) => s.clone(),
+            Value::Null => continue,
+            _ if name == "data" => continue,
+            other => other.to_string(),
+        };
+        if name != "datacontenttype" {
+            headers.push((format!("ce-{name}"), value));
+        }
+    }
+    let (status, answer) = post_binary(&server, &structured["data"], &headers).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    assert_eq!(accepted(&answer), one("a", "create"));
+    ws.expect(
+        r#"{"type":"subscription","event":"create","data":[{"pk":1,"name":"Bob"}],"uid":"a"}"#,
+    )
+    .await;
+    // The same event structured: the same source position, so a duplicate.
+    let (status, answer) = post(&server, &structured).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(answer["events"][0]["duplicate"], true, "{answer}");
+
+    // A change with its schema envelope as the body, and only the required attributes.
+    let required: Vec<(String, String)> = [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "name:PostgreSQL_server;lsn:33227720"),
+        ("ce-source", "/debezium/postgresql/PostgreSQL_server"),
+        (
+            "ce-type",
+            "io.debezium.connector.postgresql.DataChangeEvent",
+        ),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let (status, answer) =
+        post_binary(&server, &fixture("postgresql-create.json"), &required).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    assert_eq!(accepted(&answer), one("pg_customers", "create"));
+    ws.expect(&format!(
+        r#"{{"type":"subscription","event":"create","data":[{PG_ROW}],"uid":"p"}}"#
+    ))
+    .await;
+
+    // Bad binary events: exact errors, nothing delivered.
+    let with = |name: &str, value: Option<&str>| {
+        let mut h: Vec<(String, String)> =
+            headers.iter().filter(|(k, _)| k != name).cloned().collect();
+        if let Some(v) = value {
+            h.push((name.to_string(), v.to_string()));
+        }
+        h
+    };
+    /// (what, body, headers, status, code, where, message)
+    type Case<'a> = (
+        &'a str,
+        Value,
+        Vec<(String, String)>,
+        StatusCode,
+        &'a str,
+        &'a str,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        ("another specversion", structured["data"].clone(), with("ce-specversion", Some("0.3")),
+         StatusCode::BAD_REQUEST, "INVALID_HEADER", "ce-specversion",
+         "invalid ce-specversion header: unsupported specversion `0.3`: this endpoint takes CloudEvents 1.0"),
+        ("no op anywhere", structured["data"].clone(), with("ce-iodebeziumop", None),
+         StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PAYLOAD", "/op", "missing field `op`"),
+        ("an unknown op in the header", structured["data"].clone(), with("ce-iodebeziumop", Some("x")),
+         StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PAYLOAD", "/op", "unknown op `x`; expected c, r, u, d or t"),
+        ("no table anywhere", structured["data"].clone(), with("ce-iodebeziumtable", None),
+         StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PAYLOAD", "/source/table", "missing `source.table`"),
+        ("a body that is no change", json!([1]), headers.clone(),
+         StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PAYLOAD", "", "expected the change event as a JSON object, got array"),
+        ("a truncate of a collection without state", json!({}), with("ce-iodebeziumop", Some("t")),
+         StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PAYLOAD", "/op",
+         "a truncate of `a` cannot be published: Tidings keeps no state of this collection (see --state), so it cannot tell which items to delete"),
+    ];
+    for (what, body, headers, status, code, pointer, message) in cases {
+        let got = post_binary(&server, &body, &headers).await;
+        support::assert_error(what, (got.0, &got.1), status, code, pointer, message);
+    }
+    ws.expect_silence(Duration::from_millis(200)).await;
+}
+
+async fn post_binary(
+    server: &TestServer,
+    body: &Value,
+    headers: &[(String, String)],
+) -> (StatusCode, Value) {
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    server
+        .post_raw(
+            "/v1/debezium",
+            Some("application/json"),
+            body.to_string().into_bytes(),
+            &headers,
+        )
+        .await
 }

@@ -110,6 +110,7 @@ impl World {
             keys,
             before: Vec::new(),
             version: None,
+            apply: Default::default(),
             offset: self.offset,
             epoch: Arc::from("test"),
             received: Instant::now(),

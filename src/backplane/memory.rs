@@ -109,6 +109,7 @@ impl MemoryBackplane {
             keys: new.keys,
             before: new.before,
             version: new.version,
+            apply: new.apply,
             offset: *last,
             epoch: self.epoch.clone(),
             received,
@@ -206,6 +207,7 @@ mod tests {
             keys: vec![],
             before: Vec::new(),
             version: None,
+            apply: Default::default(),
             idempotency_key: None,
         }
     }

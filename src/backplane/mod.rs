@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{Event, EventKind, NewEvent};
+use crate::event::{Apply, Event, EventKind, NewEvent};
 use crate::history::HistoryLimits;
 use crate::metrics::Metrics;
 
@@ -159,6 +159,9 @@ pub struct WireEvent {
     /// The publisher's version of the items, when it sent one.
     #[serde(rename = "v", default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
+    /// How a retained collection's fold applies it, when not as its kind says.
+    #[serde(rename = "a", default, skip_serializing_if = "Apply::is_as_kind")]
+    pub apply: Apply,
     /// Milliseconds since the Unix epoch when the publishing node accepted it (history age).
     #[serde(rename = "t")]
     pub accepted_ms: u64,
@@ -178,6 +181,8 @@ impl WireEvent {
             b: &'a [serde_json::Value],
             #[serde(skip_serializing_if = "Option::is_none")]
             v: Option<u64>,
+            #[serde(skip_serializing_if = "Apply::is_as_kind")]
+            a: &'a Apply,
             t: u64,
         }
         let t = std::time::SystemTime::now()
@@ -191,6 +196,7 @@ impl WireEvent {
             ks: &event.keys,
             b: &event.before,
             v: event.version,
+            a: &event.apply,
             t,
         })
         .unwrap_or_default()
@@ -210,6 +216,7 @@ impl WireEvent {
             keys: self.keys,
             before: self.before,
             version: self.version,
+            apply: self.apply,
             offset,
             epoch,
             received: std::time::Instant::now(),
@@ -230,6 +237,7 @@ mod tests {
             keys: vec![serde_json::json!(5), serde_json::json!("a")],
             before: Vec::new(),
             version: None,
+            apply: Default::default(),
             idempotency_key: Some(Arc::from("k")),
         };
         let bytes = WireEvent::encode(&new);
@@ -262,5 +270,19 @@ mod tests {
             .into_event(8, Arc::from("e"));
         assert_eq!(event.before, update.before);
         assert_eq!(event.items, update.items);
+        assert_eq!(event.apply, Apply::AsKind);
+
+        // A truncate keeps its meaning (and its key field) across the wire.
+        let truncate = NewEvent {
+            keys: Vec::new(),
+            apply: Apply::Truncate {
+                key_field: Arc::from("id"),
+            },
+            ..update
+        };
+        let event = WireEvent::decode(&WireEvent::encode(&truncate))
+            .expect("decodes")
+            .into_event(9, Arc::from("e"));
+        assert_eq!(event.apply, truncate.apply);
     }
 }

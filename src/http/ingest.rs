@@ -60,7 +60,8 @@ pub async fn cloudevents_handler(
 }
 
 /// `POST /v1/debezium`: one change event or an array, with or without the schema envelope,
-/// or CloudEvents carrying them. Tombstones are counted and skipped.
+/// or CloudEvents carrying them (structured: in the body; binary: `ce-*` headers, the body as
+/// `data`). Tombstones are counted and skipped.
 pub async fn debezium_handler(
     State(state): State<Arc<HttpState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -69,12 +70,31 @@ pub async fn debezium_handler(
 ) -> Response {
     serve_format(&state, "debezium", peer, &headers, body, |state, body| {
         let config = &state.config;
-        let normalized = debezium::normalize(
-            body,
-            &config.debezium,
-            &|c| config.key_field(c).to_string(),
-            config.max_publish_events,
-        )
+        let collections = debezium::Collections {
+            key_field: &|c| config.key_field(c).to_string(),
+            retains: &|c| config.state.retains(c),
+        };
+        let binary = match headers.contains_key("ce-specversion") {
+            true => {
+                let listed: Vec<(&str, &[u8])> = headers
+                    .iter()
+                    .map(|(name, value)| (name.as_str(), value.as_bytes()))
+                    .collect();
+                debezium::binary_attributes(&listed).map_err(refused)?
+            }
+            false => None,
+        };
+        let normalized = match binary {
+            Some(extensions) => {
+                debezium::normalize_binary(body, extensions, &config.debezium, collections)
+            }
+            None => debezium::normalize(
+                body,
+                &config.debezium,
+                collections,
+                config.max_publish_events,
+            ),
+        }
         .map_err(refused)?;
         state
             .metrics

@@ -5,7 +5,8 @@
 //! - the bare payload, `{"before":…,"after":…,"source":…,"op":…}` (`schemas.enable=false`);
 //! - a CloudEvent whose `data` is either of those (Debezium Server's and the CloudEvents
 //!   converter's `cloudevents` format: the `iodebezium*` extension attributes stand in for
-//!   `source` and `op` when `data` lacks them);
+//!   `source` and `op` when `data` lacks them), in structured mode (the body) or in binary
+//!   mode (`ce-*` headers, the body as `data`: [`normalize_binary`]);
 //! - a tombstone (`null`, or `{"schema":null,"payload":null}`): ignored, and counted.
 //!
 //! The mapping ([`Mapping`], set by the `--debezium-*` flags):
@@ -17,8 +18,10 @@
 //!   keeping `before` on the event as the previous version when it is a full row (it has
 //!   every field `after` has: `REPLICA IDENTITY FULL`, MySQL's full row image; PostgreSQL's
 //!   default replica identity sends only the key, which is dropped); `d` → delete of the
-//!   `before` row (so filters see it); `t` (truncate) is refused with a 422 that says so,
-//!   since these collections keep no state to delete; anything else is a 422;
+//!   `before` row (so filters see it); `t` (truncate) of a collection that retains state
+//!   (`--state`) is one `delete` of every item the state holds when it is applied (the fold
+//!   finds them, [`Apply::Truncate`]), and of any other collection a 422 that says so, since
+//!   nothing tells which items to delete; anything else is a 422;
 //! - the key is the collection's key field (`--key-field`), in `after` (or `before`);
 //! - with a schema, logical types are converted ([`Mapping::decimal`], [`Mapping::time`]);
 //!   without one, values pass through as Debezium sent them (as do the outputs of
@@ -34,7 +37,7 @@ use serde_json::{Map, Value};
 
 use super::{check_batch, derived_key, under, IngestError};
 use crate::event::{
-    kind_of, normalize_collection_body, valid_collection_name, EventKind, NewEvent,
+    kind_of, normalize_collection_body, valid_collection_name, Apply, EventKind, NewEvent,
     MAX_COLLECTION_NAME,
 };
 
@@ -95,11 +98,26 @@ pub struct Normalized {
     pub tombstones: usize,
 }
 
+/// What the mapping needs to know of the broker's collections.
+#[derive(Clone, Copy)]
+pub struct Collections<'a> {
+    /// A collection's key field (`--key-field`).
+    pub key_field: &'a dyn Fn(&str) -> String,
+    /// Whether a collection retains its items (`--state`): only those can be truncated.
+    pub retains: &'a dyn Fn(&str) -> bool,
+}
+
+impl std::fmt::Debug for Collections<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Collections").finish_non_exhaustive()
+    }
+}
+
 /// Maps a request body: one change event, or an array of them (all or nothing).
 pub fn normalize(
     body: Value,
     mapping: &Mapping,
-    key_field: &dyn Fn(&str) -> String,
+    collections: Collections<'_>,
     max_events: usize,
 ) -> Result<Normalized, IngestError> {
     let mut out = Normalized::default();
@@ -108,7 +126,7 @@ pub fn normalize(
             check_batch(list.len(), max_events, "change events")?;
             let mut at = Vec::with_capacity(list.len());
             for (i, one) in list.into_iter().enumerate() {
-                match change(one, &format!("/{i}"), mapping, key_field)? {
+                match change(one, &format!("/{i}"), mapping, collections)? {
                     Some(event) => {
                         out.events.push(event);
                         at.push(i);
@@ -118,7 +136,7 @@ pub fn normalize(
             }
             out.at = Some(at);
         }
-        one => match change(one, "", mapping, key_field)? {
+        one => match change(one, "", mapping, collections)? {
             Some(event) => out.events.push(event),
             None => out.tombstones += 1,
         },
@@ -126,12 +144,68 @@ pub fn normalize(
     Ok(out)
 }
 
+/// Maps the body of a CloudEvent in binary content mode (`ce-*` headers): the body is the
+/// event's `data`, one change event with or without its schema envelope, and `extensions`
+/// are the `ce-iodebezium*` headers (name without the prefix, value as a string), standing
+/// in for `op` and `source` where the change lacks them. An empty body (`null`) is a
+/// tombstone.
+pub fn normalize_binary(
+    body: Value,
+    extensions: Map<String, Value>,
+    mapping: &Mapping,
+    collections: Collections<'_>,
+) -> Result<Normalized, IngestError> {
+    let mut out = Normalized::default();
+    match envelope(body, extensions, "", mapping, collections)? {
+        Some(event) => out.events.push(event),
+        None => out.tombstones += 1,
+    }
+    Ok(out)
+}
+
+/// The attributes of a CloudEvent sent to `/v1/debezium` in binary content mode: `None`
+/// without a `ce-specversion` header (the body is then the event, or events, itself);
+/// otherwise `specversion` must be `1.0`, and the `ce-iodebezium*` headers, percent-decoded,
+/// are the extension attributes [`normalize_binary`] takes (`ce-iodebeziumop: r` → `op`).
+pub fn binary_attributes(
+    headers: &[(&str, &[u8])],
+) -> Result<Option<Map<String, Value>>, IngestError> {
+    let decode = |name: &str, raw: &[u8]| {
+        percent_encoding::percent_decode(raw)
+            .decode_utf8()
+            .map(|v| v.into_owned())
+            .map_err(|_| IngestError::header(name, "the value is not UTF-8 once percent-decoded"))
+    };
+    let Some((_, version)) = headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("ce-specversion"))
+    else {
+        return Ok(None);
+    };
+    let version = decode("ce-specversion", version)?;
+    if version != "1.0" {
+        return Err(IngestError::header(
+            "ce-specversion",
+            format!("unsupported specversion `{version}`: this endpoint takes CloudEvents 1.0"),
+        ));
+    }
+    let mut extensions = Map::new();
+    for (name, raw) in headers {
+        let lower = name.to_ascii_lowercase();
+        if let Some(attr) = lower.strip_prefix("ce-iodebezium") {
+            let value = decode(&lower, raw)?;
+            extensions.insert(attr.to_string(), Value::String(value));
+        }
+    }
+    Ok(Some(extensions))
+}
+
 /// One change event at `base`; `None` for a tombstone.
 fn change(
     value: Value,
     base: &str,
     mapping: &Mapping,
-    key_field: &dyn Fn(&str) -> String,
+    collections: Collections<'_>,
 ) -> Result<Option<NewEvent>, IngestError> {
     let Value::Object(mut obj) = value else {
         if value.is_null() {
@@ -147,7 +221,6 @@ fn change(
     };
     // A CloudEvent: `data` holds the change, extension attributes may hold the rest.
     let mut extensions = Map::new();
-    let mut at = base.to_string();
     if obj.contains_key("specversion") {
         match obj.get("specversion") {
             Some(Value::String(v)) if v == "1.0" => {}
@@ -164,21 +237,40 @@ fn change(
                 extensions.insert(attr.to_string(), value);
             }
         }
-        at = format!("{base}/data");
-        match data {
-            Value::Object(data) => obj = data,
-            Value::Null => return Ok(None),
-            other => {
-                return Err(IngestError::at(
-                    at,
-                    format!(
-                        "expected the change event as a JSON object, got {}",
-                        kind_of(&other)
-                    ),
-                ))
-            }
-        }
+        return envelope(
+            data,
+            extensions,
+            &format!("{base}/data"),
+            mapping,
+            collections,
+        );
     }
+    envelope(Value::Object(obj), extensions, base, mapping, collections)
+}
+
+/// A change event at `at` (with or without the schema envelope; a CloudEvent's `data`, whose
+/// `iodebezium*` attributes are `extensions`); `None` for a tombstone.
+fn envelope(
+    value: Value,
+    extensions: Map<String, Value>,
+    at: &str,
+    mapping: &Mapping,
+    collections: Collections<'_>,
+) -> Result<Option<NewEvent>, IngestError> {
+    let mut at = at.to_string();
+    let mut obj = match value {
+        Value::Object(obj) => obj,
+        Value::Null => return Ok(None),
+        other => {
+            return Err(IngestError::at(
+                at,
+                format!(
+                    "expected the change event as a JSON object, got {}",
+                    kind_of(&other)
+                ),
+            ))
+        }
+    };
     // The envelope with a schema.
     let mut schema = None;
     if obj.contains_key("payload") && !obj.contains_key("op") {
@@ -195,7 +287,7 @@ fn change(
             }
         }
     }
-    payload(obj, &extensions, schema.as_ref(), &at, mapping, key_field).map(Some)
+    payload(obj, &extensions, schema.as_ref(), &at, mapping, collections).map(Some)
 }
 
 fn payload(
@@ -204,7 +296,7 @@ fn payload(
     schema: Option<&Value>,
     at: &str,
     mapping: &Mapping,
-    key_field: &dyn Fn(&str) -> String,
+    collections: Collections<'_>,
 ) -> Result<NewEvent, IngestError> {
     let op = match obj.get("op").or_else(|| extensions.get("op")) {
         Some(Value::String(op)) => op.clone(),
@@ -284,11 +376,27 @@ fn payload(
         "c" | "r" => (EventKind::Create, "after"),
         "u" => (EventKind::Update, "after"),
         "d" => (EventKind::Delete, "before"),
+        "t" if (collections.retains)(&collection) => {
+            // Every item the state holds when the truncate is applied: the fold finds them.
+            let key_field = (collections.key_field)(&collection);
+            return Ok(NewEvent {
+                collection: std::sync::Arc::from(collection.as_str()),
+                kind: EventKind::Delete,
+                items: Vec::new(),
+                keys: Vec::new(),
+                before: Vec::new(),
+                version: None,
+                apply: Apply::Truncate {
+                    key_field: std::sync::Arc::from(key_field),
+                },
+                idempotency_key: Some(position_key(source, &collection, &op, &[])),
+            });
+        }
         "t" => {
             return Err(IngestError::at(
                 format!("{at}/op"),
                 format!(
-                    "a truncate of `{collection}` cannot be published: Tidings keeps no state of this collection, so it cannot tell which items to delete"
+                    "a truncate of `{collection}` cannot be published: Tidings keeps no state of this collection (see --state), so it cannot tell which items to delete"
                 ),
             ))
         }
@@ -330,8 +438,9 @@ fn payload(
         }
         _ => None,
     };
-    let mut event = normalize_collection_body(&collection, kind, Value::Object(row), key_field)
-        .map_err(|e| under(&row_at, e))?;
+    let mut event =
+        normalize_collection_body(&collection, kind, Value::Object(row), collections.key_field)
+            .map_err(|e| under(&row_at, e))?;
     if let Some(before) = before {
         event.before = vec![Value::Object(before)];
     }
@@ -611,6 +720,15 @@ mod tests {
         "id".into()
     }
 
+    fn none(_: &str) -> bool {
+        false
+    }
+
+    const C: Collections<'static> = Collections {
+        key_field: &id,
+        retains: &none,
+    };
+
     #[test]
     fn decimals_from_base64() {
         // 0x01E240 = 123456; 0xFE1DC0 = -123456 (two's complement).
@@ -677,7 +795,7 @@ mod tests {
         let src = json!({"connector": "postgresql", "name": "pg", "db": "postgres", "schema": "public", "table": "customers", "lsn": 10});
         let ev = |op: &str, before: Value, after: Value| json!({"op": op, "before": before, "after": after, "source": src});
         let m = Mapping::default();
-        let n = |v: Value| normalize(v, &m, &id, 10);
+        let n = |v: Value| normalize(v, &m, C, 10);
         let out = n(ev("c", Value::Null, json!({"id": 1, "a": 1}))).unwrap();
         assert_eq!(
             (&*out.events[0].collection, out.events[0].kind),
@@ -717,11 +835,11 @@ mod tests {
             tables: Some(HashSet::from(["public.customers".into(), "orders".into()])),
             ..Mapping::default()
         };
-        let out = normalize(ev("c", Value::Null, json!({"id": 1})), &mapped, &id, 10).unwrap();
+        let out = normalize(ev("c", Value::Null, json!({"id": 1})), &mapped, C, 10).unwrap();
         assert_eq!(&*out.events[0].collection, "people");
         let mut other = ev("c", Value::Null, json!({"id": 1}));
         other["source"]["table"] = json!("secrets");
-        let err = normalize(other, &mapped, &id, 10).unwrap_err();
+        let err = normalize(other, &mapped, C, 10).unwrap_err();
         assert!(matches!(err, IngestError::Payload(e) if e.pointer == "/source/table"));
     }
 }

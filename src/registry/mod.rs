@@ -474,6 +474,7 @@ mod tests {
             keys,
             before: Vec::new(),
             version: None,
+            apply: Default::default(),
             offset: 1,
             epoch: Arc::from("e"),
             received: Instant::now(),

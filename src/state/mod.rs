@@ -33,7 +33,7 @@ use parking_lot::Mutex;
 use serde_json::Value;
 
 use crate::collections::{CollectionsFile, Shorthand};
-use crate::event::{key_string, Event, EventKind, NewEvent};
+use crate::event::{key_string, Apply, Event, EventKind, NewEvent};
 use crate::metrics::Metrics;
 use crate::subscription::Spec;
 
@@ -300,6 +300,26 @@ impl Store {
     }
 }
 
+/// Empties `store` (a truncate), pushing every removed item and its key (the item's
+/// `key_field`; the stored key string when the item lacks it), in key order so that every node
+/// renders the same frame.
+fn truncate(store: &mut Store, key_field: &str, items: &mut Vec<Value>, keys: &mut Vec<Value>) {
+    let mut held: Vec<Stored> = std::mem::take(&mut store.items).into_iter().collect();
+    store.bytes = 0;
+    held.sort_unstable_by(|a, b| a.key().cmp(b.key()));
+    items.reserve(held.len());
+    keys.reserve(held.len());
+    for stored in held {
+        let item = parse(stored.json());
+        let key = match item.get(key_field) {
+            Some(key) if key_string(key) == stored.key() => key.clone(),
+            _ => Value::String(stored.key().to_string()),
+        };
+        items.push(item);
+        keys.push(key);
+    }
+}
+
 /// The shallow merge of an update into the stored item: every top-level field of `update`
 /// replaces the stored one (`null` included; nested values whole).
 fn merge(stored: Value, update: &Value) -> Value {
@@ -499,7 +519,8 @@ impl State {
     /// offset order, under the collection's history log lock.
     ///
     /// - `create`: each item replaces the stored one; the event's items are unchanged.
-    /// - `update`: each item is merged into the stored one; the event carries the merged items.
+    /// - `update`: each item is merged into the stored one (replaces it, for
+    ///   [`Apply::Replace`]); the event carries the merged items.
     /// - an item whose `version` is not newer than the stored one (both versioned) is left
     ///   out: it changes nothing and reaches nobody ([`State::admit`] reported it);
     /// - for both, `before` is the state's previous version of each item (`null` where it held
@@ -507,6 +528,8 @@ impl State {
     /// - `delete`: each key is removed; the event carries the removed items (the stored
     ///   version, else the item the publisher sent) and only the keys the store held or the
     ///   publisher described, so a key nobody was shown reaches nobody; `before` is empty.
+    /// - a truncate ([`Apply::Truncate`]): every held item is removed, and the event carries
+    ///   them all (in key order), so each subscriber gets the deletes of the items it matched.
     pub fn fold(&self, event: &Event) -> Option<Event> {
         if !self.retains(&event.collection) {
             return None;
@@ -526,8 +549,9 @@ impl State {
                         continue;
                     }
                     let stored = store.get(&k);
-                    let new = match (&stored, event.kind) {
-                        (Some(stored), EventKind::Update) => merge(stored.clone(), item),
+                    let new = match (&stored, event.kind, &event.apply) {
+                        (_, _, Apply::Replace) => item.clone(),
+                        (Some(stored), EventKind::Update, _) => merge(stored.clone(), item),
                         _ => item.clone(),
                     };
                     store.put(&k, &new, version);
@@ -537,6 +561,9 @@ impl State {
                 }
             }
             EventKind::Delete => {
+                if let Apply::Truncate { key_field } = &event.apply {
+                    truncate(&mut store, key_field, &mut items, &mut keys);
+                }
                 for (i, key) in event.keys.iter().enumerate() {
                     let k = key_string(key);
                     if is_stale(store.version(&k), version) {
@@ -560,6 +587,7 @@ impl State {
             keys,
             before,
             version,
+            apply: event.apply.clone(),
             offset: event.offset,
             epoch: event.epoch.clone(),
             received: event.received,
@@ -662,6 +690,7 @@ mod tests {
             keys,
             before: Vec::new(),
             version: None,
+            apply: Apply::AsKind,
             offset: 1,
             epoch: Arc::from("e"),
             received: Instant::now(),
@@ -677,6 +706,7 @@ mod tests {
             keys,
             before: Vec::new(),
             version: None,
+            apply: Apply::AsKind,
             idempotency_key: None,
         }
     }

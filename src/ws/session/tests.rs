@@ -150,6 +150,7 @@ async fn publish(app: &App, id: i64) {
             keys: vec![json!(id)],
             before: Vec::new(),
             version: None,
+            apply: Default::default(),
             idempotency_key: None,
         }])
         .await
