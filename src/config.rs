@@ -423,6 +423,15 @@ pub struct ServeArgs {
     /// Memory engine only for now.
     #[arg(long = "state", env = "TIDINGS_STATE", value_delimiter = ';')]
     pub state: Vec<String>,
+    /// An equality index on a field of a retained collection, `COLLECTION.FIELD` (the field
+    /// may be dotted): `init` and reads whose filter has a top-level `_eq`/`_in` on it parse
+    /// only the matching items. Repeatable.
+    #[arg(
+        long = "state-index",
+        env = "TIDINGS_STATE_INDEX",
+        value_delimiter = ';'
+    )]
+    pub state_index: Vec<String>,
     /// Most items one retained collection may hold; creating more is refused (507).
     #[arg(long, env = "TIDINGS_STATE_MAX_ITEMS", default_value_t = defaults::STATE_MAX_ITEMS)]
     pub state_max_items: usize,
@@ -650,6 +659,7 @@ impl Default for Config {
                 max_bytes: defaults::STATE_MAX_BYTES,
                 max_init_items: defaults::MAX_INIT_ITEMS,
                 file: None,
+                indexes: Vec::new(),
             },
             transitions: defaults::TRANSITIONS,
             collections_file: None,
@@ -751,6 +761,20 @@ impl Config {
             crate::backplane::nats::check_url(&self.nats_url).map_err(|m| err("nats-url", m))?;
             if self.nats_max_bytes > i64::MAX as u64 {
                 return Err(err("nats-max-bytes", "is too large"));
+            }
+        }
+        for (collection, field) in &self.state.indexes {
+            if !crate::event::valid_collection_name(collection) || field.is_empty() {
+                return Err(err(
+                    "state-index",
+                    format!("`{collection}.{field}` is not COLLECTION.FIELD"),
+                ));
+            }
+            if !self.shorthand().retains(collection) {
+                return Err(err(
+                    "state-index",
+                    format!("`{collection}` retains no items: add --state {collection}"),
+                ));
             }
         }
         for collection in &self.state.collections {
@@ -964,6 +988,14 @@ impl ServeArgs {
                 max_bytes: self.state_max_bytes,
                 max_init_items: self.max_init_items,
                 file: None,
+                indexes: self
+                    .state_index
+                    .iter()
+                    .map(|spec| match spec.trim().split_once('.') {
+                        Some((c, f)) => (c.to_string(), f.to_string()),
+                        None => (spec.trim().to_string(), String::new()),
+                    })
+                    .collect(),
             },
             transitions: self.transitions,
             collections_file,

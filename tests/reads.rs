@@ -391,3 +391,28 @@ async fn http_read_needs_a_token_outside_public_mode() {
         .await;
     assert_eq!(reads, Some(1.0));
 }
+
+#[tokio::test]
+async fn an_indexed_field_serves_init_and_reads_as_a_scan_would() {
+    let mut config = retaining(&["orders"]);
+    config.state.indexes = vec![("orders".into(), "status".into())];
+    let server = start(config).await;
+    seed(&server).await;
+    // Move items across the indexed values: the index follows the fold.
+    server
+        .publish(json!({"collection":"orders","event":"update","data":[{"id":1,"status":"done"},{"id":6,"status":"open"}]}))
+        .await;
+    server
+        .publish(json!({"collection":"orders","event":"delete","keys":[2]}))
+        .await;
+    let mut c = server.ws().await;
+    assert_eq!(
+        read(&mut c, json!({"type":"items","collection":"orders","action":"read","query":{"fields":"id","filter":{"status":{"_eq":"open"}},"meta":"*"},"uid":"r"})).await,
+        r#"{"type":"items","data":[{"id":3},{"id":6}],"meta":{"total_count":5,"filter_count":2},"uid":"r"}"#
+    );
+    c.exchange(
+        r#"{"type":"subscribe","collection":"orders","uid":"s","query":{"fields":"id","filter":{"status":{"_in":["done","gone"]}}}}"#,
+        r#"{"type":"subscription","event":"init","data":[{"id":1},{"id":4},{"id":5}],"uid":"s"}"#,
+    )
+    .await;
+}

@@ -37,7 +37,10 @@ use crate::event::{key_string, Apply, Event, EventKind, NewEvent};
 use crate::metrics::Metrics;
 use crate::subscription::Spec;
 
+mod index;
 mod view;
+
+use index::Index;
 
 pub use view::{Purpose, View};
 
@@ -65,9 +68,21 @@ pub struct StateSettings {
     /// `--collections-file`, whose per-collection `state` and `max_items` win over the flags
     /// (the composition root copies it from the configuration).
     pub file: Option<Arc<CollectionsFile>>,
+    /// Secondary equality indexes (`--state-index COLLECTION.FIELD`): (collection, dotted
+    /// field) pairs, kept by the fold and used by `init` and reads.
+    pub indexes: Vec<(String, String)>,
 }
 
 impl StateSettings {
+    /// The indexed fields of `collection`.
+    pub fn indexed_fields(&self, collection: &str) -> Vec<String> {
+        self.indexes
+            .iter()
+            .filter(|(c, _)| c == collection)
+            .map(|(_, f)| f.clone())
+            .collect()
+    }
+
     fn shorthand<'a>(&'a self, no_keys: &'a HashMap<String, String>) -> Shorthand<'a> {
         Shorthand {
             file: self.file.as_deref(),
@@ -254,6 +269,8 @@ struct Store {
     items: HashSet<Stored>,
     /// Bytes counted for these items (see [`item_bytes`]).
     bytes: usize,
+    /// The collection's equality indexes (`--state-index`), kept with every put and remove.
+    index: Index,
 }
 
 fn item_bytes(key: &str, json: &str) -> usize {
@@ -277,9 +294,17 @@ impl Store {
         let added = item_bytes(key, &json);
         let stored = Stored::new(key, &json, encode_version(version));
         let removed = match self.items.replace(stored) {
-            Some(old) => item_bytes(key, old.json()),
+            Some(old) => {
+                if !self.index.is_empty() {
+                    self.index.remove(key, &parse(old.json()));
+                }
+                item_bytes(key, old.json())
+            }
             None => 0,
         };
+        if !self.index.is_empty() {
+            self.index.insert(key, item);
+        }
         self.bytes = self.bytes + added - removed;
     }
 
@@ -287,7 +312,11 @@ impl Store {
     fn remove(&mut self, key: &str) -> Option<Value> {
         let old = self.items.take(key)?;
         self.bytes -= item_bytes(key, old.json());
-        Some(parse(old.json()))
+        let item = parse(old.json());
+        if !self.index.is_empty() {
+            self.index.remove(key, &item);
+        }
+        Some(item)
     }
 
     fn get(&self, key: &str) -> Option<Value> {
@@ -306,6 +335,7 @@ impl Store {
 fn truncate(store: &mut Store, key_field: &str, items: &mut Vec<Value>, keys: &mut Vec<Value>) {
     let mut held: Vec<Stored> = std::mem::take(&mut store.items).into_iter().collect();
     store.bytes = 0;
+    store.index.clear();
     held.sort_unstable_by(|a, b| a.key().cmp(b.key()));
     items.reserve(held.len());
     keys.reserve(held.len());
@@ -404,7 +434,12 @@ impl State {
     fn store(&self, collection: &Arc<str>) -> Arc<Mutex<Store>> {
         self.stores
             .entry(collection.clone())
-            .or_default()
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(Store {
+                    index: Index::new(&self.settings.indexed_fields(collection)),
+                    ..Store::default()
+                }))
+            })
             .value()
             .clone()
     }
@@ -672,6 +707,7 @@ mod tests {
             max_bytes,
             max_init_items: 10,
             file: None,
+            indexes: Vec::new(),
         }
     }
 
