@@ -58,6 +58,8 @@ pub struct Declared {
     pub max_items: Option<usize>,
     /// `transitions`.
     pub transitions: Option<Transitions>,
+    /// `indexes`: fields with an equality index (flag: `--state-index COLLECTION.FIELD`).
+    pub indexes: Vec<String>,
 }
 
 /// A parsed, validated collections file.
@@ -84,7 +86,7 @@ pub struct FileError {
 }
 
 /// The keys a declared collection may have (the schema's `properties`).
-const COLLECTION_KEYS: [&str; 4] = ["key_field", "state", "max_items", "transitions"];
+const COLLECTION_KEYS: [&str; 5] = ["key_field", "state", "max_items", "transitions", "indexes"];
 
 /// `~` and `/` escaped, as a JSON Pointer token (RFC 6901).
 fn token(name: &str) -> String {
@@ -191,6 +193,27 @@ fn declared(
                 Some(n) if n > 0 => out.max_items = Some(n),
                 _ => return Err(fail(&at, "must be an integer greater than 0".into())),
             },
+            "indexes" => {
+                let fields: Option<Vec<String>> = value.as_array().and_then(|list| {
+                    list.iter()
+                        .map(|f| {
+                            f.as_str()
+                                .map(str::trim)
+                                .filter(|f| !f.is_empty())
+                                .map(String::from)
+                        })
+                        .collect()
+                });
+                match fields {
+                    Some(fields) => out.indexes = fields,
+                    None => {
+                        return Err(fail(
+                            &at,
+                            "must be an array of non-empty field names".into(),
+                        ))
+                    }
+                }
+            }
             "transitions" => match value.as_str() {
                 Some("view") => out.transitions = Some(Transitions::View),
                 Some("directus") => out.transitions = Some(Transitions::Directus),

@@ -777,6 +777,16 @@ impl Config {
                 ));
             }
         }
+        if let Some(file) = self.collections_file.as_deref() {
+            for (collection, declared) in &file.collections {
+                if !declared.indexes.is_empty() && !self.shorthand().retains(collection) {
+                    return Err(err(
+                        "collections-file",
+                        format!("`{collection}` declares indexes but retains no items (set \"state\": true)"),
+                    ));
+                }
+            }
+        }
         for collection in &self.state.collections {
             if collection != "*" && !crate::event::valid_collection_name(collection) {
                 return Err(err(

@@ -416,3 +416,30 @@ async fn an_indexed_field_serves_init_and_reads_as_a_scan_would() {
     )
     .await;
 }
+
+#[test]
+fn indexes_need_a_retaining_collection() {
+    let mut config = retaining(&["orders"]);
+    config.state.indexes = vec![("invoices".into(), "status".into())];
+    let error = tidings::app::App::new(config).expect_err("refused");
+    assert!(
+        error
+            .to_string()
+            .contains("`invoices` retains no items: add --state invoices"),
+        "{error}"
+    );
+    let file = tidings::collections::CollectionsFile::parse(
+        std::path::Path::new("c.json"),
+        r#"{"collections":{"logs":{"state":false,"indexes":["level"]}}}"#,
+    )
+    .expect("file");
+    let config = Config {
+        collections_file: Some(std::sync::Arc::new(file)),
+        ..Config::default()
+    };
+    let error = tidings::app::App::new(config).expect_err("refused");
+    assert!(
+        error.to_string().contains("`logs` declares indexes"),
+        "{error}"
+    );
+}

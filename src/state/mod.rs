@@ -76,11 +76,22 @@ pub struct StateSettings {
 impl StateSettings {
     /// The indexed fields of `collection`.
     pub fn indexed_fields(&self, collection: &str) -> Vec<String> {
-        self.indexes
+        let declared = self
+            .file
+            .as_deref()
+            .and_then(|f| f.collections.get(collection))
+            .map(|d| d.indexes.clone())
+            .unwrap_or_default();
+        let mut fields: Vec<String> = self
+            .indexes
             .iter()
             .filter(|(c, _)| c == collection)
             .map(|(_, f)| f.clone())
-            .collect()
+            .chain(declared)
+            .collect();
+        fields.sort();
+        fields.dedup();
+        fields
     }
 
     fn shorthand<'a>(&'a self, no_keys: &'a HashMap<String, String>) -> Shorthand<'a> {
@@ -745,6 +756,26 @@ mod tests {
             apply: Apply::AsKind,
             idempotency_key: None,
         }
+    }
+
+    #[test]
+    fn indexes_come_from_the_flag_and_the_collections_file() {
+        let file = CollectionsFile::parse(
+            std::path::Path::new("c.json"),
+            r#"{"collections":{"orders":{"state":true,"indexes":["customer.id","status"]}}}"#,
+        )
+        .unwrap();
+        let settings = StateSettings {
+            indexes: vec![
+                ("orders".into(), "status".into()),
+                ("other".into(), "x".into()),
+            ],
+            file: Some(Arc::new(file)),
+            ..settings(10, 1 << 20)
+        };
+        assert_eq!(settings.indexed_fields("orders"), ["customer.id", "status"]);
+        assert_eq!(settings.indexed_fields("other"), ["x"]);
+        assert!(settings.indexed_fields("none").is_empty());
     }
 
     #[test]
