@@ -34,6 +34,7 @@ use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 use crate::registry::Registry;
 use crate::shutdown::Shutdown;
+use crate::state::persist::{self, PersistError, Persister};
 use crate::state::State;
 use crate::ws::limits::ConnectionLimits;
 use crate::ws::WsState;
@@ -55,6 +56,10 @@ struct Parts {
     engine_shutdown: CancellationToken,
     /// Keeps the `--jwks-url` keys fresh while serving.
     jwks: Option<Arc<JwksFetcher>>,
+    /// The memory engine, closed before the final `--state-dir` snapshot.
+    memory: Option<Arc<MemoryBackplane>>,
+    /// Writes the `--state-dir` snapshots.
+    persister: Option<Arc<Persister>>,
 }
 
 /// Why the broker could not start or serve.
@@ -72,6 +77,9 @@ pub enum AppError {
     /// Serving failed.
     #[error("serving: {0}")]
     Io(#[from] std::io::Error),
+    /// The `--state-dir` snapshot could not be read (the broker does not start) or written.
+    #[error(transparent)]
+    Persist(#[from] PersistError),
 }
 
 /// A built broker, ready to serve.
@@ -112,6 +120,15 @@ impl App {
         let state = state_settings
             .any()
             .then(|| Arc::new(State::new(state_settings, metrics.clone())));
+        // Restored before anything is served (the listener is not accepted from yet).
+        let loaded = match &config.state_dir {
+            Some(dir) => persist::load(dir, state.as_deref())?,
+            None => None,
+        };
+        let continued = loaded
+            .as_ref()
+            .filter(|l| l.clean)
+            .map(|l| (l.epoch.clone(), &l.offsets[..]));
         let hub = Arc::new(Hub::with_state(
             registry.clone(),
             metrics.clone(),
@@ -130,15 +147,22 @@ impl App {
             shutdown: engine_shutdown.clone(),
             metrics: metrics.clone(),
         };
+        let mut memory = None;
         let backplane: Arc<dyn Backplane> = match config.engine {
             Engine::Memory => {
                 metrics.backplane_ready.set(1);
-                Arc::new(MemoryBackplane::with_state(
+                let engine = Arc::new(MemoryBackplane::continuing(
                     engine.sink,
                     engine.idempotency_window,
                     metrics.idempotency_evictions.clone(),
-                    state,
-                ))
+                    state.clone(),
+                    continued.clone(),
+                ));
+                for (collection, offset) in continued.map_or(&[][..], |(_, offsets)| offsets) {
+                    hub.history().continue_at(collection, *offset);
+                }
+                memory = Some(engine.clone());
+                engine
             }
             Engine::Redis => {
                 let ca = config.redis_ca.as_deref();
@@ -158,6 +182,34 @@ impl App {
                         message: e.to_string(),
                     })?,
             ),
+        };
+        let persister = match &config.state_dir {
+            None => None,
+            Some(dir) => {
+                let persister = Persister::new(
+                    dir.clone(),
+                    state.clone(),
+                    hub.history().clone(),
+                    metrics.clone(),
+                )?;
+                // At once, and not clean: a crash from here on must not continue this epoch
+                // again (and an unwritable directory stops the start, not a later snapshot).
+                let written = persister.write(false)?;
+                match &loaded {
+                    Some(l) => tracing::info!(
+                        items = l.items,
+                        skipped = l.skipped,
+                        epoch = %hub.history().epoch(),
+                        continued = l.clean,
+                        "retained state restored from --state-dir"
+                    ),
+                    None => tracing::info!(
+                        bytes = written.bytes,
+                        "no snapshot in --state-dir yet: starting empty"
+                    ),
+                }
+                Some(Arc::new(persister))
+            }
         };
         let jwks = match config.jwt.as_ref().and_then(|j| j.remote_keys()) {
             None => None,
@@ -226,6 +278,8 @@ impl App {
                 admin,
                 engine_shutdown,
                 jwks,
+                memory,
+                persister,
             }),
         })
     }
@@ -338,6 +392,12 @@ impl App {
             .clone()
             .map(|fetcher| tokio::spawn(fetcher.run(parts.engine_shutdown.clone())));
 
+        let snapshots = match (&parts.persister, config.state_snapshot_interval) {
+            (Some(persister), Some(every)) => {
+                Some(tokio::spawn(snapshot_forever(persister.clone(), every)))
+            }
+            _ => None,
+        };
         let result = crate::shutdown::drain(
             crate::shutdown::Drain {
                 readiness: &parts.readiness,
@@ -358,6 +418,24 @@ impl App {
         if let Some(jwks) = jwks {
             jwks.abort();
         }
+        if let Some(snapshots) = snapshots {
+            snapshots.abort();
+        }
+        if let Some(persister) = parts.persister.clone() {
+            // Nothing can be published any more: this snapshot holds every accepted event,
+            // so the next start may continue the epoch.
+            if let Some(memory) = &parts.memory {
+                memory.close();
+            }
+            let written = tokio::task::spawn_blocking(move || persister.write(true))
+                .await
+                .map_err(std::io::Error::other)??;
+            tracing::info!(
+                items = written.items,
+                bytes = written.bytes,
+                "final snapshot written to --state-dir"
+            );
+        }
         result?;
         tracing::info!("shutdown complete");
         Ok(())
@@ -372,6 +450,22 @@ async fn sweep_history(hub: Arc<Hub>) {
     loop {
         tick.tick().await;
         hub.history().sweep();
+    }
+}
+
+/// Writes a `--state-dir` snapshot every `every` (the first one `every` after the start,
+/// which wrote its own). A failure is logged and counted; the previous snapshot stays.
+async fn snapshot_forever(persister: Arc<Persister>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let one = persister.clone();
+        match tokio::task::spawn_blocking(move || one.write(false)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "periodic --state-dir snapshot failed"),
+            Err(e) => tracing::error!(error = %e, "periodic --state-dir snapshot task failed"),
+        }
     }
 }
 

@@ -196,6 +196,8 @@ pub mod defaults {
     pub const MAX_INIT_ITEMS: usize = 10_000;
     /// `--transitions`.
     pub const TRANSITIONS: Transitions = Transitions::View;
+    /// `--state-snapshot-interval`.
+    pub const STATE_SNAPSHOT_INTERVAL: Secs = secs!(30);
     /// `--log-format`.
     pub const LOG_FORMAT: LogFormat = LogFormat::Text;
 }
@@ -447,6 +449,13 @@ pub struct ServeArgs {
     /// (enter as update, leave not sent).
     #[arg(long, env = "TIDINGS_TRANSITIONS", value_enum, default_value_t = defaults::TRANSITIONS)]
     pub transitions: Transitions,
+    /// Directory where the memory engine keeps a snapshot of the retained state, written
+    /// every --state-snapshot-interval and at shutdown, and restored at start.
+    #[arg(long, env = "TIDINGS_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Seconds between two snapshots into --state-dir (0: only at shutdown).
+    #[arg(long, env = "TIDINGS_STATE_SNAPSHOT_INTERVAL", default_value = defaults::STATE_SNAPSHOT_INTERVAL.text, value_parser = parse_secs)]
+    pub state_snapshot_interval: Duration,
     /// JSON file of per-collection settings (key field, state, max items, transitions) and
     /// whether undeclared collections are allowed; what it sets wins over the flags above.
     #[arg(long, env = "TIDINGS_COLLECTIONS_FILE")]
@@ -573,6 +582,10 @@ pub struct Config {
     /// `--collections-file`: per-collection settings, and whether undeclared collections
     /// exist.
     pub collections_file: Option<Arc<CollectionsFile>>,
+    /// `--state-dir`: where the memory engine's snapshot of the retained state lives.
+    pub state_dir: Option<PathBuf>,
+    /// Period of the `--state-dir` snapshots; `None`: only at shutdown.
+    pub state_snapshot_interval: Option<Duration>,
 }
 
 impl Config {
@@ -663,6 +676,8 @@ impl Default for Config {
             },
             transitions: defaults::TRANSITIONS,
             collections_file: None,
+            state_dir: None,
+            state_snapshot_interval: Some(defaults::STATE_SNAPSHOT_INTERVAL.duration()),
         }
     }
 }
@@ -803,6 +818,19 @@ impl Config {
                 "state",
                 "retained state needs --engine memory for now (state shared through Redis or NATS is not built yet)",
             ));
+        }
+        if self.state_dir.is_some() && self.engine != Engine::Memory {
+            return Err(err(
+                "state-dir",
+                "is for --engine memory (the shared engines keep their state themselves)",
+            ));
+        }
+        if self
+            .state_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return Err(err("state-dir", "names no directory"));
         }
         if self.auth_mode == AuthMode::Strict && self.tokens.is_empty() && self.jwt.is_none() {
             return Err(err(
@@ -1009,6 +1037,8 @@ impl ServeArgs {
             },
             transitions: self.transitions,
             collections_file,
+            state_dir: self.state_dir,
+            state_snapshot_interval: Some(self.state_snapshot_interval).filter(|d| !d.is_zero()),
         };
         config.validate()?;
         Ok(config)

@@ -335,6 +335,22 @@ impl History {
         }
     }
 
+    /// Every collection that has a log, in no particular order.
+    pub fn collections(&self) -> Vec<Arc<str>> {
+        self.logs.iter().map(|entry| entry.key().clone()).collect()
+    }
+
+    /// Continues `collection`'s log after `offset` of the current epoch, with nothing to
+    /// replay: a resume from exactly `offset` recovers (nothing was missed), an older one is
+    /// lost. For the memory engine restarting from a clean shutdown's snapshot, before any
+    /// event or subscription (`--state-dir`).
+    pub fn continue_at(&self, collection: &Arc<str>, offset: u64) {
+        let log = self.log(collection);
+        let mut log = log.lock();
+        log.last = offset;
+        log.covers_after = Some(offset);
+    }
+
     /// The position to hand out while the history cannot be trusted (see `provisional`).
     pub fn provisional_position(&self) -> WirePosition {
         WirePosition {

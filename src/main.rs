@@ -77,18 +77,16 @@ fn client(e: tidings::cli::CliError) -> Failure {
 
 async fn serve(listen: std::net::SocketAddr, config: tidings::Config) -> anyhow::Result<()> {
     let shutdown = tidings::shutdown::signals().context("cannot install signal handlers")?;
+    let ws_path = config.ws_path.clone();
+    // Built first: a snapshot in --state-dir is restored before the address is announced.
+    let app = tidings::App::new(config)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let local = listener.local_addr()?;
     // Scripts and tests read the bound address (port 0 picks one) from this line.
-    println!(
-        "tidings listening on http://{local} (WebSocket ws://{local}{})",
-        config.ws_path
-    );
-    tidings::App::new(config)?
-        .serve_with(listener, shutdown)
-        .await?;
+    println!("tidings listening on http://{local} (WebSocket ws://{local}{ws_path})");
+    app.serve_with(listener, shutdown).await?;
     Ok(())
 }
 

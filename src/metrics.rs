@@ -314,6 +314,14 @@ pub struct Metrics {
     /// Items that entered or left a subscription group's view on a retained collection, by
     /// collection and cause (`enter`, `leave`); identical subscriptions count once.
     pub transitions: IntCounterVec,
+    /// Time to write one `--state-dir` snapshot (cut, encode, fsync, rename).
+    pub state_snapshot_duration: Histogram,
+    /// Size of the last `--state-dir` snapshot written.
+    pub state_snapshot_bytes: IntGauge,
+    /// Unix time of the last `--state-dir` snapshot written (0: none yet).
+    pub state_snapshot_last_success: IntGauge,
+    /// `--state-dir` snapshots that failed to be written.
+    pub state_snapshot_failures: IntCounter,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -555,6 +563,23 @@ impl Metrics {
                 "tidings_transitions_total",
                 "Items that entered or left a subscription group's view (identical subscriptions count once), by collection and cause (enter, leave).",
                 &["collection", "cause"],
+            )?,
+            state_snapshot_duration: histogram(
+                "tidings_state_snapshot_duration_seconds",
+                "Time to write one --state-dir snapshot of the retained state (cut, encode, fsync, rename).",
+                vec![0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
+            )?,
+            state_snapshot_bytes: gauge(
+                "tidings_state_snapshot_bytes",
+                "Size in bytes of the last --state-dir snapshot written.",
+            )?,
+            state_snapshot_last_success: gauge(
+                "tidings_state_snapshot_last_success_timestamp_seconds",
+                "Unix time of the last --state-dir snapshot written (0: none yet).",
+            )?,
+            state_snapshot_failures: counter(
+                "tidings_state_snapshot_failures_total",
+                "--state-dir snapshots that could not be written (the previous one stays in place).",
             )?,
             registry,
         };

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use super::{Accepted, Backplane, BackplaneError, BoxFuture, Dedupe, EventSink};
 use crate::event::{Event, NewEvent};
@@ -13,10 +13,15 @@ use crate::state::State;
 
 pub use crate::history::random_epoch;
 
-/// Offsets per collection and a random epoch per process lifetime.
+/// An earlier process's epoch and each collection's last offset in it, to continue from.
+pub type Continued<'a> = (Arc<str>, &'a [(Arc<str>, u64)]);
+
+/// Offsets per collection and a random epoch per process lifetime (or, restarting from a
+/// clean shutdown's `--state-dir` snapshot, the earlier process's epoch, continued).
 pub struct MemoryBackplane {
     sink: Arc<dyn EventSink>,
-    /// Changes on every start: offsets from an earlier process mean nothing now.
+    /// Changes on every start (offsets from an earlier process mean nothing now), except
+    /// when a clean shutdown's snapshot says every offset of it is accounted for.
     epoch: Arc<str>,
     /// Last offset per collection. Held while the event is dispatched, so events of one
     /// collection reach the hub one at a time, in offset order.
@@ -27,6 +32,9 @@ pub struct MemoryBackplane {
     /// The retained state whose capacity a publish is checked against before it gets
     /// offsets (the hub folds the events into it).
     state: Option<Arc<State>>,
+    /// Open (true) until [`MemoryBackplane::close`]: each publish holds it for reading while
+    /// it appends, so closing waits for the publishes under way and refuses later ones.
+    open: RwLock<bool>,
 }
 
 impl std::fmt::Debug for MemoryBackplane {
@@ -55,16 +63,43 @@ impl MemoryBackplane {
         evictions: prometheus::IntCounter,
         state: Option<Arc<State>>,
     ) -> Self {
-        let epoch = random_epoch();
+        Self::continuing(sink, window, evictions, state, None)
+    }
+
+    /// As [`MemoryBackplane::with_state`]; with `after`, the epoch of an earlier process
+    /// continues and each listed collection's offsets resume after the given one (a restart
+    /// from a clean shutdown's snapshot, `--state-dir`); without, a new random epoch.
+    pub fn continuing(
+        sink: Arc<dyn EventSink>,
+        window: Duration,
+        evictions: prometheus::IntCounter,
+        state: Option<Arc<State>>,
+        after: Option<Continued<'_>>,
+    ) -> Self {
+        let (epoch, offsets) = match after {
+            Some((epoch, offsets)) => (epoch, offsets),
+            None => (random_epoch(), &[][..]),
+        };
         sink.reset(epoch.clone());
+        let logs = DashMap::new();
+        for (collection, offset) in offsets {
+            logs.insert(collection.clone(), Arc::new(Mutex::new(*offset)));
+        }
         MemoryBackplane {
             sink,
             epoch,
-            logs: DashMap::new(),
+            logs,
             dedupe: Dedupe::new(window),
             evictions,
             state,
+            open: RwLock::new(true),
         }
+    }
+
+    /// Refuses every later publish (503), once the publishes under way are appended: after
+    /// it, nothing changes the state or the offsets (the final `--state-dir` snapshot).
+    pub fn close(&self) {
+        *self.open.write() = false;
     }
 
     /// This process's epoch.
@@ -124,6 +159,12 @@ impl Backplane for MemoryBackplane {
         events: Vec<NewEvent>,
     ) -> BoxFuture<'_, Result<Vec<Accepted>, BackplaneError>> {
         let received = Instant::now();
+        let open = self.open.read();
+        if !*open {
+            return Box::pin(std::future::ready(Err(BackplaneError::Unavailable(
+                "the broker is shutting down".into(),
+            ))));
+        }
         let retains = |e: &NewEvent| {
             self.state
                 .as_ref()

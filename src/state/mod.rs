@@ -13,6 +13,8 @@
 //!   same log lock as the fold, so the cut is exact; the same list engine ([`view`]) answers
 //!   the `items` reads.
 //!
+//! Its submodule [`persist`] keeps the memory engine's state across restarts (`--state-dir`).
+//!
 //! Items are kept as compact JSON text (`Box<str>`), not as `serde_json::Value` trees: a
 //! tree costs several times its text in allocations, and the fold and the snapshot parse only
 //! the items they touch. Merge rules (`protocol/README.md`): `create` replaces the whole item
@@ -23,6 +25,8 @@
 //! Only the `memory` engine retains state for now: with a shared engine every node would have
 //! to restore the state before it reports ready, which is a later milestone, so `config`
 //! refuses `--state` with `--engine redis|nats`.
+
+pub mod persist;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -453,6 +457,48 @@ impl State {
             })
             .value()
             .clone()
+    }
+
+    /// Every collection with a store.
+    pub fn collections(&self) -> Vec<Arc<str>> {
+        self.stores.iter().map(|s| s.key().clone()).collect()
+    }
+
+    /// A copy of every item `collection` holds (for a snapshot on disk); the caller holds
+    /// the collection's history log lock, so the copy is the state at its last offset.
+    fn export(&self, collection: &Arc<str>) -> Vec<Stored> {
+        let store = self.stores.get(collection).map(|s| s.value().clone());
+        store.map_or_else(Vec::new, |store| {
+            store
+                .lock()
+                .items
+                .iter()
+                .map(|held| Stored {
+                    text: held.text.clone(),
+                    key_len: held.key_len,
+                    version: held.version,
+                })
+                .collect()
+        })
+    }
+
+    /// Puts items read back from a snapshot on disk into `collection`'s store, at start,
+    /// before any event. The limits are not applied (they refuse new keys only); the
+    /// metrics count the items.
+    fn restore(&self, collection: &Arc<str>, items: Vec<Stored>) {
+        let store = self.store(collection);
+        let mut store = store.lock();
+        let was = (store.items.len(), store.bytes);
+        for item in items {
+            let added = item_bytes(item.key(), item.json());
+            if let Some(old) = store.items.replace(item) {
+                store.bytes -= item_bytes(old.key(), old.json());
+            }
+            store.bytes += added;
+        }
+        let after = (store.items.len(), store.bytes);
+        drop(store);
+        self.account(collection, was, after);
     }
 
     /// Items `collection` holds now.
