@@ -117,9 +117,18 @@ impl App {
             file: config.collections_file.clone(),
             ..config.state.clone()
         };
-        let state = state_settings
-            .any()
-            .then(|| Arc::new(State::new(state_settings, metrics.clone())));
+        let state = state_settings.any().then(|| {
+            let state = State::new(state_settings, metrics.clone());
+            Arc::new(match config.engine {
+                Engine::Memory => state,
+                // Flushed often enough that the engine's log still holds every event after
+                // the last flush (see `state::cluster`).
+                Engine::Redis => state.with_tracking(crate::backplane::redis::flush_every(
+                    config.history.max_events,
+                )),
+                Engine::Nats => state.with_tracking((config.history.max_events / 2).max(1)),
+            })
+        });
         // Restored before anything is served (the listener is not accepted from yet).
         let loaded = match &config.state_dir {
             Some(dir) => persist::load(dir, state.as_deref())?,
@@ -146,6 +155,7 @@ impl App {
             idempotency_window: config.idempotency_window,
             shutdown: engine_shutdown.clone(),
             metrics: metrics.clone(),
+            state: state.clone(),
         };
         let mut memory = None;
         let backplane: Arc<dyn Backplane> = match config.engine {

@@ -813,10 +813,10 @@ impl Config {
         self.shorthand()
             .check()
             .map_err(|(flag, message)| err(flag, message))?;
-        if self.shorthand().any_state() && self.engine != Engine::Memory {
+        if self.shorthand().any_state() && self.engine == Engine::Nats {
             return Err(err(
                 "state",
-                "retained state needs --engine memory for now (state shared through Redis or NATS is not built yet)",
+                "retained state needs --engine memory or redis for now (state shared through NATS is not built yet)",
             ));
         }
         if self.state_dir.is_some() && self.engine != Engine::Memory {

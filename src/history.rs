@@ -327,6 +327,17 @@ impl History {
         log.record(event, &self.budget(), self.contiguous, Instant::now());
     }
 
+    /// The (locked) log is at `offset` with nothing to replay before it: what a node that
+    /// loaded a retained collection's snapshot knows (the events up to there are in the
+    /// snapshot, not in the history). Resumes from `offset` on are complete.
+    pub fn mark(&self, log: &mut CollectionLog, offset: u64) {
+        log.events.clear();
+        self.bytes.fetch_sub(log.bytes, Ordering::Relaxed);
+        log.bytes = 0;
+        log.last = offset;
+        log.covers_after = Some(offset);
+    }
+
     /// The position a subscription registered now starts after.
     pub fn position(&self, log: &CollectionLog) -> WirePosition {
         WirePosition {

@@ -316,7 +316,33 @@ impl EventSink for Hub {
     fn restore(&self, event: Arc<Event>) {
         let log = self.history.log(&event.collection);
         let mut log = log.lock();
-        self.history.record(&mut log, event);
+        match self.state.as_ref().and_then(|s| s.fold(&event)) {
+            // A retained collection's history holds folded events (their transitions are
+            // replayed), and only after the snapshot it was loaded from: earlier events
+            // are in the snapshot, and the ones up to its horizon only partly folded.
+            Some(folded) => {
+                if folded.offset > log.last() {
+                    self.history.record(&mut log, Arc::new(folded));
+                }
+            }
+            None => self.history.record(&mut log, event),
+        }
+        drop(log);
+        self.history_moved();
+    }
+
+    fn load_state(
+        &self,
+        collection: &Arc<str>,
+        epoch: &Arc<str>,
+        snapshot: crate::state::cluster::Snapshot,
+    ) {
+        let Some(state) = &self.state else { return };
+        // Under the log lock, so no `init` snapshot sees a half-loaded store.
+        let log = self.history.log(collection);
+        let mut log = log.lock();
+        let horizon = state.load(collection, epoch, snapshot);
+        self.history.mark(&mut log, horizon);
         drop(log);
         self.history_moved();
     }

@@ -311,6 +311,13 @@ pub struct Metrics {
     pub state_init_duration: Histogram,
     /// Time to answer one `items` read from the retained state (socket or HTTP).
     pub state_read_duration: Histogram,
+    /// Flushes of the retained state to a shared engine, by outcome (`written`, `refused`:
+    /// a newer one was stored, `stale`: of an older epoch, `failed`).
+    pub state_flushes: IntCounterVec,
+    /// Restores of the retained state from a shared engine on start or after an epoch
+    /// change, by outcome (`loaded`, `built`: this node's state became a new epoch's base,
+    /// `stale`: the snapshot was older than the log holds, `waiting`: not ready, retried).
+    pub state_restores: IntCounterVec,
     /// Items that entered or left a subscription group's view on a retained collection, by
     /// collection and cause (`enter`, `leave`); identical subscriptions count once.
     pub transitions: IntCounterVec,
@@ -559,6 +566,16 @@ impl Metrics {
                 "Time to answer one items read from the retained state, over the socket or HTTP (match, count, sort, slice, project, encode).",
                 latency_buckets(),
             )?,
+            state_flushes: counter_vec(
+                "tidings_state_flushes_total",
+                "Flushes of the retained state to the shared engine (redis, nats), by outcome (written, refused, stale, failed).",
+                &["outcome"],
+            )?,
+            state_restores: counter_vec(
+                "tidings_state_restores_total",
+                "Restores of the retained state from the shared engine, by outcome (loaded, built, stale, waiting).",
+                &["outcome"],
+            )?,
             transitions: counter_vec(
                 "tidings_transitions_total",
                 "Items that entered or left a subscription group's view (identical subscriptions count once), by collection and cause (enter, leave).",
@@ -588,6 +605,12 @@ impl Metrics {
             metrics
                 .connections_closed
                 .with_label_values(&[reason.as_str()]);
+        }
+        for outcome in ["written", "refused", "stale", "failed"] {
+            metrics.state_flushes.with_label_values(&[outcome]);
+        }
+        for outcome in ["loaded", "built", "stale", "waiting"] {
+            metrics.state_restores.with_label_values(&[outcome]);
         }
         for reason in ["limit", "per_ip_limit", "unauthorized"] {
             metrics.connections_refused.with_label_values(&[reason]);

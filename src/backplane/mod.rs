@@ -35,6 +35,17 @@ pub trait EventSink: Send + Sync + 'static {
     /// The log's lifetime is `epoch`. Called once on start, and again whenever the engine
     /// lost its history (so old positions cannot resume against the new log).
     fn reset(&self, epoch: Arc<str>);
+    /// The retained state of `collection` as the engine's store held it (`--state` on a
+    /// shared engine): replaces this node's, before the log's events after
+    /// `snapshot.offset` are handed over with [`EventSink::restore`].
+    fn load_state(
+        &self,
+        collection: &Arc<str>,
+        epoch: &Arc<str>,
+        snapshot: crate::state::cluster::Snapshot,
+    ) {
+        let _ = (collection, epoch, snapshot);
+    }
 }
 
 /// Where an accepted event landed.
@@ -105,6 +116,8 @@ pub struct EngineContext {
     pub shutdown: CancellationToken,
     /// Backplane metrics (`tidings_backplane_*`).
     pub metrics: Arc<Metrics>,
+    /// The retained state (`--state`), which a shared engine persists and restores.
+    pub state: Option<Arc<crate::state::State>>,
 }
 
 impl std::fmt::Debug for EngineContext {

@@ -22,9 +22,9 @@
 //! nested objects and arrays are replaced whole), and an update of a key not held is stored
 //! as given; `delete` removes.
 //!
-//! Only the `memory` engine retains state for now: with a shared engine every node would have
-//! to restore the state before it reports ready, which is a later milestone, so `config`
-//! refuses `--state` with `--engine redis|nats`.
+//! With a shared engine (`redis`, `nats`) every node folds the same log, and [`cluster`] adds
+//! what a node needs to start late: the keys changed since its last flush to the engine's
+//! store, and the load of a snapshot read from it.
 
 pub mod persist;
 
@@ -47,6 +47,8 @@ mod view;
 use index::Index;
 
 pub use view::{Purpose, View};
+
+pub mod cluster;
 
 /// Directus' default `limit` of an items read (`QUERY_LIMIT_DEFAULT`), which a retained
 /// `init` without `limit` follows; `limit: -1` asks for every matching item.
@@ -286,6 +288,8 @@ struct Store {
     bytes: usize,
     /// The collection's equality indexes (`--state-index`), kept with every put and remove.
     index: Index,
+    /// Where the fold is, and what changed since the last flush to a shared engine.
+    sync: cluster::Sync,
 }
 
 fn item_bytes(key: &str, json: &str) -> usize {
@@ -336,6 +340,18 @@ impl Store {
 
     fn get(&self, key: &str) -> Option<Value> {
         self.items.get(key).map(|held| parse(held.json()))
+    }
+
+    /// Rebuilds the equality indexes from the items (after a restore or a snapshot load put
+    /// items in without [`Store::put`]).
+    fn reindex(&mut self) {
+        if self.index.is_empty() {
+            return;
+        }
+        self.index.clear();
+        for held in &self.items {
+            self.index.insert(held.key(), &parse(held.json()));
+        }
     }
 
     /// The encoded version of `key` (0: unversioned or not held).
@@ -391,6 +407,8 @@ pub struct State {
     /// collections cannot both pass the global limit.
     pending: AtomicUsize,
     metrics: Arc<Metrics>,
+    /// Set when the state is shared through an engine (changed keys are flushed to it).
+    tracking: Option<cluster::Tracking>,
 }
 
 /// Bytes a publish reserved against `--state-max-bytes`; released on drop (after the events
@@ -433,6 +451,7 @@ impl State {
             bytes: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
             metrics,
+            tracking: None,
         }
     }
 
@@ -496,6 +515,7 @@ impl State {
             }
             store.bytes += added;
         }
+        store.reindex();
         let after = (store.items.len(), store.bytes);
         drop(store);
         self.account(collection, was, after);
@@ -633,10 +653,17 @@ impl State {
         let mut keys = Vec::with_capacity(event.keys.len());
         let mut before = Vec::new();
         let version = event.version;
+        let tracking = self.tracking.is_some();
+        store.sync.advance(event.offset, &event.epoch);
         match event.kind {
             EventKind::Create | EventKind::Update => {
                 for (item, key) in event.items.iter().zip(&event.keys) {
                     let k = key_string(key);
+                    store.sync.touch(&k, tracking);
+                    // Caught up from a snapshot that already holds this event for `k`.
+                    if store.sync.skips(&k, event.offset) {
+                        continue;
+                    }
                     if is_stale(store.version(&k), version) {
                         continue;
                     }
@@ -658,6 +685,10 @@ impl State {
                 }
                 for (i, key) in event.keys.iter().enumerate() {
                     let k = key_string(key);
+                    store.sync.touch(&k, tracking);
+                    if store.sync.skips(&k, event.offset) {
+                        continue;
+                    }
                     if is_stale(store.version(&k), version) {
                         continue;
                     }
@@ -670,6 +701,7 @@ impl State {
             }
         }
         let after = (store.items.len(), store.bytes);
+        self.after_fold(&store);
         drop(store);
         self.account(&event.collection, was, after);
         Some(Event {

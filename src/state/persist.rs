@@ -404,6 +404,7 @@ mod tests {
                 max_bytes: 1 << 20,
                 max_init_items: 100,
                 file: None,
+                indexes: Vec::new(),
             },
             metrics.clone(),
         ))
@@ -432,6 +433,7 @@ mod tests {
                 items: vec![json!({"id": id, "x": [1, {"y": null}]})],
                 keys: vec![json!(id)],
                 before: Vec::new(),
+                apply: crate::event::Apply::AsKind,
                 version,
                 offset,
                 epoch: Arc::from("epoch1"),

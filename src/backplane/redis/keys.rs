@@ -21,6 +21,12 @@ pub struct Keys {
     /// `{prefix}:idem:`, followed by `{epoch}:{collection}:{key}`: an idempotency key
     /// remembered for the window, holding its first offset.
     pub idem_prefix: String,
+    /// `{prefix}:state:`, followed by a collection name: the retained items of that
+    /// collection (hash of item key → entry, see `state::cluster`).
+    pub state_prefix: String,
+    /// `{prefix}:state-meta:`, followed by a collection name: hash of the items' epoch `e`,
+    /// flush offset `s`, and while a base is being written its builder `b` and lease `l`.
+    pub state_meta_prefix: String,
 }
 
 impl Keys {
@@ -33,7 +39,19 @@ impl Keys {
             collections: format!("{prefix}:collections"),
             log_prefix: format!("{prefix}:log:"),
             idem_prefix: format!("{prefix}:idem:"),
+            state_prefix: format!("{prefix}:state:"),
+            state_meta_prefix: format!("{prefix}:state-meta:"),
         }
+    }
+
+    /// The retained items of `collection`.
+    pub fn state(&self, collection: &str) -> String {
+        format!("{}{collection}", self.state_prefix)
+    }
+
+    /// The flush offset and epoch of `collection`'s retained items.
+    pub fn state_meta(&self, collection: &str) -> String {
+        format!("{}{collection}", self.state_meta_prefix)
     }
 
     /// The stream of `collection`.
@@ -67,5 +85,8 @@ mod tests {
         assert_eq!(k.idem("e", "orders", "a:b"), "t1:idem:e:orders:a:b");
         assert_eq!(k.collection_of("t1:log:orders"), Some("orders"));
         assert_eq!(k.collection_of("t1:collections"), None);
+        assert_eq!(k.state("orders"), "t1:state:orders");
+        assert_eq!(k.state_meta("orders"), "t1:state-meta:orders");
+        assert_eq!(k.collection_of("t1:state:orders"), None);
     }
 }

@@ -33,6 +33,7 @@
 mod keys;
 mod reply;
 mod script;
+mod state;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -51,6 +52,8 @@ use super::{Accepted, Backplane, BackplaneError, BoxFuture, EngineContext, Event
 use crate::event::{valid_collection_name, Event, NewEvent};
 use crate::history::HistoryLimits;
 use crate::metrics::Metrics;
+use crate::state::cluster::Snapshot;
+use crate::state::State;
 
 /// How long one `XREAD` blocks waiting for new entries; also how often an idle reader checks
 /// the epoch.
@@ -63,6 +66,18 @@ const RESTORE_PAGE: usize = 1000;
 /// the delivery channel, so a node that falls this far behind on one collection loses events
 /// (and logs it).
 const MIN_STREAM_LEN: usize = 10_000;
+/// How often a node writes the keys of its retained state that changed (besides every
+/// [`flush_every`] events of a collection, and at shutdown).
+const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// Bound on the flush at shutdown.
+const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Events of one collection after which its retained state is flushed early: half of what
+/// its stream keeps, so the log always holds every event after the last flush.
+pub fn flush_every(history_size: usize) -> usize {
+    history_size.max(MIN_STREAM_LEN) / 2
+}
+
 /// Bound on establishing a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bound on any reply (publishes answer 503 past it); the blocking read gets `BLOCK` more.
@@ -84,6 +99,9 @@ enum LinkError {
     /// A publish saw the connection fail or the epoch change.
     #[error("a publish saw the connection fail or the epoch change")]
     Trouble,
+    /// The retained state cannot be restored yet (the node stays not ready and retries).
+    #[error("retained state not restored: {0}")]
+    State(String),
 }
 
 /// The publish side of a live connection.
@@ -107,6 +125,10 @@ struct Shared {
     /// `Some` while connected, agreed on the epoch, restored and reading: publishes go here.
     link: RwLock<Option<Link>>,
     metrics: Arc<Metrics>,
+    /// The retained state this node flushes to Redis (`--state`).
+    state: Option<Arc<State>>,
+    /// One flush at a time, so a node never refuses its own older flush.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -192,8 +214,13 @@ impl RedisBackplane {
             window_ms,
             link: RwLock::new(None),
             metrics: ctx.metrics.clone(),
+            state: ctx.state.clone().filter(|s| s.tracking()),
+            flushing: tokio::sync::Mutex::new(()),
         });
         shared.set_link(None);
+        if shared.state.is_some() {
+            runtime.spawn(flush_forever(shared.clone(), ctx.shutdown.clone()));
+        }
         runtime.spawn(supervise(shared.clone(), client, ctx));
         Ok(RedisBackplane { shared })
     }
@@ -209,6 +236,12 @@ impl Backplane for RedisBackplane {
                 return Err(BackplaneError::Unavailable("not connected to Redis".into()));
             };
             let shared = &self.shared;
+            // Capacity is checked against this node's state: per node, and approximate
+            // across nodes (another node's publish may be in flight).
+            let mut admission = match &shared.state {
+                Some(state) => Some(state.admit(&events).map_err(BackplaneError::StateFull)?),
+                None => None,
+            };
             let call = script::invocation(
                 &shared.publish,
                 &shared.keys,
@@ -229,7 +262,16 @@ impl Backplane for RedisBackplane {
                 }
             };
             match script::parse(reply, &link.epoch, events.len()) {
-                Ok(Outcome::Accepted(positions)) => Ok(positions),
+                Ok(Outcome::Accepted(mut positions)) => {
+                    if let Some(admission) = admission.as_mut() {
+                        for (position, stale) in positions.iter_mut().zip(&mut admission.stale) {
+                            if !position.duplicate {
+                                position.stale = std::mem::take(stale);
+                            }
+                        }
+                    }
+                    Ok(positions)
+                }
                 // The node's epoch is stale: nothing was written. Answering 503 (rather than
                 // waiting for the node to adopt the new epoch and retrying) keeps a publish
                 // from ever being half-applied; a retry succeeds once the node has caught up.
@@ -340,6 +382,7 @@ async fn supervise(shared: Arc<Shared>, client: Client, ctx: EngineContext) {
         ctx.history,
         shared.metrics.clone(),
     );
+    reader.state = shared.state.clone();
     let mut backoff = BACKOFF_MIN;
     let mut was_live = false;
     loop {
@@ -348,6 +391,15 @@ async fn supervise(shared: Arc<Shared>, client: Client, ctx: EngineContext) {
             () = ctx.shutdown.cancelled() => Ok(Ended::Shutdown),
             ended = connection(&shared, &client, &mut reader, &mut live, was_live) => ended,
         };
+        if matches!(ended, Ok(Ended::Shutdown)) {
+            // What changed since the last flush, so a node started next finds it.
+            if tokio::time::timeout(FINAL_FLUSH_TIMEOUT, flush_all(&shared))
+                .await
+                .is_err()
+            {
+                tracing::warn!("the retained state's last flush to redis timed out");
+            }
+        }
         shared.set_link(None);
         if live {
             was_live = true;
@@ -358,6 +410,14 @@ async fn supervise(shared: Arc<Shared>, client: Client, ctx: EngineContext) {
         match ended {
             Ok(Ended::Shutdown) => break,
             Ok(Ended::EpochChanged) => {}
+            Err(LinkError::State(why)) => {
+                shared
+                    .metrics
+                    .state_restores
+                    .with_label_values(&["waiting"])
+                    .inc();
+                tracing::warn!(%why, retry_in = ?backoff, "redis backplane not ready: the retained state cannot be restored yet")
+            }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "redis backplane disconnected")
             }
@@ -439,6 +499,10 @@ struct Reader {
     last: HashMap<Arc<str>, u64>,
     /// Last id read from the collections stream.
     announced: String,
+    /// The retained state restored with the history (`--state`).
+    state: Option<Arc<State>>,
+    /// Names this node when it writes a new epoch's base of the retained state.
+    token: Arc<str>,
 }
 
 impl Reader {
@@ -456,6 +520,8 @@ impl Reader {
             epoch: None,
             last: HashMap::new(),
             announced: "0-0".into(),
+            state: None,
+            token: state::token(),
         }
     }
 
@@ -471,7 +537,7 @@ impl Reader {
             None => {
                 self.sink.reset(epoch.clone());
                 let restored = self.fetch_restore(conn, epoch).await?;
-                self.apply_restore(restored);
+                self.apply_restore(restored, epoch);
             }
             Some(mine) if mine != epoch => {
                 tracing::warn!(old = %mine, new = %epoch, "the redis log was lost (new epoch): history reset, reading every log from the start");
@@ -481,6 +547,22 @@ impl Reader {
                 // the new log; each is then read from its start.
                 self.last.clear();
                 self.announced = "0-0".into();
+                // The retained state outlives the log: this node's becomes the new epoch's
+                // base, unless another node's already did (then it loads that one, so every
+                // node holds the same).
+                if let Some(state) = self.state.clone() {
+                    let mut restored = Restored {
+                        announced: "0-0".into(),
+                        logs: Vec::new(),
+                        states: Vec::new(),
+                    };
+                    for collection in self.retained(&state, state.collections()) {
+                        let how = self.restore_state(conn, epoch, &collection, true).await?;
+                        restored.states.push((collection, how));
+                    }
+                    self.apply_restore(restored, epoch);
+                    self.announced = "0-0".into();
+                }
             }
             Some(_) => {
                 if self.went_back(conn).await? {
@@ -500,6 +582,155 @@ impl Reader {
         }
         self.epoch = Some(epoch.clone());
         Ok(true)
+    }
+
+    /// The retained collections among `known`, and every collection `--state` or the
+    /// collections file names.
+    fn retained(&self, state: &State, mut known: Vec<Arc<str>>) -> Vec<Arc<str>> {
+        let settings = state.settings();
+        let declared = settings.file.iter().flat_map(|f| f.collections.keys());
+        known.extend(
+            settings
+                .collections
+                .iter()
+                .chain(declared)
+                .filter(|c| *c != "*" && valid_collection_name(c))
+                .map(|c| Arc::from(c.as_str())),
+        );
+        known.retain(|c| state.retains(c));
+        known.sort();
+        known.dedup();
+        known
+    }
+
+    /// How `collection`'s retained state comes back in `epoch`: the stored snapshot and the
+    /// log after it, or (when the store has none for this epoch) this node's own state as the
+    /// base — its carried state after an epoch change (`carrier`), else the empty state when
+    /// the log is whole from its first event. Anything else: not ready, retried.
+    async fn restore_state(
+        &self,
+        conn: &mut MultiplexedConnection,
+        epoch: &Arc<str>,
+        collection: &Arc<str>,
+        carrier: bool,
+    ) -> Result<StateRestore, LinkError> {
+        let state = self
+            .state
+            .as_ref()
+            .ok_or_else(|| LinkError::State("no retained state".into()))?;
+        // At most: claim, build, find the build complete.
+        for _ in 0..3 {
+            match state::claim(conn, &self.keys, collection, epoch, &self.token).await? {
+                state::Claim::Ready(offset) => {
+                    let snapshot =
+                        state::read_snapshot(conn, &self.keys, collection, offset).await?;
+                    let (events, tail) = self.read_after(conn, epoch, collection, offset).await?;
+                    return Ok(StateRestore::Load {
+                        snapshot,
+                        events,
+                        tail,
+                    });
+                }
+                state::Claim::Busy => {
+                    return Err(LinkError::State(format!(
+                        "another node is writing the retained state of {collection}"
+                    )))
+                }
+                state::Claim::EpochChanged => {
+                    return Err(LinkError::State("the log's epoch changed".into()))
+                }
+                state::Claim::Claimed if carrier => {
+                    // The carried state is the new log's state before its first event.
+                    let image = state.image(collection, 0);
+                    let ids = (&**epoch, &*self.token);
+                    if state::build(conn, &self.keys, collection, ids, 0, &image).await? {
+                        state.rebase(collection, epoch, 0);
+                        tracing::info!(%collection, items = image.len(), %epoch, "retained state written to redis as the new log's base");
+                        return Ok(StateRestore::Built { offset: 0 });
+                    }
+                }
+                state::Claim::Claimed => {
+                    if !self.whole_from_start(conn, collection).await? {
+                        state::release(conn, &self.keys, collection, &self.token).await?;
+                        return Err(LinkError::State(format!(
+                            "redis holds no snapshot of {collection} and its log no longer starts at its first event: waiting for a node holding the state to flush it"
+                        )));
+                    }
+                    let ids = (&**epoch, &*self.token);
+                    state::build(conn, &self.keys, collection, ids, 0, &[]).await?;
+                }
+            }
+        }
+        Err(LinkError::State(format!(
+            "the retained state of {collection} kept changing hands"
+        )))
+    }
+
+    /// Every event of `collection` after `offset`, and the offset of the last one (at least
+    /// `offset`). An error when the log no longer holds the first of them.
+    async fn read_after(
+        &self,
+        conn: &mut MultiplexedConnection,
+        epoch: &Arc<str>,
+        collection: &str,
+        offset: u64,
+    ) -> Result<(Vec<Arc<Event>>, u64), LinkError> {
+        let taken: Option<u64> = ::redis::cmd("HGET")
+            .arg(&self.keys.offsets)
+            .arg(collection)
+            .query_async(conn)
+            .await?;
+        let key = self.keys.log(collection);
+        let mut events = Vec::new();
+        let mut tail = offset;
+        let mut start = format!("{}-0", offset + 1);
+        'pages: loop {
+            let page = restore_page(conn, "XRANGE", &key, &start, "+").await?;
+            let full = page.len() == RESTORE_PAGE;
+            for entry in page {
+                start = format!("({}", entry.id);
+                let Some(at) = entry.offset() else { continue };
+                if tail == offset && at != offset + 1 {
+                    // Trimmed past the snapshot.
+                    break 'pages;
+                }
+                tail = at;
+                if let Some(wire) = decode(&entry) {
+                    events.push(Arc::new(wire.into_event(at, epoch.clone())));
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        if taken.unwrap_or(0) > offset && tail == offset {
+            self.metrics
+                .state_restores
+                .with_label_values(&["stale"])
+                .inc();
+            return Err(LinkError::State(format!(
+                "the snapshot of {collection} (at offset {offset}) is older than its log holds: waiting for a fresher flush"
+            )));
+        }
+        Ok((events, tail))
+    }
+
+    /// Whether `collection`'s log still holds its first event (or has none).
+    async fn whole_from_start(
+        &self,
+        conn: &mut MultiplexedConnection,
+        collection: &str,
+    ) -> Result<bool, LinkError> {
+        let taken: Option<u64> = ::redis::cmd("HGET")
+            .arg(&self.keys.offsets)
+            .arg(collection)
+            .query_async(conn)
+            .await?;
+        if taken.unwrap_or(0) == 0 {
+            return Ok(true);
+        }
+        let first = restore_page(conn, "XRANGE", &self.keys.log(collection), "-", "+").await?;
+        Ok(first.first().and_then(Entry::offset) == Some(1))
     }
 
     /// True when Redis holds a lower offset for some collection than this node delivered.
@@ -525,6 +756,7 @@ impl Reader {
         let mut restored = Restored {
             announced: "0-0".into(),
             logs: Vec::new(),
+            states: Vec::new(),
         };
         let mut seen = std::collections::HashSet::new();
         let mut start = "-".to_string();
@@ -543,6 +775,16 @@ impl Reader {
             if !full {
                 break;
             }
+        }
+        // Retained collections restore their state instead: a snapshot, then every event
+        // after it (the history is what follows the snapshot).
+        if let Some(state) = self.state.clone() {
+            let announced = restored.logs.iter().map(|(c, _, _)| c.clone());
+            for collection in self.retained(&state, announced.collect()) {
+                let how = self.restore_state(conn, epoch, &collection, false).await?;
+                restored.states.push((collection, how));
+            }
+            restored.logs.retain(|(c, _, _)| !state.retains(c));
         }
         let oldest_ms = now_ms()
             .saturating_sub(u64::try_from(self.history.max_age.as_millis()).unwrap_or(u64::MAX));
@@ -584,8 +826,32 @@ impl Reader {
         Ok(restored)
     }
 
-    fn apply_restore(&mut self, restored: Restored) {
+    fn apply_restore(&mut self, restored: Restored, epoch: &Arc<str>) {
         let mut count = 0u64;
+        for (collection, how) in restored.states {
+            let (label, tail) = match how {
+                StateRestore::Load {
+                    snapshot,
+                    events,
+                    tail,
+                } => {
+                    let entries = snapshot.entries.len();
+                    self.sink.load_state(&collection, epoch, snapshot);
+                    for event in events {
+                        count += 1;
+                        self.sink.restore(event);
+                    }
+                    tracing::info!(%collection, items = entries, "retained state restored from redis");
+                    ("loaded", tail)
+                }
+                StateRestore::Built { offset } => ("built", offset),
+            };
+            self.metrics
+                .state_restores
+                .with_label_values(&[label])
+                .inc();
+            self.last.insert(collection, tail);
+        }
         for (collection, tail, events) in restored.logs {
             for event in events {
                 count += 1;
@@ -665,10 +931,73 @@ impl Reader {
 }
 
 /// What a restore read: the collections stream's last id, and per collection its last offset
-/// and the events to restore, oldest first.
+/// and the events to restore, oldest first; per retained collection, how its state comes back.
 struct Restored {
     announced: String,
     logs: Vec<(Arc<str>, u64, Vec<Arc<Event>>)>,
+    states: Vec<(Arc<str>, StateRestore)>,
+}
+
+/// How one retained collection's state comes back.
+enum StateRestore {
+    /// Load `snapshot`, then fold `events` (every event after it, oldest first); the log
+    /// ends at `tail`.
+    Load {
+        snapshot: Snapshot,
+        events: Vec<Arc<Event>>,
+        tail: u64,
+    },
+    /// This node's own state was written as the base of a new epoch at `offset`.
+    Built { offset: u64 },
+}
+
+/// Writes the changed keys of the retained state every [`FLUSH_INTERVAL`], and whenever a
+/// collection folded [`flush_every`] events, until shutdown (the supervisor writes the last).
+async fn flush_forever(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let Some(state) = shared.state.clone() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+            () = state.flush_wanted() => {}
+        }
+        flush_all(&shared).await;
+    }
+}
+
+/// One flush of every retained collection that changed, through the publish connection.
+async fn flush_all(shared: &Shared) {
+    let Some(state) = &shared.state else { return };
+    let _one = shared.flushing.lock().await;
+    let Some(mut link) = shared.link.read().clone() else {
+        return;
+    };
+    for collection in state.collections() {
+        let Some(flush) = state.take_flush(&collection) else {
+            continue;
+        };
+        let outcome = match state::flush(&mut link.conn, &shared.keys, &flush).await {
+            Ok(state::Flushed::Written) => "written",
+            Ok(state::Flushed::Refused) => "refused",
+            Ok(state::Flushed::Stale) => "stale",
+            Err(e) => {
+                tracing::warn!(%collection, error = %e, "flushing the retained state to redis failed; retried");
+                "failed"
+            }
+        };
+        shared
+            .metrics
+            .state_flushes
+            .with_label_values(&[outcome])
+            .inc();
+        if outcome != "written" {
+            state.flush_failed(flush);
+        }
+    }
 }
 
 /// The event of a log entry; a malformed entry is logged and skipped.
