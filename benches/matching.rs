@@ -54,6 +54,7 @@ fn spec(filter: Option<Value>, fields: Option<Value>, uid: &str) -> Spec {
         query: Some(query),
         nested: false,
         since: None,
+        checkpoints: false,
     };
     let principal = principal();
     let limits = FilterLimits::default();

@@ -87,6 +87,7 @@ fn spec(filter: Value) -> Spec {
         query: Some(query),
         nested: false,
         since: None,
+        checkpoints: false,
     };
     let ctx = SpecContext {
         principal: &principal,

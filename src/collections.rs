@@ -4,7 +4,8 @@
 //! This module owns the file's format (`protocol/schemas/config/collections-file.schema.json`
 //! is its schema; a test checks that the two agree on every example) and the precedence rule:
 //! a field the file sets for a collection wins; a field it leaves out falls back to the flag
-//! (`--key-field`, `--state`, `--state-max-items`, `--transitions`), then to the default. With
+//! (`--key-field`, `--state`, `--state-max-items`, `--transitions`, `--slow-consumer-policy`),
+//! then to the default. With
 //! `"undeclared": "forbid"`, a collection the file does not declare does not exist: a
 //! subscribe to it is `FORBIDDEN` (as Directus answers for an unknown collection) and a
 //! publish to it is refused, so a typo'd name fails at once instead of waiting forever.
@@ -18,7 +19,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::config::Transitions;
+use crate::config::{SlowConsumerPolicy, Transitions};
 use crate::event::valid_collection_name;
 
 /// The key field of a collection nothing configures.
@@ -45,6 +46,9 @@ pub struct CollectionSettings {
     pub max_items: usize,
     /// How enter/leave transitions reach its subscribers.
     pub transitions: Transitions,
+    /// What happens to its slow subscribers as configured (see [`Shorthand::conflates`] for
+    /// whether it applies).
+    pub slow_consumer_policy: SlowConsumerPolicy,
 }
 
 /// One collection as the file declares it: every field optional (absent: the flag's value).
@@ -60,6 +64,8 @@ pub struct Declared {
     pub transitions: Option<Transitions>,
     /// `indexes`: fields with an equality index (flag: `--state-index COLLECTION.FIELD`).
     pub indexes: Vec<String>,
+    /// `slow_consumer_policy`.
+    pub slow_consumer_policy: Option<SlowConsumerPolicy>,
 }
 
 /// A parsed, validated collections file.
@@ -86,7 +92,14 @@ pub struct FileError {
 }
 
 /// The keys a declared collection may have (the schema's `properties`).
-const COLLECTION_KEYS: [&str; 5] = ["key_field", "state", "max_items", "transitions", "indexes"];
+const COLLECTION_KEYS: [&str; 6] = [
+    "key_field",
+    "state",
+    "max_items",
+    "transitions",
+    "indexes",
+    "slow_consumer_policy",
+];
 
 /// `~` and `/` escaped, as a JSON Pointer token (RFC 6901).
 fn token(name: &str) -> String {
@@ -219,6 +232,11 @@ fn declared(
                 Some("directus") => out.transitions = Some(Transitions::Directus),
                 _ => return Err(fail(&at, "must be \"view\" or \"directus\"".into())),
             },
+            "slow_consumer_policy" => match value.as_str() {
+                Some("close") => out.slow_consumer_policy = Some(SlowConsumerPolicy::Close),
+                Some("conflate") => out.slow_consumer_policy = Some(SlowConsumerPolicy::Conflate),
+                _ => return Err(fail(&at, "must be \"close\" or \"conflate\"".into())),
+            },
             other => {
                 return Err(fail(
                     &at,
@@ -247,6 +265,8 @@ pub struct Shorthand<'a> {
     pub max_items: usize,
     /// `--transitions`.
     pub transitions: Transitions,
+    /// `--slow-consumer-policy`.
+    pub slow_consumer_policy: SlowConsumerPolicy,
 }
 
 impl<'a> Shorthand<'a> {
@@ -298,6 +318,21 @@ impl<'a> Shorthand<'a> {
             .unwrap_or(self.transitions)
     }
 
+    /// The slow-consumer policy configured for `collection` (the file's, else the flag's).
+    pub fn slow_consumer_policy(&self, collection: &str) -> SlowConsumerPolicy {
+        self.declared(collection)
+            .and_then(|d| d.slow_consumer_policy)
+            .unwrap_or(self.slow_consumer_policy)
+    }
+
+    /// Whether `collection`'s slow subscribers are conflated: its policy is `conflate` and
+    /// it retains its items (frames of other collections do not carry whole items, so
+    /// their subscribers are closed as with `close`).
+    pub fn conflates(&self, collection: &str) -> bool {
+        self.slow_consumer_policy(collection) == SlowConsumerPolicy::Conflate
+            && self.retains(collection)
+    }
+
     /// Whether any collection may retain state (some `--state`, or a file entry with
     /// `"state": true`).
     pub fn any_state(&self) -> bool {
@@ -314,6 +349,7 @@ impl<'a> Shorthand<'a> {
             state: self.retains(collection),
             max_items: self.max_items(collection),
             transitions: self.transitions(collection),
+            slow_consumer_policy: self.slow_consumer_policy(collection),
         })
     }
 
@@ -383,6 +419,10 @@ mod tests {
             "/collections/o/transitions"
         );
         assert_eq!(
+            pointer(r#"{"collections":{"o":{"slow_consumer_policy":"drop"}}}"#),
+            "/collections/o/slow_consumer_policy"
+        );
+        assert_eq!(
             pointer(r#"{"collections":{"o":{"key":"id"}}}"#),
             "/collections/o/key"
         );
@@ -397,7 +437,7 @@ mod tests {
     fn the_file_wins_and_flags_fill_in() {
         let file = parse(
             r#"{"$schema":"x","undeclared":"forbid","collections":{
-                "orders":{"key_field":"order_id","state":true,"max_items":5,"transitions":"directus"},
+                "orders":{"key_field":"order_id","state":true,"max_items":5,"transitions":"directus","slow_consumer_policy":"conflate"},
                 "chat":{},
                 "logs":{"state":false}}}"#,
         )
@@ -410,6 +450,7 @@ mod tests {
             state: &state,
             max_items: 100,
             transitions: Transitions::View,
+            slow_consumer_policy: SlowConsumerPolicy::Close,
         };
         assert_eq!(
             flags.resolve("orders"),
@@ -418,6 +459,7 @@ mod tests {
                 state: true,
                 max_items: 5,
                 transitions: Transitions::Directus,
+                slow_consumer_policy: SlowConsumerPolicy::Conflate,
             })
         );
         assert_eq!(
@@ -427,9 +469,21 @@ mod tests {
                 state: true,
                 max_items: 100,
                 transitions: Transitions::View,
+                slow_consumer_policy: SlowConsumerPolicy::Close,
             })
         );
         assert!(!flags.retains("logs"));
+        assert!(flags.conflates("orders"));
+        assert!(!flags.conflates("chat"), "the flag's close");
+        let conflating = Shorthand {
+            slow_consumer_policy: SlowConsumerPolicy::Conflate,
+            ..flags
+        };
+        assert!(conflating.conflates("chat"));
+        assert!(
+            !conflating.conflates("logs"),
+            "no state: closed as with close"
+        );
         assert_eq!(flags.resolve("ordres"), None);
         assert!(!flags.retains("ordres"));
         assert!(flags.check().is_ok());

@@ -65,6 +65,26 @@ pub enum Transitions {
     Directus,
 }
 
+/// What happens to a subscriber whose outbox passes its bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SlowConsumerPolicy {
+    /// Closed with 4008 (a log's right answer: nothing is skipped).
+    Close,
+    /// On a retained collection, pending frames of the same item key are merged (latest
+    /// value, deletes kept); other collections close as with `close`.
+    Conflate,
+}
+
+impl SlowConsumerPolicy {
+    /// The wire (file and flag) name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlowConsumerPolicy::Close => "close",
+            SlowConsumerPolicy::Conflate => "conflate",
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -77,7 +97,7 @@ pub enum LogFormat {
 /// Every default of `tidings serve`, written once: clap's defaults (so `--help`) and
 /// [`Config::default`] both read these, and a test checks README's flag table against them.
 pub mod defaults {
-    use super::{AuthMode, Console, Engine, LogFormat, Transitions};
+    use super::{AuthMode, Console, Engine, LogFormat, SlowConsumerPolicy, Transitions};
     use crate::filter::FilterLimits;
     use crate::ingest::debezium::{DecimalMode, TimeMode};
 
@@ -198,6 +218,10 @@ pub mod defaults {
     pub const TRANSITIONS: Transitions = Transitions::View;
     /// `--state-snapshot-interval`.
     pub const STATE_SNAPSHOT_INTERVAL: Secs = secs!(30);
+    /// `--slow-consumer-policy`.
+    pub const SLOW_CONSUMER_POLICY: SlowConsumerPolicy = SlowConsumerPolicy::Close;
+    /// `--conflation-max-keys` (per connection).
+    pub const CONFLATION_MAX_KEYS: usize = 10_000;
     /// `--log-format`.
     pub const LOG_FORMAT: LogFormat = LogFormat::Text;
 }
@@ -456,6 +480,17 @@ pub struct ServeArgs {
     /// Seconds between two snapshots into --state-dir (0: only at shutdown).
     #[arg(long, env = "TIDINGS_STATE_SNAPSHOT_INTERVAL", default_value = defaults::STATE_SNAPSHOT_INTERVAL.text, value_parser = parse_secs)]
     pub state_snapshot_interval: Duration,
+    /// What happens to a subscriber whose outbox passes --outbox-messages/--outbox-bytes:
+    /// `close` (4008) or `conflate` (on a retained collection, pending frames of one item
+    /// are merged into one with its latest value; other collections close). Per collection
+    /// in the collections file.
+    #[arg(long, env = "TIDINGS_SLOW_CONSUMER_POLICY", value_enum, default_value_t = defaults::SLOW_CONSUMER_POLICY)]
+    pub slow_consumer_policy: SlowConsumerPolicy,
+    /// Most item keys one connection's conflated frames may hold pending; past it a
+    /// conflating subscription gets a fresh init instead (the third within a minute closes
+    /// the connection with 4008).
+    #[arg(long, env = "TIDINGS_CONFLATION_MAX_KEYS", default_value_t = defaults::CONFLATION_MAX_KEYS)]
+    pub conflation_max_keys: usize,
     /// JSON file of per-collection settings (key field, state, max items, transitions) and
     /// whether undeclared collections are allowed; what it sets wins over the flags above.
     #[arg(long, env = "TIDINGS_COLLECTIONS_FILE")]
@@ -579,6 +614,10 @@ pub struct Config {
     pub state: StateSettings,
     /// How enter/leave transitions are sent (per collection, the collections file wins).
     pub transitions: Transitions,
+    /// What happens to slow subscribers (per collection, the collections file wins).
+    pub slow_consumer_policy: SlowConsumerPolicy,
+    /// Hard bound of a connection's conflated frames, in item keys.
+    pub conflation_max_keys: usize,
     /// `--collections-file`: per-collection settings, and whether undeclared collections
     /// exist.
     pub collections_file: Option<Arc<CollectionsFile>>,
@@ -611,6 +650,7 @@ impl Config {
             ("state_max_items", n(self.state.max_items)),
             ("state_max_bytes", n(self.state.max_bytes)),
             ("max_init_items", n(self.state.max_init_items)),
+            ("conflation_max_keys", n(self.conflation_max_keys)),
             ("history_age_seconds", self.history.max_age.as_secs()),
             ("write_timeout_seconds", self.write_timeout.as_secs()),
         ]
@@ -675,6 +715,8 @@ impl Default for Config {
                 indexes: Vec::new(),
             },
             transitions: defaults::TRANSITIONS,
+            slow_consumer_policy: defaults::SLOW_CONSUMER_POLICY,
+            conflation_max_keys: defaults::CONFLATION_MAX_KEYS,
             collections_file: None,
             state_dir: None,
             state_snapshot_interval: Some(defaults::STATE_SNAPSHOT_INTERVAL.duration()),
@@ -692,6 +734,7 @@ impl Config {
             state: &self.state.collections,
             max_items: self.state.max_items,
             transitions: self.transitions,
+            slow_consumer_policy: self.slow_consumer_policy,
         }
     }
 
@@ -741,6 +784,7 @@ impl Config {
             ("state-max-items", self.state.max_items),
             ("state-max-bytes", self.state.max_bytes),
             ("max-init-items", self.state.max_init_items),
+            ("conflation-max-keys", self.conflation_max_keys),
         ];
         for (flag, value) in positive {
             if value == 0 {
@@ -1036,6 +1080,8 @@ impl ServeArgs {
                     .collect(),
             },
             transitions: self.transitions,
+            slow_consumer_policy: self.slow_consumer_policy,
+            conflation_max_keys: self.conflation_max_keys,
             collections_file,
             state_dir: self.state_dir,
             state_snapshot_interval: Some(self.state_snapshot_interval).filter(|d| !d.is_zero()),

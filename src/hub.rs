@@ -14,14 +14,15 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::Utf8Bytes;
 
 use crate::backplane::{Backplane, EventSink};
+use crate::conflate::{Change, KeyedChange};
 use crate::event::Event;
 use crate::history::{History, Replay};
 use crate::metrics::Metrics;
-use crate::outbox::{Frame, Live, Outbox, PushError};
+use crate::outbox::{Conflating, Frame, Live, Outbox, PushError, Pushed};
 use crate::protocol::{event_frame, init_frame, WirePosition};
 use crate::registry::{Group, Registry, SubHandle};
 use crate::state::{State, StateError, View};
-use crate::subscription::{payloads, Spec};
+use crate::subscription::{keyed_payloads, payloads, Payload, Spec};
 
 /// Delivers events to the subscriptions of this node.
 #[derive(Debug)]
@@ -227,11 +228,17 @@ impl Hub {
     pub fn dispatch(&self, event: &Event) {
         let started = Instant::now();
         let mut frames = 0usize;
+        let mut resets = Vec::new();
         if let Some(subs) = self.registry.collection(&event.collection) {
             let subs = subs.read();
             for group in subs.candidates(event) {
-                frames += self.deliver_group(group, event);
+                frames += self.deliver_group(group, event, &mut resets);
             }
+        }
+        // After the registry lock, still under the log lock (the state's store is never
+        // locked under the registry's: §6 of ARCHITECTURE).
+        for owed in resets {
+            self.reset_conflated(owed, event);
         }
         let now = Instant::now();
         self.metrics
@@ -244,7 +251,7 @@ impl Hub {
     }
 
     /// Delivers to one group; returns the number of frames queued.
-    fn deliver_group(&self, group: &Group, event: &Event) -> usize {
+    fn deliver_group(&self, group: &Group, event: &Event, resets: &mut Vec<OwedReset>) -> usize {
         let spec = &group.spec;
         let payloads = payloads(spec, event);
         if payloads.is_empty() {
@@ -267,6 +274,11 @@ impl Hub {
                     .with_label_values(&[&*label, cause.as_str()])
                     .inc_by(p.items as u64);
             }
+        }
+        if spec.delivery.conflate {
+            return self.deliver_conflating(group, event, &payloads, live, &at, resets);
+        }
+        for p in &payloads {
             for (uid, members) in group.buckets() {
                 let text = event_frame(
                     p.kind.as_str(),
@@ -295,6 +307,144 @@ impl Hub {
         }
         queued
     }
+
+    /// Delivers to a conflating group: each member gets the event's frames as they are, or,
+    /// past its outbox bounds, the event split per key and folded (see [`crate::conflate`]);
+    /// returns the number of frames queued (a folded event counts as none).
+    fn deliver_conflating(
+        &self,
+        group: &Group,
+        event: &Event,
+        payloads: &[Payload],
+        live: Option<Live>,
+        at: &WirePosition,
+        resets: &mut Vec<OwedReset>,
+    ) -> usize {
+        let spec = &group.spec;
+        // Rendered once per group, and only when some member is folding.
+        let keyed: std::cell::OnceCell<Vec<KeyedChange>> = std::cell::OnceCell::new();
+        let changes = || {
+            keyed
+                .get_or_init(|| {
+                    keyed_payloads(spec, event)
+                        .into_iter()
+                        .map(|(key, p)| KeyedChange {
+                            key: Arc::from(key),
+                            change: Change {
+                                kind: p.kind,
+                                cause: p.cause,
+                                data: Arc::from(p.data),
+                            },
+                        })
+                        .collect()
+                })
+                .as_slice()
+        };
+        let mut queued = 0;
+        let mut folded = 0;
+        for (uid, members) in group.buckets() {
+            let frames: Vec<Frame> = payloads
+                .iter()
+                .map(|p| Frame {
+                    text: Utf8Bytes::from(event_frame(
+                        p.kind.as_str(),
+                        Some(&p.data),
+                        uid.as_deref(),
+                        p.cause.map(|c| c.as_str()),
+                        Some(at),
+                    )),
+                    live,
+                })
+                .collect();
+            for (&sub, outbox) in members {
+                let to = Conflating {
+                    sub,
+                    uid,
+                    collection: &event.collection,
+                    checkpoints: spec.delivery.checkpoints,
+                };
+                match outbox.push_conflating(to, &frames, changes) {
+                    Ok(Pushed::Frame) => queued += frames.len(),
+                    Ok(Pushed::Keyed { folded: n }) => folded += n,
+                    Err(PushError::Reset(dropped)) => {
+                        self.metrics.outbox_dropped.inc_by(dropped as u64);
+                        resets.push(OwedReset {
+                            spec: spec.clone(),
+                            sub,
+                            uid: uid.clone(),
+                            outbox: outbox.clone(),
+                        });
+                    }
+                    Err(PushError::Overflow(lost)) => {
+                        self.metrics.outbox_dropped.inc_by(lost as u64)
+                    }
+                    Err(PushError::Closed) => self.metrics.outbox_dropped.inc(),
+                }
+            }
+        }
+        if folded > 0 {
+            let label = self.metrics.collections.label(&event.collection);
+            self.metrics
+                .conflated
+                .with_label_values(&[&*label])
+                .inc_by(folded as u64);
+        }
+        queued
+    }
+
+    /// Replaces what a conflating subscription had pending (past `--conflation-max-keys`)
+    /// with a fresh `init` from the retained state at `event`, the one being dispatched
+    /// (already folded into the state, so the snapshot includes it). Called under the
+    /// collection's log lock, like every dispatch: no event can fall between the snapshot
+    /// and the frames that follow it.
+    fn reset_conflated(&self, owed: OwedReset, event: &Event) {
+        let OwedReset {
+            spec,
+            sub,
+            uid,
+            outbox,
+        } = owed;
+        let spec = &*spec;
+        let at = WirePosition {
+            epoch: event.epoch.clone(),
+            offset: event.offset,
+        };
+        let data = match (&self.state, &spec.item) {
+            (Some(state), Some(_)) => Ok(state.item_snapshot(spec)),
+            // Without `meta`: it is the one member's query's, not the group's.
+            (Some(state), None) => state.snapshot(spec).map(|view| Some(view.data)),
+            // A conflating spec is on a retained collection; without a state there is
+            // nothing to start again from.
+            (None, _) => Ok(None),
+        };
+        let data = match data {
+            Ok(data) => data,
+            Err(e) => {
+                tracing::info!(error = %e, "a conflation reset's init is over the limit: closing");
+                outbox.mark_slow_because(crate::outbox::RESETS_REASON);
+                return;
+            }
+        };
+        let init = Frame {
+            text: init_frame(data.as_deref(), None, uid.as_deref(), &at, Some(false)).into(),
+            live: None,
+        };
+        match outbox.push_reset(sub, init, Instant::now()) {
+            Ok(()) => self.metrics.conflation_resets.inc(),
+            Err(PushError::Overflow(lost)) => self.metrics.outbox_dropped.inc_by(lost as u64),
+            Err(_) => self.metrics.outbox_dropped.inc(),
+        }
+    }
+}
+
+/// A conflating subscription that passed the hard bound during a dispatch, owed a fresh
+/// `init` once the registry lock is released.
+#[derive(Debug)]
+struct OwedReset {
+    spec: Arc<Spec>,
+    sub: u64,
+    uid: Option<Arc<str>>,
+    outbox: Arc<Outbox>,
 }
 
 impl EventSink for Hub {
@@ -423,6 +573,18 @@ impl Subscriptions {
         }
         let history = self.hub.history();
         let log = history.log(&Arc::from(first));
+        let log = log.lock();
+        Some(history.position(&log))
+    }
+
+    /// The current position of `collection`, read under its log lock: every event up to it
+    /// has been queued to every subscriber. `None` while the history cannot be trusted.
+    pub fn position(&self, collection: &Arc<str>) -> Option<WirePosition> {
+        if !self.history_trusted() {
+            return None;
+        }
+        let history = self.hub.history();
+        let log = history.log(collection);
         let log = log.lock();
         Some(history.position(&log))
     }

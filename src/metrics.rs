@@ -329,6 +329,11 @@ pub struct Metrics {
     pub state_snapshot_last_success: IntGauge,
     /// `--state-dir` snapshots that failed to be written.
     pub state_snapshot_failures: IntCounter,
+    /// Changes folded into a pending slot of a conflating subscription (merged with it or
+    /// cancelling it) instead of being sent on their own, by collection.
+    pub conflated: IntCounterVec,
+    /// Conflating subscriptions that passed `--conflation-max-keys` and got a fresh `init`.
+    pub conflation_resets: IntCounter,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -597,6 +602,15 @@ impl Metrics {
             state_snapshot_failures: counter(
                 "tidings_state_snapshot_failures_total",
                 "--state-dir snapshots that could not be written (the previous one stays in place).",
+            )?,
+            conflated: counter_vec(
+                "tidings_conflated_total",
+                "Changes folded into a pending change of the same item for a conflating subscription (--slow-consumer-policy conflate) instead of being sent on their own, by collection.",
+                &["collection"],
+            )?,
+            conflation_resets: counter(
+                "tidings_conflation_resets_total",
+                "Conflating subscriptions whose pending changes passed --conflation-max-keys and that got a fresh init from the retained state instead (recovered: false).",
             )?,
             registry,
         };

@@ -187,27 +187,28 @@ impl Outbox {
         }
     }
 
-    /// Queues a frame of a conflating subscription: as it is while the outbox is under its
-    /// bounds and folding nothing, else split into `changes` (rendered by the caller only
-    /// then) and folded into the keyed queue. Refused with [`PushError::Reset`] when that
-    /// passes the hard bound.
+    /// Queues the frames one event brings a conflating subscription: as they are while the
+    /// outbox has room for all of them and is folding nothing, else as `changes` (the same
+    /// event split per key, rendered by the caller only then) folded into the keyed queue.
+    /// All or nothing, so no key is both sent and folded for one event. Refused with
+    /// [`PushError::Reset`] when folding passes the hard bound.
     pub fn push_conflating<'c>(
         &self,
         to: Conflating<'_>,
-        frame: Frame,
+        frames: &[Frame],
         changes: impl FnOnce() -> &'c [KeyedChange],
     ) -> Result<Pushed, PushError> {
-        let len = frame.text.len();
+        let len: usize = frames.iter().map(|f| f.text.len()).sum();
         let mut state = self.state.lock();
         if state.overflowed || state.closed {
             return Err(PushError::Closed);
         }
         let was_empty = state.queue.is_empty() && state.slots.is_empty();
         if state.slots.is_empty()
-            && state.queue.len() < self.max_messages + state.extra_messages
+            && state.queue.len() + frames.len() <= self.max_messages + state.extra_messages
             && state.bytes + len <= self.max_bytes + state.extra_bytes
         {
-            state.queue.push_back(frame);
+            state.queue.extend(frames.iter().cloned());
             state.bytes += len;
             drop(state);
             if was_empty {
@@ -216,11 +217,11 @@ impl Outbox {
             return Ok(Pushed::Frame);
         }
         let mut folded = 0;
+        let live = frames.first().and_then(|f| f.live);
         for keyed in changes() {
-            let done =
-                state
-                    .slots
-                    .fold(to.sub, to.uid, &keyed.key, keyed.change.clone(), frame.live);
+            let done = state
+                .slots
+                .fold(to.sub, to.uid, &keyed.key, keyed.change.clone(), live);
             if done != Folded::Queued {
                 folded += 1;
             }
@@ -436,6 +437,15 @@ impl Outbox {
         self.notify.notify_one();
     }
 
+    /// [`Outbox::mark_slow`], closing with `reason` instead of [`OVERFLOW_REASON`].
+    pub fn mark_slow_because(&self, reason: &'static str) {
+        let mut state = self.state.lock();
+        state.overflowed = true;
+        state.slow_reason.get_or_insert(reason);
+        drop(state);
+        self.notify.notify_one();
+    }
+
     /// True once the outbox overflowed or [`Outbox::mark_slow`] was called: the connection is
     /// a slow consumer, whatever ends it afterwards (a client that hangs up first included).
     pub fn is_slow(&self) -> bool {
@@ -605,7 +615,7 @@ mod tests {
         };
         let push = |key: &str, kind, data: &str| {
             let keyed = changes(key, kind, data);
-            ob.push_conflating(to, frame(&format!("plain {key} {data}")), || &keyed)
+            ob.push_conflating(to, &[frame(&format!("plain {key} {data}"))], || &keyed)
         };
         assert_eq!(push("a", EventKind::Update, "[1]"), Ok(Pushed::Frame));
         assert_eq!(push("a", EventKind::Update, "[2]"), Ok(Pushed::Frame));
@@ -659,7 +669,7 @@ mod tests {
             checkpoints: true,
         };
         let keyed = changes("a", EventKind::Update, "[1]");
-        ob.push_conflating(to, frame("x"), || &keyed).unwrap();
+        ob.push_conflating(to, &[frame("x")], || &keyed).unwrap();
         assert_eq!(
             texts(&ob, &[]).len(),
             1,
@@ -682,7 +692,7 @@ mod tests {
             collection: &other,
             checkpoints: false,
         };
-        ob.push_conflating(quiet, frame("x"), || &keyed).unwrap();
+        ob.push_conflating(quiet, &[frame("x")], || &keyed).unwrap();
         assert!(ob.checkpoint_collections().is_empty());
     }
 
@@ -698,7 +708,7 @@ mod tests {
         };
         let push = |key: &str| {
             let keyed = changes(key, EventKind::Update, "[1]");
-            ob.push_conflating(to, frame("x"), || &keyed)
+            ob.push_conflating(to, &[frame("x")], || &keyed)
         };
         push("a").unwrap();
         push("b").unwrap();
@@ -745,7 +755,7 @@ mod tests {
                 checkpoints: true,
             };
             let keyed = changes("a", EventKind::Update, &format!("[{sub}]"));
-            ob.push_conflating(to, frame("x"), || &keyed).unwrap();
+            ob.push_conflating(to, &[frame("x")], || &keyed).unwrap();
         }
         ob.forget(1);
         assert_eq!(ob.len(), 1);
@@ -770,7 +780,7 @@ mod tests {
         };
         let keyed = changes("a", EventKind::Update, "[1]");
         ob.push(frame("close-policy")).unwrap();
-        ob.push_conflating(to, frame("x"), || &keyed).unwrap();
+        ob.push_conflating(to, &[frame("x")], || &keyed).unwrap();
         assert_eq!(
             ob.push(frame("close-policy 2")),
             Err(PushError::Overflow(3))

@@ -53,6 +53,7 @@ pub fn read(
         query: request.query,
         nested: false,
         since: None,
+        checkpoints: false,
     };
     let spec = compile_configured(config, &subscribe, principal).map_err(|e| e.of_kind("items"))?;
     let uid = request.uid;

@@ -56,6 +56,7 @@ fn request(uid: &str, item: Option<&str>, filter: Option<&Value>) -> SubscribeRe
         query: Some(query),
         nested: false,
         since: None,
+        checkpoints: false,
     }
 }
 

@@ -44,6 +44,9 @@ pub struct SubscribeRequest {
     pub nested: bool,
     /// Resume after this position (Tidings extension): replay what was missed.
     pub since: Option<WirePosition>,
+    /// `"checkpoints": true` (Tidings extension): on a conflating collection, send
+    /// `checkpoint` frames, the safe `since` values once folded frames were written.
+    pub checkpoints: bool,
 }
 
 /// The `action` of an `items` request.
@@ -238,6 +241,16 @@ fn parse_subscribe(
         None | Some(Value::Null) => None,
         Some(v) => Some(parse_since(v)?),
     };
+    let checkpoints = match fields.get("checkpoints") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(on)) => *on,
+        other => {
+            return Err(validation(
+                "subscribe",
+                expected("boolean", other, "checkpoints"),
+            ))
+        }
+    };
     Ok(SubscribeRequest {
         uid,
         collection,
@@ -246,6 +259,7 @@ fn parse_subscribe(
         query,
         nested,
         since,
+        checkpoints,
     })
 }
 

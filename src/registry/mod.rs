@@ -37,6 +37,11 @@ pub struct SubHandle {
 }
 
 impl SubHandle {
+    /// Its id: the key of its member entry, and how its outbox knows it.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// The collection it is subscribed to.
     pub fn collection(&self) -> &Arc<str> {
         &self.collection
@@ -450,6 +455,7 @@ mod tests {
             query: json!({ "filter": filter }).as_object().cloned(),
             nested: false,
             since: None,
+            checkpoints: false,
         };
         compile(
             &req,

@@ -107,6 +107,7 @@ impl StateSettings {
             state: &self.collections,
             max_items: self.max_items,
             transitions: crate::config::defaults::TRANSITIONS,
+            slow_consumer_policy: crate::config::defaults::SLOW_CONSUMER_POLICY,
         }
     }
 
@@ -439,6 +440,8 @@ impl State {
             for cause in ["enter", "leave"] {
                 metrics.transitions.with_label_values(&[&*label, cause]);
             }
+            // Zero under `--slow-consumer-policy close`; there from the first scrape anyway.
+            metrics.conflated.with_label_values(&[&*label]);
             for limit in [Limit::MaxItems, Limit::MaxBytes] {
                 metrics
                     .state_rejections

@@ -200,6 +200,7 @@ mod tests {
             query: Some(query),
             nested: false,
             since: None,
+            checkpoints: false,
         };
         let ctx = SpecContext {
             principal: &principal,

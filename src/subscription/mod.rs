@@ -19,14 +19,14 @@ pub mod list;
 pub mod render;
 
 pub use list::ListShape;
-pub use render::{payloads, Cause, Payload};
+pub use render::{keyed_payloads, payloads, Cause, Payload};
 
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
 use crate::auth::Principal;
-use crate::config::{Config, Transitions};
+use crate::config::{Config, SlowConsumerPolicy, Transitions};
 use crate::event::{valid_collection_name, EventSet};
 use crate::filter::{CompileContext, Filter, FilterLimits};
 use crate::projection::Projection;
@@ -59,6 +59,19 @@ pub struct SpecKey {
     dialect: Dialect,
     key_only_deletes: bool,
     key_field: Arc<str>,
+    delivery: Delivery,
+}
+
+/// How a subscription's frames are queued, beyond what it receives: members of one group
+/// share it (it is part of [`SpecKey`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Delivery {
+    /// Past the outbox bounds, its frames are conflated per item key
+    /// (`--slow-consumer-policy conflate` on a retained collection, for a subscription whose
+    /// `init` lists the retained items) instead of closing the connection.
+    pub conflate: bool,
+    /// It asked for `checkpoint` frames (`"checkpoints": true`).
+    pub checkpoints: bool,
 }
 
 /// What one subscription receives, compiled. Identical specs share one group (see
@@ -99,6 +112,8 @@ pub struct Spec {
     /// `meta`). Not part of [`SpecKey`]: it shapes only the one-off `init` (live events carry
     /// no `meta`), which is built from the subscription's own spec before it joins a group.
     pub meta: Option<Box<MetaQuery>>,
+    /// How its frames are queued.
+    pub delivery: Delivery,
     /// Canonical identity of everything above but `meta`.
     pub key: Arc<SpecKey>,
 }
@@ -180,6 +195,13 @@ impl Spec {
                 .is_none_or(|term| search_matches(item, term, self.search_fields.as_deref()))
     }
 
+    /// This spec with its frames queued as `delivery` says.
+    pub fn with_delivery(mut self, delivery: Delivery) -> Spec {
+        self.delivery = delivery;
+        Arc::make_mut(&mut self.key).delivery = delivery;
+        self
+    }
+
     /// This spec judged on the new version of an item only (`--transitions directus`).
     pub fn without_transitions(mut self) -> Spec {
         self.transitions = false;
@@ -212,10 +234,12 @@ impl Spec {
                 dialect: Dialect::Flat,
                 key_only_deletes: false,
                 key_field: Arc::from(key_field),
+                delivery: Delivery::default(),
             }),
             key_field: Arc::from(key_field),
             transitions: false,
             meta: None,
+            delivery: Delivery::default(),
         }
     }
 }
@@ -360,6 +384,16 @@ pub fn compile_configured(
         key_field: &settings.key_field,
     };
     let spec = compile(req, &ctx)?;
+    // Conflation needs whole items and a fresh `init` to reset to: a subscription of a
+    // retained collection whose `init` lists its items.
+    let conflate = settings.slow_consumer_policy == SlowConsumerPolicy::Conflate
+        && settings.state
+        && req.event.is_none()
+        && spec.dialect == Dialect::Flat;
+    let spec = spec.with_delivery(Delivery {
+        conflate,
+        checkpoints: req.checkpoints,
+    });
     Ok(match settings.transitions {
         Transitions::View => spec,
         Transitions::Directus => spec.without_transitions(),
@@ -602,6 +636,7 @@ pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, Pr
         dialect,
         key_only_deletes,
         key_field: key_field.clone(),
+        delivery: Delivery::default(),
     });
     Ok(Spec {
         collection: Arc::from(req.collection.as_str()),
@@ -622,6 +657,7 @@ pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, Pr
                 rule: meta_rule,
             })
         }),
+        delivery: Delivery::default(),
         key,
     })
 }

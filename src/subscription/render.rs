@@ -84,6 +84,35 @@ pub fn payloads(spec: &Spec, event: &Event) -> Vec<Payload> {
     }
 }
 
+/// The messages `spec` gets for `event`, one key at a time: for each key, what it would get
+/// if the event carried only that key (one message at most), with the key. The conflating
+/// queue folds these (see [`crate::conflate`]); live delivery uses [`payloads`]. Clones each
+/// item, so only the slow path calls it.
+pub fn keyed_payloads(spec: &Spec, event: &Event) -> Vec<(String, Payload)> {
+    let mut out = Vec::with_capacity(event.keys.len());
+    let with_before = event.before.len() == event.items.len();
+    for (i, key) in event.keys.iter().enumerate() {
+        let one = Event {
+            collection: event.collection.clone(),
+            kind: event.kind,
+            items: event.items.get(i).cloned().into_iter().collect(),
+            keys: vec![key.clone()],
+            before: match with_before {
+                true => event.before.get(i).cloned().into_iter().collect(),
+                false => Vec::new(),
+            },
+            apply: event.apply.clone(),
+            version: event.version,
+            offset: event.offset,
+            epoch: event.epoch.clone(),
+            received: event.received,
+        };
+        let key = key_string(key);
+        out.extend(payloads(spec, &one).into_iter().map(|p| (key.clone(), p)));
+    }
+    out
+}
+
 fn encode(v: &impl serde::Serialize) -> String {
     // Serializing a serde_json::Value (or a list of them) to a String cannot fail.
     serde_json::to_string(v).unwrap_or_else(|_| "null".to_string())

@@ -125,7 +125,11 @@ impl Session {
         slot: ConnectionSlot,
     ) -> Self {
         let config = &state.config;
-        let outbox = Arc::new(Outbox::new(config.outbox_messages, config.outbox_bytes));
+        let outbox = Arc::new(Outbox::with_max_keys(
+            config.outbox_messages,
+            config.outbox_bytes,
+            config.conflation_max_keys,
+        ));
         let expires_at = identity.as_ref().and_then(|i| i.expires_at);
         let auth = match (identity, config.auth_mode) {
             (Some(identity), _) => AuthState::Authed(identity.principal),

@@ -93,6 +93,7 @@ impl Session {
 
     pub(super) fn drop_sub(&self, sub: &LocalSub) {
         self.state.subscriptions.remove(&sub.handle);
+        self.outbox.forget(sub.handle.id());
         self.state
             .metrics
             .subscriptions

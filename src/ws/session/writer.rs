@@ -51,12 +51,10 @@ impl Session {
                 Flow::Continue
             }
             Ok(Flushed::Overflowed) | Err(WriteError::Timeout) => {
-                tracing::info!(peer = %self.peer, "closing slow consumer");
-                self.close_with(
-                    socket,
-                    Some((close::SLOW_CONSUMER, "slow consumer: outbox full")),
-                )
-                .await;
+                let reason = self.outbox.slow_reason();
+                tracing::info!(peer = %self.peer, reason, "closing slow consumer");
+                self.close_with(socket, Some((close::SLOW_CONSUMER, reason)))
+                    .await;
                 Flow::Close(CloseReason::SlowConsumer)
             }
             Err(WriteError::Socket) => Flow::Close(CloseReason::Error),
@@ -93,7 +91,17 @@ impl Session {
         socket: &mut S,
     ) -> Result<Flushed, WriteError> {
         let mut batch: Vec<Frame> = Vec::new();
-        if self.outbox.drain(&mut batch) == Drained::Overflowed {
+        // Positions for the checkpoints owed, read before the drain (see `drain_with`).
+        let positions: Vec<_> = self
+            .outbox
+            .checkpoint_collections()
+            .into_iter()
+            .filter_map(|c| {
+                let at = self.state.subscriptions.position(&c)?;
+                Some((c, at))
+            })
+            .collect();
+        if self.outbox.drain_with(&mut batch, &positions) == Drained::Overflowed {
             return Ok(Flushed::Overflowed);
         }
         if batch.is_empty() {
@@ -219,11 +227,9 @@ impl Session {
         match self.flush_outbox(socket).await {
             Ok(Flushed::Frames(_)) => {}
             Ok(Flushed::Overflowed) | Err(WriteError::Timeout) => {
-                self.close_with(
-                    socket,
-                    Some((close::SLOW_CONSUMER, "slow consumer: outbox full")),
-                )
-                .await;
+                let reason = self.outbox.slow_reason();
+                self.close_with(socket, Some((close::SLOW_CONSUMER, reason)))
+                    .await;
                 return CloseReason::SlowConsumer;
             }
             Err(WriteError::Socket) => return CloseReason::Error,
