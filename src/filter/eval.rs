@@ -346,6 +346,27 @@ fn write_str(s: &str, out: &mut String) {
 }
 
 /// Pushes every dotted field path under `node`, prefixed with `prefix`.
+/// Adds the top-level field of every path `node` reads to `out`; false when it reads the whole
+/// item (JSONPath, or a path without segments).
+pub(crate) fn collect_top_fields<'n>(node: &'n Node, out: &mut Vec<&'n str>) -> bool {
+    match node {
+        Node::True => true,
+        Node::And(children) | Node::Or(children) => {
+            children.iter().all(|c| collect_top_fields(c, out))
+        }
+        // A quantifier's inner paths are relative to the items at its path, inside the same
+        // top-level field.
+        Node::Cond { path, .. } | Node::Quant { path, .. } => match path.segs.first() {
+            Some(first) => {
+                out.push(first);
+                true
+            }
+            None => false,
+        },
+        Node::JsonPath(_) => false,
+    }
+}
+
 pub(crate) fn collect_fields(node: &Node, prefix: &str, out: &mut Vec<String>) {
     match node {
         Node::True => {}

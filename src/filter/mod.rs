@@ -293,6 +293,19 @@ impl Filter {
         out
     }
 
+    /// The top-level fields of an item the filter reads (sorted, deduplicated), or `None` when
+    /// it may read any of them (JSONPath). Evaluating it on an item reduced to these fields
+    /// gives the same answer as on the whole item.
+    pub fn top_fields(&self) -> Option<Vec<&str>> {
+        let mut out = Vec::new();
+        if !eval::collect_top_fields(&self.root, &mut out) {
+            return None;
+        }
+        out.sort_unstable();
+        out.dedup();
+        Some(out)
+    }
+
     /// Canonical identity: equal strings ⇔ equal compiled predicates, independent of JSON key
     /// order and of the order of `_and`/`_or` members. Computed once, at compile time.
     pub fn canonical(&self) -> &str {

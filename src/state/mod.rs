@@ -302,6 +302,65 @@ fn parse(json: &str) -> Value {
     serde_json::from_str(json).unwrap_or(Value::Null)
 }
 
+/// A stored item reduced to its top-level `fields` (sorted): what a predicate reading only
+/// those needs, for the cost of scanning past the rest rather than building it.
+fn parse_fields(json: &str, fields: &[&str]) -> Value {
+    let mut de = serde_json::Deserializer::from_str(json);
+    serde::de::DeserializeSeed::deserialize(Fields(fields), &mut de).unwrap_or(Value::Null)
+}
+
+struct Fields<'f>(&'f [&'f str]);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Fields<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Fields<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an item")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(FieldName(name)) = map.next_key()? {
+            if self.0.binary_search(&name.as_ref()).is_ok() {
+                out.insert(name.into_owned(), map.next_value()?);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+/// An object key, borrowed from the text unless it has escapes.
+struct FieldName<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for FieldName<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Name;
+        impl<'de> serde::de::Visitor<'de> for Name {
+            type Value = FieldName<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<FieldName<'de>, E> {
+                Ok(FieldName(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<FieldName<'de>, E> {
+                Ok(FieldName(std::borrow::Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(Name)
+    }
+}
+
 fn compact(value: &Value) -> String {
     // Serializing a `Value` cannot fail.
     serde_json::to_string(value).unwrap_or_default()

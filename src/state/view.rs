@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use super::{parse, State, StateError, DEFAULT_INIT_LIMIT};
+use super::{parse, parse_fields, State, StateError, DEFAULT_INIT_LIMIT};
 use crate::subscription::{ListShape, MetaCount, Spec};
 
 /// Who asks for a view: it decides the duration metric and the error over the bound.
@@ -70,6 +70,19 @@ impl State {
                             (_, None) => None,
                         };
                         let scanning = indexed.is_none();
+                        // Judging an item needs only the fields the predicates read: parsing
+                        // just those (and the whole item only when it matches) is what keeps
+                        // a scan cheap.
+                        let counting = meta.filter(|_| scanning);
+                        let reads = match (spec.reads(), counting.and_then(|m| m.rule.as_ref())) {
+                            (Some(mut reads), Some(rule)) => rule.top_fields().map(|more| {
+                                reads.extend(more);
+                                reads.sort_unstable();
+                                reads.dedup();
+                                reads
+                            }),
+                            (reads, _) => reads,
+                        };
                         let candidates: Box<dyn Iterator<Item = &super::Stored>> = match indexed {
                             Some(keys) => {
                                 total = store.items.len();
@@ -78,18 +91,24 @@ impl State {
                             None => Box::new(store.items.iter()),
                         };
                         for held in candidates {
-                            let item = parse(held.json());
-                            if let Some(meta) = meta.filter(|_| scanning) {
-                                if meta.rule.as_ref().is_none_or(|r| r.matches(&item)) {
+                            let probe = match &reads {
+                                Some(fields) => parse_fields(held.json(), fields),
+                                None => parse(held.json()),
+                            };
+                            if let Some(meta) = counting {
+                                if meta.rule.as_ref().is_none_or(|r| r.matches(&probe)) {
                                     total += 1;
                                 }
                             }
-                            if !spec.matches(&item) {
+                            if !spec.matches(&probe) {
                                 continue;
                             }
                             filtered += 1;
                             if keys.is_none_or(|keys| keys.iter().any(|k| k == held.key())) {
-                                out.push(item);
+                                out.push(match reads {
+                                    Some(_) => parse(held.json()),
+                                    None => probe,
+                                });
                             }
                         }
                         out
@@ -226,6 +245,46 @@ mod tests {
             epoch: Arc::from("e"),
             received: Instant::now(),
         }
+    }
+
+    /// A predicate judged on an item reduced to the fields `Spec::reads` names answers as on
+    /// the whole item: filters on nested paths, relations, `_null` on absent fields, search
+    /// limited to fields, and a JSONPath or full search (which read everything).
+    #[test]
+    fn the_fields_a_spec_reads_decide_it() {
+        let items = [
+            json!({"id":1,"status":"a","n":{"x":1},"tags":[{"name":"t1"}],"text":"X marks"}),
+            json!({"id":2,"status":null,"n":{"x":2},"tags":[],"other":"x"}),
+            json!({"id":3,"tags":[{"name":"t2"},{"name":"t1"}],"we\"ird":5}),
+            json!({"id":4,"status":"b","n":[{"x":1}],"text":"nothing"}),
+        ];
+        let queries = [
+            json!({"filter":{"status":{"_eq":"a"}}}),
+            json!({"filter":{"status":{"_null":true}}}),
+            json!({"filter":{"n":{"x":{"_eq":1}}}}),
+            json!({"filter":{"tags":{"_some":{"name":{"_eq":"t1"}}}}}),
+            json!({"filter":{"tags":{"_none":{"name":{"_eq":"t2"}}}}}),
+            json!({"filter":{"_or":[{"status":{"_eq":"b"}},{"we\"ird":{"_gt":1}}]}}),
+            json!({"filter":{"status":{"_nnull":true}},"search":"x"}),
+            json!({"search":"marks"}),
+            json!({}),
+        ];
+        for query in &queries {
+            let s = spec(query.clone());
+            for item in &items {
+                let json = serde_json::to_string(item).unwrap();
+                let probe = match s.reads() {
+                    Some(fields) => crate::state::parse_fields(&json, &fields),
+                    None => item.clone(),
+                };
+                assert_eq!(s.matches(&probe), s.matches(item), "{query} on {item}");
+            }
+        }
+        assert_eq!(spec(json!({"search":"x"})).reads(), None);
+        assert_eq!(
+            spec(json!({"filter":{"n":{"x":{"_eq":1}},"status":{"_eq":"a"}}})).reads(),
+            Some(vec!["n", "status"])
+        );
     }
 
     /// Random creates, partial updates and deletes on two states, one with indexes: every

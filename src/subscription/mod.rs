@@ -195,6 +195,21 @@ impl Spec {
                 .is_none_or(|term| search_matches(item, term, self.search_fields.as_deref()))
     }
 
+    /// The top-level fields [`Spec::matches`] reads (sorted, deduplicated), or `None` when it
+    /// may read any (a JSONPath filter, or a search over every field).
+    pub fn reads(&self) -> Option<Vec<&str>> {
+        let mut out = match &self.filter {
+            Some(filter) => filter.top_fields()?,
+            None => Vec::new(),
+        };
+        if self.search.is_some() {
+            out.extend(self.search_fields.as_ref()?.iter().map(String::as_str));
+            out.sort_unstable();
+            out.dedup();
+        }
+        Some(out)
+    }
+
     /// This spec with its frames queued as `delivery` says.
     pub fn with_delivery(mut self, delivery: Delivery) -> Spec {
         self.delivery = delivery;
