@@ -345,7 +345,6 @@ fn write_str(s: &str, out: &mut String) {
     out.push_str(&serde_json::to_string(s).unwrap_or_default());
 }
 
-/// Pushes every dotted field path under `node`, prefixed with `prefix`.
 /// Adds the top-level field of every path `node` reads to `out`; false when it reads the whole
 /// item (JSONPath, or a path without segments).
 pub(crate) fn collect_top_fields<'n>(node: &'n Node, out: &mut Vec<&'n str>) -> bool {
@@ -367,6 +366,7 @@ pub(crate) fn collect_top_fields<'n>(node: &'n Node, out: &mut Vec<&'n str>) -> 
     }
 }
 
+/// Pushes every dotted field path under `node`, prefixed with `prefix`.
 pub(crate) fn collect_fields(node: &Node, prefix: &str, out: &mut Vec<String>) {
     match node {
         Node::True => {}

@@ -72,17 +72,10 @@ impl State {
                         let scanning = indexed.is_none();
                         // Judging an item needs only the fields the predicates read: parsing
                         // just those (and the whole item only when it matches) is what keeps
-                        // a scan cheap.
+                        // a scan cheap. The row rule `total_count` counts under is part of the
+                        // spec's filter, so its fields are among these.
                         let counting = meta.filter(|_| scanning);
-                        let reads = match (spec.reads(), counting.and_then(|m| m.rule.as_ref())) {
-                            (Some(mut reads), Some(rule)) => rule.top_fields().map(|more| {
-                                reads.extend(more);
-                                reads.sort_unstable();
-                                reads.dedup();
-                                reads
-                            }),
-                            (reads, _) => reads,
-                        };
+                        let reads = spec.reads();
                         let candidates: Box<dyn Iterator<Item = &super::Stored>> = match indexed {
                             Some(keys) => {
                                 total = store.items.len();
