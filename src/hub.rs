@@ -291,8 +291,8 @@ impl Hub {
                     text: Utf8Bytes::from(text),
                     live,
                 };
-                for outbox in members.values() {
-                    match outbox.push(frame.clone()) {
+                for member in members.values() {
+                    match member.outbox.push(frame.clone()) {
                         Ok(()) => queued += 1,
                         Err(PushError::Overflow(lost)) => {
                             self.metrics.outbox_dropped.inc_by(lost as u64)
@@ -356,12 +356,13 @@ impl Hub {
                     live,
                 })
                 .collect();
-            for (&sub, outbox) in members {
+            for (&sub, member) in members {
+                let outbox = &member.outbox;
                 let to = Conflating {
                     sub,
                     uid,
                     collection: &event.collection,
-                    checkpoints: spec.delivery.checkpoints,
+                    checkpoints: member.checkpoints,
                 };
                 match outbox.push_conflating(to, &frames, changes) {
                     Ok(Pushed::Frame) => queued += frames.len(),

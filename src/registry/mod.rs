@@ -53,8 +53,19 @@ impl SubHandle {
     }
 }
 
+/// One subscription of a group: where its frames go, and what it asked for beyond the
+/// group's frames.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// Its connection's outbox.
+    pub outbox: Arc<Outbox>,
+    /// It asked for `checkpoint` frames ([`Spec::checkpoints`]): kept per member rather
+    /// than in the group key, since it changes no frame the group encodes.
+    pub checkpoints: bool,
+}
+
 /// Subscriptions of one group whose frames carry the same uid.
-pub type Bucket = BTreeMap<u64, Arc<Outbox>>;
+pub type Bucket = BTreeMap<u64, Member>;
 
 /// Every subscription sharing one [`Spec`].
 #[derive(Debug)]
@@ -89,7 +100,7 @@ impl Group {
         self.buckets.values().map(|(uid, members)| (uid, members))
     }
 
-    fn add(&mut self, id: u64, uid: Option<Arc<str>>, outbox: Arc<Outbox>) {
+    fn add(&mut self, id: u64, uid: Option<Arc<str>>, member: Member) {
         let seq = match self.bucket_seq.get(&uid) {
             Some(seq) => *seq,
             None => {
@@ -100,7 +111,7 @@ impl Group {
             }
         };
         if let Some((_, members)) = self.buckets.get_mut(&seq) {
-            members.insert(id, outbox);
+            members.insert(id, member);
         }
     }
 
@@ -359,12 +370,17 @@ impl Registry {
         if let Some(old) = old {
             subs.remove_member(old);
         }
+        // Read before the spec is dropped for an existing group's: it is this member's own.
+        let member = Member {
+            outbox,
+            checkpoints: spec.checkpoints,
+        };
         let group = match subs.by_key.get(&spec.key) {
             Some(seq) => *seq,
             None => subs.add_group(spec, id),
         };
         if let Some(g) = subs.groups.get_mut(&group) {
-            g.add(id, uid.clone(), outbox);
+            g.add(id, uid.clone(), member);
         }
         SubHandle {
             id,
@@ -445,6 +461,11 @@ mod tests {
     use crate::subscription::{compile, SpecContext};
 
     fn spec(filter: Value) -> Spec {
+        spec_asking(filter, false)
+    }
+
+    /// A spec whose request sent `"checkpoints": checkpoints`.
+    fn spec_asking(filter: Value, checkpoints: bool) -> Spec {
         let principal = Principal::anonymous(Permissions::all());
         let limits = FilterLimits::default();
         let req = SubscribeRequest {
@@ -455,7 +476,7 @@ mod tests {
             query: json!({ "filter": filter }).as_object().cloned(),
             nested: false,
             since: None,
-            checkpoints: false,
+            checkpoints,
         };
         compile(
             &req,
@@ -543,6 +564,52 @@ mod tests {
             !subs.by_term.contains_key("tenant")
                 && subs.by_term.get("status").is_some_and(|m| m.len() == 1),
             "emptied keys and fields are dropped"
+        );
+    }
+
+    #[test]
+    fn asking_for_checkpoints_shares_the_group_and_stays_per_member() {
+        use crate::subscription::Delivery;
+        let registry = Registry::new();
+        let directus = Arc::new(Outbox::new(10, 1000));
+        let js = Arc::new(Outbox::new(10, 1000));
+        let conflating = |checkpoints| {
+            spec_asking(json!({"n": {"_gt": 3}}), checkpoints)
+                .with_delivery(Delivery { conflate: true })
+        };
+        let a = registry.insert(conflating(false), Some(Arc::from("u")), directus);
+        let b = registry.insert(conflating(true), Some(Arc::from("u")), js.clone());
+        let subs = registry.collection("c").unwrap();
+        let read = subs.read();
+        assert_eq!(
+            read.groups.len(),
+            1,
+            "one group: checkpoints is not in the key"
+        );
+        let group = read.groups.values().next().unwrap();
+        let (_, members) = group.buckets().next().unwrap();
+        let flags: Vec<(u64, bool)> = members.iter().map(|(&id, m)| (id, m.checkpoints)).collect();
+        assert_eq!(flags, vec![(a.id(), false), (b.id(), true)]);
+        assert!(Arc::ptr_eq(&members[&b.id()].outbox, &js));
+        drop(read);
+        // The member that asked leaves: the other one keeps its own flag.
+        registry.remove(&b);
+        let read = subs.read();
+        let group = read.groups.values().next().unwrap();
+        let (_, members) = group.buckets().next().unwrap();
+        assert_eq!(members.len(), 1);
+        assert!(!members[&a.id()].checkpoints);
+        // A different delivery is still a different group.
+        drop(read);
+        registry.insert(
+            spec(json!({"n": {"_gt": 3}})),
+            None,
+            Arc::new(Outbox::new(10, 1000)),
+        );
+        assert_eq!(
+            subs.read().groups.len(),
+            2,
+            "conflating or not splits the group"
         );
     }
 }

@@ -70,8 +70,6 @@ pub struct Delivery {
     /// (`--slow-consumer-policy conflate` on a retained collection, for a subscription whose
     /// `init` lists the retained items) instead of closing the connection.
     pub conflate: bool,
-    /// It asked for `checkpoint` frames (`"checkpoints": true`).
-    pub checkpoints: bool,
 }
 
 /// What one subscription receives, compiled. Identical specs share one group (see
@@ -114,6 +112,11 @@ pub struct Spec {
     pub meta: Option<Box<MetaQuery>>,
     /// How its frames are queued.
     pub delivery: Delivery,
+    /// It asked for `checkpoint` frames (`"checkpoints": true`). Not part of [`SpecKey`]:
+    /// the frames are the same with or without it, and a checkpoint is owed per member at
+    /// push time (the registry keeps the flag per member), so a JS client that asks shares
+    /// the group of a Directus client that does not.
+    pub checkpoints: bool,
     /// Canonical identity of everything above but `meta`.
     pub key: Arc<SpecKey>,
 }
@@ -255,6 +258,7 @@ impl Spec {
             transitions: false,
             meta: None,
             delivery: Delivery::default(),
+            checkpoints: false,
         }
     }
 }
@@ -405,10 +409,7 @@ pub fn compile_configured(
         && settings.state
         && req.event.is_none()
         && spec.dialect == Dialect::Flat;
-    let spec = spec.with_delivery(Delivery {
-        conflate,
-        checkpoints: req.checkpoints,
-    });
+    let spec = spec.with_delivery(Delivery { conflate });
     Ok(match settings.transitions {
         Transitions::View => spec,
         Transitions::Directus => spec.without_transitions(),
@@ -673,6 +674,7 @@ pub fn compile(req: &SubscribeRequest, ctx: &SpecContext<'_>) -> Result<Spec, Pr
             })
         }),
         delivery: Delivery::default(),
+        checkpoints: req.checkpoints,
         key,
     })
 }
