@@ -70,6 +70,8 @@ export declare class TidingsError extends Error {
 type Listener<T> = (value: T) => void;
 /** Delay before reconnect attempt `attempt` (0-based): exponential, capped, half-jittered. */
 export declare function backoffDelay(attempt: number, opts: ReconnectOptions, random: () => number): number;
+/** `v` as a position, if it is one (`{"epoch": string, "offset": integer >= 0}`). */
+export declare function asPosition(v: unknown): Position | undefined;
 /** The position at the end of a shutdown close reason (`… since {"epoch":…,"offset":N}`). */
 export declare function positionInReason(reason: unknown): Position | undefined;
 /**
@@ -80,7 +82,11 @@ export declare class Subscription implements AsyncIterable<SubscriptionMessage> 
     private readonly client;
     readonly collection: string;
     readonly options: SubscribeOptions;
-    /** The last position received: the `since` of the next resume. */
+    /**
+     * The `since` of the next resume: the last safe position received, from `init`, a
+     * checkpoint, or a frame that carries one. A conflated (folded) frame carries none and
+     * leaves it where it was: it stands for several events, so its offset would not be safe.
+     */
     position: Position | undefined;
     /** The uid on the wire now (a fresh one per (re)subscribe, so stale frames are ignored). */
     wireUid: string;
@@ -88,6 +94,7 @@ export declare class Subscription implements AsyncIterable<SubscriptionMessage> 
     private waiters;
     private listeners;
     private errorListeners;
+    private checkpointListeners;
     /** Whether the next init answers a `since` (so recovered:false is a reset). */
     resuming: boolean;
     closed: boolean;
@@ -95,9 +102,18 @@ export declare class Subscription implements AsyncIterable<SubscriptionMessage> 
     /** Calls `cb` for every frame from now on; returns the function that stops it. */
     on(cb: Listener<SubscriptionMessage>): () => void;
     onError(cb: Listener<TidingsError>): () => void;
+    /**
+     * Calls `cb` with the position of every checkpoint from now on (protocol/README.md §5c:
+     * sent after frames the broker merged for a slow reader; every event up to it has been
+     * delivered). A checkpoint carries no data: it is never a frame of `on` or the iterator.
+     * `position` has already moved to it when `cb` runs. Returns the function that stops it.
+     */
+    onCheckpoint(cb: Listener<Position>): () => void;
     unsubscribe(): void;
     /** @internal */
     deliver(msg: SubscriptionMessage): void;
+    /** @internal */
+    checkpoint(at: Position): void;
     /** @internal */
     fail(err: TidingsError): void;
     /** @internal */

@@ -1,4 +1,6 @@
 // Tidings client: the Directus realtime protocol plus Tidings' positions, resume and live views.
+// Every subscribe asks for checkpoints (protocol/README.md §5c), so a subscription's resume
+// position is always one the broker marked safe: `init`'s, a checkpoint's, or a frame's.
 // Zero runtime dependencies: it uses the platform's WebSocket and fetch (browsers, Node >= 22,
 // or Node 20 with --experimental-websocket, or any constructor passed as `WebSocket`).
 export class TidingsError extends Error {
@@ -18,6 +20,16 @@ export function backoffDelay(attempt, opts, random) {
     const base = Math.min(max, initial * 2 ** Math.min(attempt, 30));
     return Math.round(base / 2 + (base / 2) * random());
 }
+/** `v` as a position, if it is one (`{"epoch": string, "offset": integer >= 0}`). */
+export function asPosition(v) {
+    if (v === null || typeof v !== 'object')
+        return undefined;
+    const p = v;
+    if (typeof p.epoch === 'string' && Number.isSafeInteger(p.offset) && p.offset >= 0) {
+        return { epoch: p.epoch, offset: p.offset };
+    }
+    return undefined;
+}
 /** The position at the end of a shutdown close reason (`… since {"epoch":…,"offset":N}`). */
 export function positionInReason(reason) {
     if (typeof reason !== 'string')
@@ -26,15 +38,12 @@ export function positionInReason(reason) {
     if (!m)
         return undefined;
     try {
-        const p = JSON.parse(m[1]);
-        if (typeof p.epoch === 'string' && Number.isSafeInteger(p.offset) && p.offset >= 0) {
-            return { epoch: p.epoch, offset: p.offset };
-        }
+        return asPosition(JSON.parse(m[1]));
     }
     catch {
         // Not a position: nothing to adopt.
+        return undefined;
     }
-    return undefined;
 }
 function wsUrl(url) {
     let u = url.replace(/^http(s?):\/\//, 'ws$1://');
@@ -53,7 +62,11 @@ export class Subscription {
     client;
     collection;
     options;
-    /** The last position received: the `since` of the next resume. */
+    /**
+     * The `since` of the next resume: the last safe position received, from `init`, a
+     * checkpoint, or a frame that carries one. A conflated (folded) frame carries none and
+     * leaves it where it was: it stands for several events, so its offset would not be safe.
+     */
     position;
     /** The uid on the wire now (a fresh one per (re)subscribe, so stale frames are ignored). */
     wireUid = '';
@@ -61,6 +74,7 @@ export class Subscription {
     waiters = [];
     listeners = new Set();
     errorListeners = new Set();
+    checkpointListeners = new Set();
     /** Whether the next init answers a `since` (so recovered:false is a reset). */
     resuming = false;
     closed = false;
@@ -77,6 +91,16 @@ export class Subscription {
     onError(cb) {
         this.errorListeners.add(cb);
         return () => this.errorListeners.delete(cb);
+    }
+    /**
+     * Calls `cb` with the position of every checkpoint from now on (protocol/README.md §5c:
+     * sent after frames the broker merged for a slow reader; every event up to it has been
+     * delivered). A checkpoint carries no data: it is never a frame of `on` or the iterator.
+     * `position` has already moved to it when `cb` runs. Returns the function that stops it.
+     */
+    onCheckpoint(cb) {
+        this.checkpointListeners.add(cb);
+        return () => this.checkpointListeners.delete(cb);
     }
     unsubscribe() {
         if (this.closed)
@@ -97,6 +121,16 @@ export class Subscription {
             waiter({ value: msg, done: false });
         else if (this.iterating || this.listeners.size === 0)
             this.queue.push(msg);
+    }
+    /** @internal */
+    checkpoint(at) {
+        // Never backwards within an epoch: the position held is safe too, and going back would
+        // replay events already applied.
+        const p = this.position;
+        if (!p || p.epoch !== at.epoch || p.offset <= at.offset)
+            this.position = at;
+        for (const cb of this.checkpointListeners)
+            cb(at);
     }
     /** @internal */
     fail(err) {
@@ -427,7 +461,14 @@ export class Client {
             this.subs.delete(sub.wireUid);
         sub.wireUid = `t${this.nextUid++}`;
         this.subs.set(sub.wireUid, sub);
-        const msg = { type: 'subscribe', collection: sub.collection, uid: sub.wireUid };
+        // `checkpoints`: on a conflating collection, the broker marks the safe resume positions
+        // after merged frames (which carry none); elsewhere it changes nothing.
+        const msg = {
+            type: 'subscribe',
+            collection: sub.collection,
+            uid: sub.wireUid,
+            checkpoints: true,
+        };
         if (sub.options.event)
             msg.event = sub.options.event;
         if (sub.options.item !== undefined)
@@ -484,6 +525,12 @@ export class Client {
                 const sub = this.subs.get(String(msg.uid));
                 if (!sub || msg.event === 'unsubscribe')
                     return;
+                if (msg.event === 'checkpoint') {
+                    const at = asPosition(msg.position);
+                    if (at)
+                        sub.checkpoint(at);
+                    return;
+                }
                 const out = { event: msg.event };
                 if ('data' in msg)
                     out.data = msg.data;

@@ -1,4 +1,6 @@
 // Tidings client: the Directus realtime protocol plus Tidings' positions, resume and live views.
+// Every subscribe asks for checkpoints (protocol/README.md §5c), so a subscription's resume
+// position is always one the broker marked safe: `init`'s, a checkpoint's, or a frame's.
 // Zero runtime dependencies: it uses the platform's WebSocket and fetch (browsers, Node >= 22,
 // or Node 20 with --experimental-websocket, or any constructor passed as `WebSocket`).
 
@@ -89,20 +91,27 @@ export function backoffDelay(attempt: number, opts: ReconnectOptions, random: ()
   return Math.round(base / 2 + (base / 2) * random());
 }
 
+/** `v` as a position, if it is one (`{"epoch": string, "offset": integer >= 0}`). */
+export function asPosition(v: unknown): Position | undefined {
+  if (v === null || typeof v !== 'object') return undefined;
+  const p = v as { epoch?: unknown; offset?: unknown };
+  if (typeof p.epoch === 'string' && Number.isSafeInteger(p.offset) && (p.offset as number) >= 0) {
+    return { epoch: p.epoch, offset: p.offset as number };
+  }
+  return undefined;
+}
+
 /** The position at the end of a shutdown close reason (`… since {"epoch":…,"offset":N}`). */
 export function positionInReason(reason: unknown): Position | undefined {
   if (typeof reason !== 'string') return undefined;
   const m = / since (\{.*\})$/.exec(reason);
   if (!m) return undefined;
   try {
-    const p = JSON.parse(m[1]) as { epoch?: unknown; offset?: unknown };
-    if (typeof p.epoch === 'string' && Number.isSafeInteger(p.offset) && (p.offset as number) >= 0) {
-      return { epoch: p.epoch, offset: p.offset as number };
-    }
+    return asPosition(JSON.parse(m[1]));
   } catch {
     // Not a position: nothing to adopt.
+    return undefined;
   }
-  return undefined;
 }
 
 function wsUrl(url: string): string {
@@ -120,7 +129,11 @@ function httpBase(url: string): string {
  * client-side queue so that no frame is ever dropped, however many arrive at once.
  */
 export class Subscription implements AsyncIterable<SubscriptionMessage> {
-  /** The last position received: the `since` of the next resume. */
+  /**
+   * The `since` of the next resume: the last safe position received, from `init`, a
+   * checkpoint, or a frame that carries one. A conflated (folded) frame carries none and
+   * leaves it where it was: it stands for several events, so its offset would not be safe.
+   */
   position: Position | undefined;
   /** The uid on the wire now (a fresh one per (re)subscribe, so stale frames are ignored). */
   wireUid = '';
@@ -128,6 +141,7 @@ export class Subscription implements AsyncIterable<SubscriptionMessage> {
   private waiters: ((r: IteratorResult<SubscriptionMessage>) => void)[] = [];
   private listeners = new Set<Listener<SubscriptionMessage>>();
   private errorListeners = new Set<Listener<TidingsError>>();
+  private checkpointListeners = new Set<Listener<Position>>();
   /** Whether the next init answers a `since` (so recovered:false is a reset). */
   resuming = false;
   closed = false;
@@ -149,6 +163,17 @@ export class Subscription implements AsyncIterable<SubscriptionMessage> {
     return () => this.errorListeners.delete(cb);
   }
 
+  /**
+   * Calls `cb` with the position of every checkpoint from now on (protocol/README.md §5c:
+   * sent after frames the broker merged for a slow reader; every event up to it has been
+   * delivered). A checkpoint carries no data: it is never a frame of `on` or the iterator.
+   * `position` has already moved to it when `cb` runs. Returns the function that stops it.
+   */
+  onCheckpoint(cb: Listener<Position>): () => void {
+    this.checkpointListeners.add(cb);
+    return () => this.checkpointListeners.delete(cb);
+  }
+
   unsubscribe(): void {
     if (this.closed) return;
     this.client.dropSubscription(this);
@@ -164,6 +189,15 @@ export class Subscription implements AsyncIterable<SubscriptionMessage> {
     const waiter = this.waiters.shift();
     if (waiter) waiter({ value: msg, done: false });
     else if (this.iterating || this.listeners.size === 0) this.queue.push(msg);
+  }
+
+  /** @internal */
+  checkpoint(at: Position): void {
+    // Never backwards within an epoch: the position held is safe too, and going back would
+    // replay events already applied.
+    const p = this.position;
+    if (!p || p.epoch !== at.epoch || p.offset <= at.offset) this.position = at;
+    for (const cb of this.checkpointListeners) cb(at);
   }
 
   /** @internal */
@@ -510,7 +544,14 @@ export class Client {
     if (sub.wireUid) this.subs.delete(sub.wireUid);
     sub.wireUid = `t${this.nextUid++}`;
     this.subs.set(sub.wireUid, sub);
-    const msg: Record<string, unknown> = { type: 'subscribe', collection: sub.collection, uid: sub.wireUid };
+    // `checkpoints`: on a conflating collection, the broker marks the safe resume positions
+    // after merged frames (which carry none); elsewhere it changes nothing.
+    const msg: Record<string, unknown> = {
+      type: 'subscribe',
+      collection: sub.collection,
+      uid: sub.wireUid,
+      checkpoints: true,
+    };
     if (sub.options.event) msg.event = sub.options.event;
     if (sub.options.item !== undefined) msg.item = sub.options.item;
     if (sub.options.query) msg.query = sub.options.query;
@@ -562,6 +603,11 @@ export class Client {
       case 'subscription': {
         const sub = this.subs.get(String(msg.uid));
         if (!sub || msg.event === 'unsubscribe') return;
+        if (msg.event === 'checkpoint') {
+          const at = asPosition(msg.position);
+          if (at) sub.checkpoint(at);
+          return;
+        }
         const out: SubscriptionMessage = { event: msg.event as SubscriptionMessage['event'] };
         if ('data' in msg) out.data = msg.data;
         if (msg.position) out.position = msg.position as Position;

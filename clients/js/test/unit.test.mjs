@@ -203,3 +203,76 @@ test('a shutdown close reason with a position advances older positions of that e
   assert.ok(behind && ahead && other);
   c.close();
 });
+
+test('subscribe asks for checkpoints; a checkpoint moves the position, is not data, folded frames keep it', async () => {
+  const c = new Client({ url: 'ws://x', WebSocket: FakeWS, reconnect: { initialDelayMs: 1 }, random: () => 0 });
+  const sub = c.subscribe('prices');
+  const got = [];
+  const checkpoints = [];
+  sub.on((m) => got.push(m));
+  sub.onCheckpoint((p) => checkpoints.push({ p, position: sub.position }));
+  await tick();
+  let ws = last();
+  const first = ws.sent.find((m) => m.type === 'subscribe');
+  assert.equal(first.checkpoints, true);
+  const uid = first.uid;
+  ws.push({ type: 'subscription', event: 'init', data: [{ id: 1, v: 0 }], uid, position: pos(3) },
+          { type: 'subscription', event: 'update', data: [{ id: 1, v: 1 }], uid, position: pos(4) });
+  assert.deepEqual(sub.position, pos(4));
+  // Folded frames (merged for a slow reader) carry no position: the position stays.
+  ws.push({ type: 'subscription', event: 'update', data: [{ id: 1, v: 9 }], uid },
+          { type: 'subscription', event: 'delete', data: [2], uid });
+  assert.deepEqual(sub.position, pos(4), 'a folded frame never moves the position');
+  ws.push({ type: 'subscription', event: 'checkpoint', uid, position: pos(40) });
+  assert.deepEqual(sub.position, pos(40));
+  assert.deepEqual(checkpoints, [{ p: pos(40), position: pos(40) }], 'the callback sees the moved position');
+  assert.deepEqual(got.map((m) => m.event), ['init', 'update', 'update', 'delete'], 'a checkpoint is no data frame');
+  // An older checkpoint of the same epoch never moves it back; another epoch's does.
+  ws.push({ type: 'subscription', event: 'checkpoint', uid, position: pos(30) });
+  assert.deepEqual(sub.position, pos(40));
+  ws.push({ type: 'subscription', event: 'checkpoint', uid, position: { epoch: 'e2', offset: 5 } });
+  assert.deepEqual(sub.position, { epoch: 'e2', offset: 5 });
+  ws.push({ type: 'subscription', event: 'checkpoint', uid, position: pos(50) },
+          { type: 'subscription', event: 'checkpoint', uid, position: { epoch: 'e1', offset: -1 } },
+          { type: 'subscription', event: 'checkpoint', uid });
+  assert.deepEqual(sub.position, pos(50), 'a checkpoint without a valid position is ignored');
+  assert.equal(checkpoints.length, 4);
+  // The next resume starts from the checkpoint, and asks for checkpoints again.
+  ws.drop();
+  await tick(); await tick();
+  ws = last();
+  const again = ws.sent.find((m) => m.type === 'subscribe');
+  assert.deepEqual(again.since, pos(50));
+  assert.equal(again.checkpoints, true);
+  assert.equal(got.length, 4);
+  c.close();
+});
+
+test('a checkpoint never reaches the iterator or a live view', async () => {
+  const c = new Client({ url: 'ws://x', WebSocket: FakeWS });
+  const sub = c.subscribe('prices');
+  const v = c.view('prices');
+  await tick();
+  const ws = last();
+  const [u1, u2] = ws.sent.map((m) => m.uid);
+  let changes = 0;
+  v.onChange(() => changes++);
+  for (const uid of [u1, u2]) {
+    ws.push({ type: 'subscription', event: 'init', data: [{ id: 1, v: 0 }, { id: 2, v: 0 }], uid, position: pos(1) },
+            { type: 'subscription', event: 'update', data: [{ id: 1, v: 7 }], uid },
+            { type: 'subscription', event: 'delete', data: [2], uid },
+            { type: 'subscription', event: 'checkpoint', uid, position: pos(9) },
+            { type: 'subscription', event: 'create', data: [{ id: 3, v: 1 }], uid, position: pos(10) });
+  }
+  const seen = [];
+  for await (const m of sub) {
+    seen.push(m);
+    if (seen.length === 4) break;
+  }
+  assert.deepEqual(seen.map((m) => m.event), ['init', 'update', 'delete', 'create']);
+  assert.deepEqual(v.items, [{ id: 1, v: 7 }, { id: 3, v: 1 }]);
+  assert.equal(v.frames, 4);
+  assert.equal(changes, 4);
+  assert.deepEqual(v.subscription.position, pos(10));
+  c.close();
+});
