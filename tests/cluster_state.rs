@@ -34,6 +34,20 @@ fn config(url: &str, prefix: &str) -> Config {
     }
 }
 
+/// The command line of a node process retaining `collection` on the redis engine.
+fn node_args<'a>(url: &'a str, prefix: &'a str, collection: &'a str) -> [&'a str; 8] {
+    [
+        "--engine",
+        "redis",
+        "--redis-url",
+        url,
+        "--key-prefix",
+        prefix,
+        "--state",
+        collection,
+    ]
+}
+
 /// The items the state should hold, by id.
 #[derive(Default, Debug, Clone, PartialEq)]
 struct Model(BTreeMap<u64, Value>);
@@ -142,8 +156,13 @@ async fn ws_to(addr: std::net::SocketAddr) -> WsClient {
 
 /// The `init` of a subscription to every item of `orders`: (items sorted by id, position).
 async fn init_at(addr: std::net::SocketAddr) -> (Vec<Value>, Value) {
+    init_of(addr, "orders").await
+}
+
+/// The `init` of a subscription to every item of `collection`.
+async fn init_of(addr: std::net::SocketAddr, collection: &str) -> (Vec<Value>, Value) {
     let mut c = ws_to(addr).await;
-    c.send(&json!({"type":"subscribe","collection":"orders","query":{"limit":-1}}).to_string())
+    c.send(&json!({"type":"subscribe","collection":collection,"query":{"limit":-1}}).to_string())
         .await;
     let init = c.recv_raw().await;
     assert_eq!(init["event"], "init", "{init}");
@@ -303,16 +322,7 @@ async fn a_node_killed_and_started_again_has_the_full_state_when_ready() {
     let redis = PrivateRedis::start();
     let prefix = unique_prefix();
     let url = redis.url();
-    let args = [
-        "--engine",
-        "redis",
-        "--redis-url",
-        &url,
-        "--key-prefix",
-        &prefix,
-        "--state",
-        "orders",
-    ];
+    let args = node_args(&url, &prefix, "orders");
     let a = support::start_ready(config(&url, &prefix)).await;
     let mut b = Broker::start(&args);
     wait_readyz(b.addr).await;
@@ -331,6 +341,102 @@ async fn a_node_killed_and_started_again_has_the_full_state_when_ready() {
     work.publish(&[b.addr], 50, 10, &mut model).await;
     wait_state(a.addr, &model, "A").await;
     wait_state(b.addr, &model, "B").await;
+}
+
+/// The keys Redis holds for `collection`'s state, sorted.
+async fn stored_keys(redis: &PrivateRedis, prefix: &str, collection: &str) -> Vec<String> {
+    let mut conn = redis.admin().await;
+    let mut keys: Vec<String> = redis::cmd("HKEYS")
+        .arg(format!("{prefix}:state:{collection}"))
+        .query_async(&mut conn)
+        .await
+        .expect("hkeys");
+    keys.sort();
+    keys
+}
+
+async fn wait_stored_keys(redis: &PrivateRedis, prefix: &str, collection: &str, want: &[&str]) {
+    let deadline = tokio::time::Instant::now() + support::CLUSTER_WAIT;
+    loop {
+        let got = stored_keys(redis, prefix, collection).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stored state of {collection} never held exactly {want:?}: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A Debezium truncate (its own example) on a retained collection reaches the state Redis
+/// holds: the removed keys are deleted by the next flush, so a node that restarts loads
+/// only what was created after the truncate.
+#[tokio::test]
+async fn a_truncate_reaches_the_stored_state_and_a_restarted_node() {
+    let redis = PrivateRedis::start();
+    let prefix = unique_prefix();
+    let url = redis.url();
+    let collection = "customers";
+    let args = node_args(&url, &prefix, collection);
+    let mut config = config(&url, &prefix);
+    config.state.collections = vec![collection.into()];
+    let a = support::start_ready(config).await;
+    let mut b = Broker::start(&args);
+    wait_readyz(b.addr).await;
+    let client = support::http_client();
+    let customers: Vec<Value> = (1..=5).map(|id| json!({"id": id, "n": id})).collect();
+    support::post_with(
+        &client,
+        a.addr,
+        "/v1/publish",
+        &json!({"collection": collection, "event": "create", "data": customers}),
+    )
+    .await;
+    wait_stored_keys(&redis, &prefix, collection, &["1", "2", "3", "4", "5"]).await;
+    // Both nodes flushed the creates, so nothing pends for those keys: only the truncate's
+    // own changes can delete them from Redis (a node still holding them as changed would
+    // flush their absence anyway, and hide a truncate that marks nothing).
+    for addr in [a.addr, b.addr] {
+        let deadline = tokio::time::Instant::now() + support::CLUSTER_WAIT;
+        let written = r#"tidings_state_flushes_total{outcome="written"}"#;
+        while support::metric_at(addr, written).await.unwrap_or(0.0) < 1.0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{addr} never flushed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/debezium/postgresql-truncate.json");
+    let truncate: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("JSON");
+    let answer = support::post_with(&client, b.addr, "/v1/debezium", &truncate).await;
+    assert_eq!(answer["events"][0]["event"], "delete", "{answer}");
+    let later = json!({"id": 9, "n": 9});
+    support::post_with(
+        &client,
+        a.addr,
+        "/v1/publish",
+        &json!({"collection": collection, "event": "create", "data": later}),
+    )
+    .await;
+    wait_stored_keys(&redis, &prefix, collection, &["9"]).await;
+    let want = vec![later];
+    assert_eq!(init_of(a.addr, collection).await.0, want);
+    assert_eq!(init_of(b.addr, collection).await.0, want);
+
+    b.proc.kill();
+    let b = Broker::start(&args);
+    wait_readyz(b.addr).await;
+    assert_eq!(
+        init_of(b.addr, collection).await.0,
+        want,
+        "the restarted node's state"
+    );
 }
 
 #[tokio::test]

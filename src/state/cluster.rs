@@ -411,18 +411,8 @@ mod tests {
         let snapshot = Snapshot {
             offset: 10,
             entries: vec![
-                Entry {
-                    key: "1".into(),
-                    flushed: 10,
-                    version: 0,
-                    json: r#"{"id":1,"n":1}"#.into(),
-                },
-                Entry {
-                    key: "2".into(),
-                    flushed: 12,
-                    version: 0,
-                    json: r#"{"id":2,"n":2}"#.into(),
-                },
+                entry("1", 10, r#"{"id":1,"n":1}"#),
+                entry("2", 12, r#"{"id":2,"n":2}"#),
             ],
         };
         assert_eq!(s.load(&c, &Arc::from("e"), snapshot), 12);
@@ -443,5 +433,76 @@ mod tests {
         assert_eq!(s.item(&c, "1"), Some(json!({"id":1,"n":11,"m":13})));
         assert_eq!(s.item(&c, "2"), Some(json!({"id":2,"n":2,"m":13})));
         assert_eq!(s.len(&c), 2);
+    }
+    fn entry(key: &str, flushed: u64, json: &str) -> Entry {
+        Entry {
+            key: key.into(),
+            flushed,
+            version: 0,
+            json: json.into(),
+        }
+    }
+
+    fn truncate(offset: u64) -> Event {
+        Event {
+            apply: crate::event::Apply::Truncate {
+                key_field: "id".into(),
+            },
+            ..ev(offset, EventKind::Delete, Vec::new())
+        }
+    }
+
+    #[test]
+    fn a_flush_after_a_truncate_deletes_every_removed_key() {
+        let s = state();
+        let c: Arc<str> = Arc::from("c");
+        s.fold(&ev(
+            1,
+            EventKind::Create,
+            vec![json!({"id":1}), json!({"id":2})],
+        ));
+        s.take_flush(&c).expect("dirty");
+        s.fold(&truncate(2));
+        s.fold(&ev(3, EventKind::Create, vec![json!({"id":3})]));
+        let flush = s.take_flush(&c).expect("the truncate changed keys");
+        let mut writes = flush.writes.clone();
+        writes.sort();
+        assert_eq!(
+            writes,
+            [
+                (Box::from("1"), None),
+                (Box::from("2"), None),
+                (Box::from("3"), Some(r#"{"s":3,"v":{"id":3}}"#.to_string()))
+            ]
+        );
+        assert_eq!(s.len(&c), 1);
+    }
+
+    #[test]
+    fn catching_up_across_a_truncate_keeps_only_what_was_written_after_it() {
+        let s = state();
+        let c: Arc<str> = Arc::from("c");
+        // Read at offset 10: item 1 is older than the truncate at 11 (its deletion not yet
+        // flushed), item 2 was created at 12 and flushed at 12.
+        let snapshot = Snapshot {
+            offset: 10,
+            entries: vec![
+                entry("1", 10, r#"{"id":1}"#),
+                entry("2", 12, r#"{"id":2,"n":12}"#),
+            ],
+        };
+        s.load(&c, &Arc::from("e"), snapshot);
+        let removed = s.fold(&truncate(11)).expect("retained");
+        assert_eq!(
+            removed.keys,
+            [json!(1)],
+            "only the item from before the truncate"
+        );
+        s.fold(&ev(12, EventKind::Create, vec![json!({"id":2,"n":12})]));
+        assert_eq!(s.item(&c, "1"), None);
+        assert_eq!(s.item(&c, "2"), Some(json!({"id":2,"n":12})));
+        assert_eq!(s.len(&c), 1);
+        let flush = s.take_flush(&c).expect("dirty");
+        assert!(flush.writes.contains(&(Box::from("1"), None)));
     }
 }

@@ -420,17 +420,36 @@ impl Store {
     }
 }
 
-/// Empties `store` (a truncate), pushing every removed item and its key (the item's
-/// `key_field`; the stored key string when the item lacks it), in key order so that every node
-/// renders the same frame.
-fn truncate(store: &mut Store, key_field: &str, items: &mut Vec<Value>, keys: &mut Vec<Value>) {
-    let mut held: Vec<Stored> = std::mem::take(&mut store.items).into_iter().collect();
-    store.bytes = 0;
-    store.index.clear();
+/// Empties `store` (a truncate at `offset`), pushing every removed item and its key (the
+/// item's `key_field`; the stored key string when the item lacks it), in key order so that
+/// every node renders the same frame.
+///
+/// Each removed key is marked changed, so the next flush deletes it from the shared engine
+/// too (else a node loading that snapshot would bring it back). A node catching up from a
+/// snapshot keeps the items whose loaded entry was flushed at or after the truncate: they
+/// were written again after it, and the events that did are already in them.
+fn truncate(
+    store: &mut Store,
+    key_field: &str,
+    offset: u64,
+    tracking: bool,
+    items: &mut Vec<Value>,
+    keys: &mut Vec<Value>,
+) {
+    let (kept, mut held): (Vec<Stored>, Vec<Stored>) = std::mem::take(&mut store.items)
+        .into_iter()
+        .partition(|stored| store.sync.skips(stored.key(), offset));
+    store.bytes = kept
+        .iter()
+        .map(|stored| item_bytes(stored.key(), stored.json()))
+        .sum();
+    store.items = kept.into_iter().collect();
+    store.reindex();
     held.sort_unstable_by(|a, b| a.key().cmp(b.key()));
     items.reserve(held.len());
     keys.reserve(held.len());
     for stored in held {
+        store.sync.touch(stored.key(), tracking);
         let item = parse(stored.json());
         let key = match item.get(key_field) {
             Some(key) if key_string(key) == stored.key() => key.clone(),
@@ -743,7 +762,14 @@ impl State {
             }
             EventKind::Delete => {
                 if let Apply::Truncate { key_field } = &event.apply {
-                    truncate(&mut store, key_field, &mut items, &mut keys);
+                    truncate(
+                        &mut store,
+                        key_field,
+                        event.offset,
+                        tracking,
+                        &mut items,
+                        &mut keys,
+                    );
                 }
                 for (i, key) in event.keys.iter().enumerate() {
                     let k = key_string(key);

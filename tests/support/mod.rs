@@ -249,19 +249,12 @@ impl TestServer {
 
     /// GETs `path`, returning status and body text.
     pub async fn get(&self, path: &str) -> (StatusCode, String) {
-        let req = Request::get(format!("http://{}{path}", self.addr))
-            .body(Full::new(Bytes::new()))
-            .expect("request");
-        send(req).await
+        get_at(self.addr, path).await
     }
 
     /// The value of one metric series (exact line prefix `name{labels}`), or None.
     pub async fn metric(&self, series: &str) -> Option<f64> {
-        let (_, text) = self.get("/metrics").await;
-        text.lines()
-            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
+        metric_at(self.addr, series).await
     }
 
     /// Polls `/metrics` until `series` reaches `at_least` (fails after [`WAIT`]).
@@ -332,6 +325,24 @@ impl TestServer {
         }
         self.task.take().expect("running")
     }
+}
+
+/// GETs `path` from the server at `addr` (in this process or not): status and body text.
+pub async fn get_at(addr: SocketAddr, path: &str) -> (StatusCode, String) {
+    let req = Request::get(format!("http://{addr}{path}"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    send(req).await
+}
+
+/// The value of one metric series (exact line prefix `name{labels}`) of the server at
+/// `addr`, or None.
+pub async fn metric_at(addr: SocketAddr, series: &str) -> Option<f64> {
+    let (_, text) = get_at(addr, "/metrics").await;
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 async fn send(req: Request<Full<Bytes>>) -> (StatusCode, String) {
