@@ -55,6 +55,7 @@ fn spec(filter: Option<Value>, fields: Option<Value>, uid: &str) -> Spec {
         nested: false,
         since: None,
         checkpoints: false,
+        max_rate: None,
     };
     let principal = principal();
     let limits = FilterLimits::default();

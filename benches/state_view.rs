@@ -88,6 +88,7 @@ fn spec(filter: Value) -> Spec {
         nested: false,
         since: None,
         checkpoints: false,
+        max_rate: None,
     };
     let ctx = SpecContext {
         principal: &principal,

@@ -342,9 +342,12 @@ impl Hub {
         };
         let mut queued = 0;
         let mut folded = 0;
+        // A `max_rate` group always folds: its plain frames would never be sent.
+        let plain = spec.delivery.every.is_none();
         for (uid, members) in group.buckets() {
             let frames: Vec<Frame> = payloads
                 .iter()
+                .filter(|_| plain)
                 .map(|p| Frame {
                     text: Utf8Bytes::from(event_frame(
                         p.kind.as_str(),
@@ -363,6 +366,8 @@ impl Hub {
                     uid,
                     collection: &event.collection,
                     checkpoints: member.checkpoints,
+                    every: spec.delivery.every,
+                    live,
                 };
                 match outbox.push_conflating(to, &frames, changes) {
                     Ok(Pushed::Frame) => queued += frames.len(),

@@ -15,6 +15,12 @@
 //! [`RESETS_BEFORE_CLOSE`]th reset within [`RESET_WINDOW`] closes the connection with 4008.
 //! A subscription that opted in (`"checkpoints": true`) is owed a `checkpoint` frame once its
 //! folded frames are written ([`Outbox::checkpoint_collections`], [`Outbox::drain_with`]).
+//!
+//! A subscription with a `max_rate` folds from its first frame, whatever the bounds: each key
+//! is written at most once per interval, its later changes held in its slot until then. A
+//! drain writes only what is due; [`Outbox::next_due`] is when the session must wake for the
+//! rest (one timer per connection). The outbox wakes the session whenever the time it must
+//! next write moves earlier ([`WakeAt`]).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -25,7 +31,7 @@ use axum::extract::ws::Utf8Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::conflate::{Folded, KeyedChange, Slots};
+use crate::conflate::{Due, Folded, KeyedChange, Rate, Slots};
 use crate::protocol::{event_frame, WirePosition};
 
 /// Resets of conflating subscriptions within [`RESET_WINDOW`] that close the connection as a
@@ -98,6 +104,19 @@ pub struct Conflating<'a> {
     pub collection: &'a Arc<str>,
     /// It asked for `checkpoint` frames.
     pub checkpoints: bool,
+    /// Its `max_rate` interval: at most one frame per key per interval, folded from the
+    /// first push.
+    pub every: Option<Duration>,
+    /// Stamps of the event (for the latency metrics of folded frames).
+    pub live: Option<Live>,
+}
+
+/// When the session must next write: the outbox wakes it when this moves earlier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum WakeAt {
+    Now,
+    At(Instant),
+    Never,
 }
 
 /// A subscription owed a `checkpoint` frame.
@@ -138,6 +157,15 @@ struct State {
     slow_reason: Option<&'static str>,
 }
 
+impl State {
+    fn wake_at(&self) -> WakeAt {
+        if !self.queue.is_empty() || self.slots.has_untimed() {
+            return WakeAt::Now;
+        }
+        self.slots.next_due().map_or(WakeAt::Never, WakeAt::At)
+    }
+}
+
 /// A bounded, multi-producer, single-consumer frame queue.
 #[derive(Debug)]
 pub struct Outbox {
@@ -151,6 +179,8 @@ pub struct Outbox {
     max_keys: usize,
     /// Some subscription is owed a checkpoint: read without the lock on every flush.
     owes_checkpoint: AtomicBool,
+    /// Some slot is held back by a `max_rate`: read without the lock on every wake-up.
+    timed: AtomicBool,
 }
 
 /// Outboxes alive in this process (all brokers in it): the churn test checks that none
@@ -178,19 +208,44 @@ impl Outbox {
     pub fn with_max_keys(max_messages: usize, max_bytes: usize, max_keys: usize) -> Self {
         LIVE.fetch_add(1, Ordering::Relaxed);
         Outbox {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                slots: Slots::with_cooling_cap(max_keys),
+                ..State::default()
+            }),
             notify: Notify::new(),
             max_messages,
             max_bytes,
             max_keys,
             owes_checkpoint: AtomicBool::new(false),
+            timed: AtomicBool::new(false),
         }
+    }
+
+    /// Wakes the session if the time it must next write moved earlier than `before`.
+    fn wake_if_earlier(&self, state: parking_lot::MutexGuard<'_, State>, before: WakeAt) {
+        let after = state.wake_at();
+        self.timed
+            .store(state.slots.next_due().is_some(), Ordering::Relaxed);
+        drop(state);
+        if after < before {
+            self.notify.notify_one();
+        }
+    }
+
+    /// When the earliest slot held back by a `max_rate` falls due (`None`, without taking
+    /// the lock, when none is): the session sleeps until then unless woken before.
+    pub fn next_due(&self) -> Option<Instant> {
+        if !self.timed.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.state.lock().slots.next_due()
     }
 
     /// Queues the frames one event brings a conflating subscription: as they are while the
     /// outbox has room for all of them and is folding nothing, else as `changes` (the same
     /// event split per key, rendered by the caller only then) folded into the keyed queue.
-    /// All or nothing, so no key is both sent and folded for one event. Refused with
+    /// All or nothing, so no key is both sent and folded for one event. A `max_rate`
+    /// subscription always folds (its `frames` are not used). Refused with
     /// [`PushError::Reset`] when folding passes the hard bound.
     pub fn push_conflating<'c>(
         &self,
@@ -203,31 +258,40 @@ impl Outbox {
         if state.overflowed || state.closed {
             return Err(PushError::Closed);
         }
-        let was_empty = state.queue.is_empty() && state.slots.is_empty();
-        if state.slots.is_empty()
+        let before = state.wake_at();
+        // Slots held back by a `max_rate` are other subscriptions': they do not make this
+        // one fold (its own slots are never held, so `untimed` covers them).
+        if to.every.is_none()
+            && !state.slots.has_untimed()
             && state.queue.len() + frames.len() <= self.max_messages + state.extra_messages
             && state.bytes + len <= self.max_bytes + state.extra_bytes
         {
             state.queue.extend(frames.iter().cloned());
             state.bytes += len;
-            drop(state);
-            if was_empty {
-                self.notify.notify_one();
-            }
+            self.wake_if_earlier(state, before);
             return Ok(Pushed::Frame);
         }
         let mut folded = 0;
-        let live = frames.first().and_then(|f| f.live);
+        let rate = to.every.map(|every| Rate {
+            every,
+            now: Instant::now(),
+        });
         for keyed in changes() {
-            let done = state
-                .slots
-                .fold(to.sub, to.uid, &keyed.key, keyed.change.clone(), live);
+            let done = state.slots.fold(
+                to.sub,
+                to.uid,
+                &keyed.key,
+                keyed.change.clone(),
+                to.live,
+                rate,
+            );
             if done != Folded::Queued {
                 folded += 1;
             }
         }
         if state.slots.len() > self.max_keys {
             let dropped = state.slots.clear_sub(to.sub);
+            self.wake_if_earlier(state, before);
             return Err(PushError::Reset(dropped));
         }
         if to.checkpoints && !state.owed.iter().any(|o| o.sub == to.sub) {
@@ -238,10 +302,7 @@ impl Outbox {
             });
             self.owes_checkpoint.store(true, Ordering::Relaxed);
         }
-        drop(state);
-        if was_empty {
-            self.notify.notify_one();
-        }
+        self.wake_if_earlier(state, before);
         Ok(Pushed::Keyed { folded })
     }
 
@@ -266,13 +327,10 @@ impl Outbox {
             return Err(self.overflow(state, 1));
         }
         state.resets.push_back(now);
-        let was_empty = state.queue.is_empty() && state.slots.is_empty();
+        let before = state.wake_at();
         state.slots.clear_sub(sub);
         state.slots.push_frame(sub, init);
-        drop(state);
-        if was_empty {
-            self.notify.notify_one();
-        }
+        self.wake_if_earlier(state, before);
         Ok(())
     }
 
@@ -297,10 +355,11 @@ impl Outbox {
     /// follow the `init` of its replacement.
     pub fn forget(&self, sub: u64) {
         let mut state = self.state.lock();
-        if !state.slots.is_empty() {
-            state.slots.clear_sub(sub);
-        }
+        // Also when nothing is pending: its cooldowns go too.
+        state.slots.clear_sub(sub);
         state.owed.retain(|o| o.sub != sub);
+        self.timed
+            .store(state.slots.next_due().is_some(), Ordering::Relaxed);
     }
 
     /// Slow consumer close reason: why the outbox overflowed.
@@ -320,13 +379,10 @@ impl Outbox {
         {
             return Err(self.overflow(state, 1));
         }
-        let was_empty = state.queue.is_empty() && state.slots.is_empty();
+        let before = state.wake_at();
         state.queue.push_back(frame);
         state.bytes += len;
-        drop(state);
-        if was_empty {
-            self.notify.notify_one();
-        }
+        self.wake_if_earlier(state, before);
         Ok(())
     }
 
@@ -342,13 +398,10 @@ impl Outbox {
         }
         state.extra_messages += frames.len();
         state.extra_bytes += len;
-        let was_empty = state.queue.is_empty() && state.slots.is_empty();
+        let before = state.wake_at();
         state.queue.extend(frames);
         state.bytes += len;
-        drop(state);
-        if was_empty {
-            self.notify.notify_one();
-        }
+        self.wake_if_earlier(state, before);
         Ok(())
     }
 
@@ -360,24 +413,26 @@ impl Outbox {
         state.owed = Vec::new();
         state.bytes = 0;
         drop(state);
+        self.timed.store(false, Ordering::Relaxed);
         self.notify.notify_one();
         PushError::Overflow(lost)
     }
 
-    /// Moves every queued frame into `out`.
+    /// Moves every queued frame into `out`, held slots included.
     pub fn drain(&self, out: &mut Vec<Frame>) -> Drained {
-        self.drain_with(out, &[])
+        self.drain_with(out, &[], Due::All(Instant::now()))
     }
 
-    /// Moves every queued frame into `out`, the unkeyed ones first, then the keyed queue;
-    /// then a `checkpoint` for each subscription owed one whose collection is in `positions`.
-    /// Those positions must have been read (under the collections' log locks) before this
-    /// drain: every event up to them was queued before, so it is in `out` or was written
-    /// already, and nothing folded is left pending.
+    /// Moves every queued frame into `out`, the unkeyed ones first, then the keyed queue's
+    /// `due` slots; then a `checkpoint` for each subscription owed one whose collection is in
+    /// `positions` and which holds no slot back. Those positions must have been read (under
+    /// the collections' log locks) before this drain: every event up to them was queued
+    /// before, so it is in `out` or was written already, and nothing folded is left pending.
     pub fn drain_with(
         &self,
         out: &mut Vec<Frame>,
         positions: &[(Arc<str>, WirePosition)],
+        due: Due,
     ) -> Drained {
         let mut state = self.state.lock();
         if state.overflowed {
@@ -389,14 +444,20 @@ impl Outbox {
         state.bytes = 0;
         state.extra_messages = 0;
         state.extra_bytes = 0;
-        if !state.slots.is_empty() {
-            state.slots.drain(out);
-        }
+        let held = match state.slots.is_empty() {
+            true => Vec::new(),
+            false => state.slots.drain(out, due),
+        };
+        self.timed
+            .store(state.slots.next_due().is_some(), Ordering::Relaxed);
         if !positions.is_empty() {
             state.owed.retain(|owed| {
                 let Some((_, at)) = positions.iter().find(|(c, _)| *c == owed.collection) else {
                     return true;
                 };
+                if held.binary_search(&owed.sub).is_ok() {
+                    return true;
+                }
                 let text = event_frame("checkpoint", None, owed.uid.as_deref(), None, Some(at));
                 out.push(Frame {
                     text: Utf8Bytes::from(text),
@@ -425,6 +486,7 @@ impl Outbox {
         state.slots.clear();
         state.owed = Vec::new();
         state.bytes = 0;
+        self.timed.store(false, Ordering::Relaxed);
     }
 
     /// Marks the consumer slow although the outbox did not overflow: a write to it outlasted
@@ -461,7 +523,7 @@ impl Outbox {
         let bytes = self.max_bytes + state.extra_bytes;
         let room = !state.overflowed
             && !state.closed
-            && state.slots.is_empty()
+            && !state.slots.has_untimed()
             && state.queue.len() * 2 < messages
             && state.bytes * 2 < bytes;
         room.then_some(state.queue.len())
@@ -594,9 +656,29 @@ mod tests {
         }]
     }
 
+    fn conflating<'a>(
+        sub: u64,
+        uid: &'a Option<Arc<str>>,
+        collection: &'a Arc<str>,
+        checkpoints: bool,
+        every: Option<Duration>,
+    ) -> Conflating<'a> {
+        Conflating {
+            sub,
+            uid,
+            collection,
+            checkpoints,
+            every,
+            live: None,
+        }
+    }
+
     fn texts(ob: &Outbox, positions: &[(Arc<str>, WirePosition)]) -> Vec<String> {
         let mut out = Vec::new();
-        assert_eq!(ob.drain_with(&mut out, positions), Drained::Frames);
+        assert_eq!(
+            ob.drain_with(&mut out, positions, Due::By(Instant::now())),
+            Drained::Frames
+        );
         out.into_iter()
             .map(|f| f.text.as_str().to_string())
             .collect()
@@ -607,12 +689,7 @@ mod tests {
         let ob = Outbox::with_max_keys(2, 1000, 10);
         let uid = Some(Arc::<str>::from("u"));
         let collection: Arc<str> = Arc::from("c");
-        let to = Conflating {
-            sub: 7,
-            uid: &uid,
-            collection: &collection,
-            checkpoints: true,
-        };
+        let to = conflating(7, &uid, &collection, true, None);
         let push = |key: &str, kind, data: &str| {
             let keyed = changes(key, kind, data);
             ob.push_conflating(to, &[frame(&format!("plain {key} {data}"))], || &keyed)
@@ -662,12 +739,7 @@ mod tests {
     fn a_checkpoint_waits_for_its_position() {
         let ob = Outbox::with_max_keys(0, 1000, 10);
         let collection: Arc<str> = Arc::from("c");
-        let to = Conflating {
-            sub: 1,
-            uid: &None,
-            collection: &collection,
-            checkpoints: true,
-        };
+        let to = conflating(1, &None, &collection, true, None);
         let keyed = changes("a", EventKind::Update, "[1]");
         ob.push_conflating(to, &[frame("x")], || &keyed).unwrap();
         assert_eq!(
@@ -686,12 +758,7 @@ mod tests {
         );
         // A subscription that did not ask is owed none.
         let other: Arc<str> = Arc::from("d");
-        let quiet = Conflating {
-            sub: 2,
-            uid: &None,
-            collection: &other,
-            checkpoints: false,
-        };
+        let quiet = conflating(2, &None, &other, false, None);
         ob.push_conflating(quiet, &[frame("x")], || &keyed).unwrap();
         assert!(ob.checkpoint_collections().is_empty());
     }
@@ -700,12 +767,7 @@ mod tests {
     fn the_hard_bound_resets_and_repeated_resets_close() {
         let ob = Outbox::with_max_keys(0, 1000, 2);
         let collection: Arc<str> = Arc::from("c");
-        let to = Conflating {
-            sub: 1,
-            uid: &None,
-            collection: &collection,
-            checkpoints: false,
-        };
+        let to = conflating(1, &None, &collection, false, None);
         let push = |key: &str| {
             let keyed = changes(key, EventKind::Update, "[1]");
             ob.push_conflating(to, &[frame("x")], || &keyed)
@@ -748,12 +810,7 @@ mod tests {
         let ob = Outbox::with_max_keys(0, 1000, 10);
         let collection: Arc<str> = Arc::from("c");
         for sub in [1, 2] {
-            let to = Conflating {
-                sub,
-                uid: &None,
-                collection: &collection,
-                checkpoints: true,
-            };
+            let to = conflating(sub, &None, &collection, true, None);
             let keyed = changes("a", EventKind::Update, &format!("[{sub}]"));
             ob.push_conflating(to, &[frame("x")], || &keyed).unwrap();
         }
@@ -772,12 +829,7 @@ mod tests {
     fn unkeyed_frames_keep_the_usual_bounds_while_folding() {
         let ob = Outbox::with_max_keys(1, 1000, 10);
         let collection: Arc<str> = Arc::from("c");
-        let to = Conflating {
-            sub: 1,
-            uid: &None,
-            collection: &collection,
-            checkpoints: false,
-        };
+        let to = conflating(1, &None, &collection, false, None);
         let keyed = changes("a", EventKind::Update, "[1]");
         ob.push(frame("close-policy")).unwrap();
         ob.push_conflating(to, &[frame("x")], || &keyed).unwrap();
@@ -785,6 +837,110 @@ mod tests {
             ob.push(frame("close-policy 2")),
             Err(PushError::Overflow(3))
         );
+    }
+
+    #[test]
+    fn a_max_rate_folds_from_the_first_push_and_holds_a_key_for_its_interval() {
+        let ob = Outbox::with_max_keys(100, 100_000, 10);
+        let collection: Arc<str> = Arc::from("c");
+        let every = Duration::from_secs(3600);
+        let to = conflating(1, &None, &collection, true, Some(every));
+        let push = |key: &str, kind, data: &str| {
+            let keyed = changes(key, kind, data);
+            ob.push_conflating(to, &[], || &keyed)
+        };
+        let at = WirePosition {
+            epoch: Arc::from("e"),
+            offset: 1,
+        };
+        // Far below the soft bound, yet keyed: the first change is due at once.
+        assert_eq!(
+            push("a", EventKind::Update, "[1]"),
+            Ok(Pushed::Keyed { folded: 0 })
+        );
+        assert_eq!(ob.next_due(), None);
+        assert_eq!(
+            texts(&ob, &[(collection.clone(), at.clone())]),
+            [
+                r#"{"type":"subscription","event":"update","data":[1]}"#,
+                r#"{"type":"subscription","event":"checkpoint","position":{"epoch":"e","offset":1}}"#,
+            ]
+        );
+        // Inside the interval: held, folded, and the session is told when to wake.
+        push("a", EventKind::Update, "[2]").unwrap();
+        assert_eq!(
+            push("a", EventKind::Delete, "[\"a\"]"),
+            Ok(Pushed::Keyed { folded: 1 })
+        );
+        let due = ob.next_due().expect("a is held");
+        assert!(due > Instant::now() + every / 2);
+        // No checkpoint while a folded change is held.
+        assert!(texts(&ob, &[(collection.clone(), at.clone())]).is_empty());
+        assert_eq!(ob.checkpoint_collections(), vec![collection.clone()]);
+        // Plain frames of others are not held behind it, and wake the session.
+        ob.push(frame("close-policy")).unwrap();
+        assert_eq!(texts(&ob, &[]), ["close-policy"]);
+        // A shutdown's drain writes the held delete.
+        let mut out = Vec::new();
+        assert_eq!(ob.drain(&mut out), Drained::Frames);
+        assert_eq!(
+            out.iter().map(|f| f.text.as_str()).collect::<Vec<_>>(),
+            [r#"{"type":"subscription","event":"delete","data":["a"]}"#]
+        );
+        assert_eq!(ob.next_due(), None);
+    }
+
+    #[test]
+    fn a_max_rate_keeps_the_hard_bound() {
+        let ob = Outbox::with_max_keys(100, 100_000, 2);
+        let collection: Arc<str> = Arc::from("c");
+        let to = conflating(1, &None, &collection, false, Some(Duration::from_secs(1)));
+        for k in ["a", "b"] {
+            let keyed = changes(k, EventKind::Update, "[1]");
+            ob.push_conflating(to, &[], || &keyed).unwrap();
+        }
+        let keyed = changes("c", EventKind::Update, "[1]");
+        assert_eq!(
+            ob.push_conflating(to, &[], || &keyed),
+            Err(PushError::Reset(3)),
+            "a, b and the c that passed the bound"
+        );
+        assert!(ob.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_key_falling_due_earlier_wakes_the_reader() {
+        let ob = Arc::new(Outbox::with_max_keys(100, 100_000, 10));
+        let collection: Arc<str> = Arc::from("c");
+        let to = conflating(
+            1,
+            &None,
+            &collection,
+            false,
+            Some(Duration::from_secs(3600)),
+        );
+        let keyed = changes("a", EventKind::Update, "[1]");
+        ob.push_conflating(to, &[], || &keyed).unwrap();
+        ob.ready().await;
+        assert_eq!(texts(&ob, &[]).len(), 1);
+        ob.push_conflating(to, &[], || &keyed).unwrap();
+        assert!(ob.next_due().is_some());
+        // The first held slot wakes the session once, to arm its timer; nothing is due.
+        tokio::time::timeout(Duration::from_secs(5), ob.ready())
+            .await
+            .expect("woken to arm the timer");
+        assert!(texts(&ob, &[]).is_empty());
+        // Another change of the held key moves nothing earlier: no wake-up.
+        ob.push_conflating(to, &[], || &keyed).unwrap();
+        let woken = tokio::time::timeout(Duration::from_millis(20), ob.ready()).await;
+        assert!(woken.is_err(), "the timer already covers it");
+        // A new key is due at once: it does.
+        let other = changes("b", EventKind::Update, "[1]");
+        ob.push_conflating(to, &[], || &other).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), ob.ready())
+            .await
+            .expect("woken");
+        assert_eq!(texts(&ob, &[]).len(), 1, "b only");
     }
 
     #[tokio::test]

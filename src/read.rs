@@ -54,6 +54,7 @@ pub fn read(
         nested: false,
         since: None,
         checkpoints: false,
+        max_rate: None,
     };
     let spec = compile_configured(config, &subscribe, principal).map_err(|e| e.of_kind("items"))?;
     let uid = request.uid;

@@ -57,6 +57,7 @@ fn request(uid: &str, item: Option<&str>, filter: Option<&Value>) -> SubscribeRe
         nested: false,
         since: None,
         checkpoints: false,
+        max_rate: None,
     }
 }
 

@@ -47,7 +47,17 @@ pub struct SubscribeRequest {
     /// `"checkpoints": true` (Tidings extension): on a conflating collection, send
     /// `checkpoint` frames, the safe `since` values once folded frames were written.
     pub checkpoints: bool,
+    /// `"max_rate": N` (Tidings extension): at most N frames per item key per second, the
+    /// changes in between folded (a number from [`MAX_RATE_MIN`] to [`MAX_RATE_MAX`]).
+    pub max_rate: Option<f64>,
 }
+
+/// The smallest `max_rate`: one frame per key every 100 s. Slower rates would keep a key's
+/// changes (and its cooldown) for longer than a view of live data is worth.
+pub const MAX_RATE_MIN: f64 = 0.01;
+
+/// The largest `max_rate`: one frame per key per millisecond, the timer's resolution.
+pub const MAX_RATE_MAX: f64 = 1000.0;
 
 /// The `action` of an `items` request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,6 +261,21 @@ fn parse_subscribe(
             ))
         }
     };
+    let max_rate = match fields.get("max_rate") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(rate) if (MAX_RATE_MIN..=MAX_RATE_MAX).contains(&rate) => Some(rate),
+            _ => {
+                return Err(validation(
+                    "subscribe",
+                    format!(
+                        "Invalid input: expected a number from {MAX_RATE_MIN} to {MAX_RATE_MAX} (updates per second per item) at \"max_rate\""
+                    ),
+                ))
+            }
+        },
+        other => return Err(validation("subscribe", expected("number", other, "max_rate"))),
+    };
     Ok(SubscribeRequest {
         uid,
         collection,
@@ -260,6 +285,7 @@ fn parse_subscribe(
         nested,
         since,
         checkpoints,
+        max_rate,
     })
 }
 
@@ -423,6 +449,30 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(err(input), want, "input {input}");
         }
+    }
+
+    #[test]
+    fn max_rate() {
+        let rate = |text: &str| match parse_client(text) {
+            Ok(ClientMessage::Subscribe(s)) => Ok(s.max_rate),
+            Ok(_) => panic!("not subscribe"),
+            Err(e) => Err(e.to_frame()),
+        };
+        let sub = |v: &str| format!(r#"{{"type":"subscribe","collection":"p","max_rate":{v}}}"#);
+        assert_eq!(rate(&sub("2")), Ok(Some(2.0)));
+        assert_eq!(rate(&sub("0.5")), Ok(Some(0.5)), "fractions: one per 2 s");
+        assert_eq!(rate(&sub("0.01")), Ok(Some(0.01)));
+        assert_eq!(rate(&sub("1000")), Ok(Some(1000.0)));
+        assert_eq!(rate(&sub("null")), Ok(None));
+        assert_eq!(rate(r#"{"type":"subscribe","collection":"p"}"#), Ok(None));
+        let range = r#"{"type":"subscribe","status":"error","error":{"code":"INVALID_PAYLOAD","message":"Validation error: Invalid input: expected a number from 0.01 to 1000 (updates per second per item) at \"max_rate\""}}"#;
+        for bad in ["0", "-1", "0.001", "1000.5", "1e9"] {
+            assert_eq!(rate(&sub(bad)).unwrap_err(), range, "{bad}");
+        }
+        assert_eq!(
+            rate(&sub("\"2\"")).unwrap_err(),
+            r#"{"type":"subscribe","status":"error","error":{"code":"INVALID_PAYLOAD","message":"Validation error: Invalid input: expected number, received string at \"max_rate\""}}"#
+        );
     }
 
     #[test]

@@ -477,6 +477,7 @@ mod tests {
             nested: false,
             since: None,
             checkpoints,
+            max_rate: None,
         };
         compile(
             &req,
@@ -574,8 +575,10 @@ mod tests {
         let directus = Arc::new(Outbox::new(10, 1000));
         let js = Arc::new(Outbox::new(10, 1000));
         let conflating = |checkpoints| {
-            spec_asking(json!({"n": {"_gt": 3}}), checkpoints)
-                .with_delivery(Delivery { conflate: true })
+            spec_asking(json!({"n": {"_gt": 3}}), checkpoints).with_delivery(Delivery {
+                conflate: true,
+                every: None,
+            })
         };
         let a = registry.insert(conflating(false), Some(Arc::from("u")), directus);
         let b = registry.insert(conflating(true), Some(Arc::from("u")), js.clone());

@@ -213,6 +213,7 @@ mod tests {
             nested: false,
             since: None,
             checkpoints: false,
+            max_rate: None,
         };
         let ctx = SpecContext {
             principal: &principal,

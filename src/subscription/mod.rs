@@ -22,6 +22,7 @@ pub use list::ListShape;
 pub use render::{keyed_payloads, payloads, Cause, Payload};
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{Map, Value};
 
@@ -70,6 +71,9 @@ pub struct Delivery {
     /// (`--slow-consumer-policy conflate` on a retained collection, for a subscription whose
     /// `init` lists the retained items) instead of closing the connection.
     pub conflate: bool,
+    /// Its `max_rate` as an interval: at most one frame per item key per interval, folded
+    /// from the first change (implies `conflate`).
+    pub every: Option<Duration>,
 }
 
 /// What one subscription receives, compiled. Identical specs share one group (see
@@ -405,15 +409,45 @@ pub fn compile_configured(
     let spec = compile(req, &ctx)?;
     // Conflation needs whole items and a fresh `init` to reset to: a subscription of a
     // retained collection whose `init` lists its items.
-    let conflate = settings.slow_consumer_policy == SlowConsumerPolicy::Conflate
-        && settings.state
-        && req.event.is_none()
-        && spec.dialect == Dialect::Flat;
-    let spec = spec.with_delivery(Delivery { conflate });
+    let conflatable = settings.state && req.event.is_none() && spec.dialect == Dialect::Flat;
+    let every = match req.max_rate {
+        None => None,
+        Some(_) if !settings.state => {
+            return Err(max_rate_refused(
+                format!("collection \"{}\" keeps no retained state", req.collection),
+                req,
+            ))
+        }
+        Some(_) if req.event.is_some() => {
+            return Err(max_rate_refused("\"event\" is set".into(), req))
+        }
+        Some(_) if spec.dialect != Dialect::Flat => {
+            return Err(max_rate_refused(
+                "the fields are nested under \"data\"".into(),
+                req,
+            ))
+        }
+        Some(rate) => Some(Duration::from_secs_f64(1.0 / rate)),
+    };
+    // A `max_rate` folds whatever the collection's policy: it is conflation on a timer.
+    let conflate = conflatable
+        && (every.is_some() || settings.slow_consumer_policy == SlowConsumerPolicy::Conflate);
+    let spec = spec.with_delivery(Delivery { conflate, every });
     Ok(match settings.transitions {
         Transitions::View => spec,
         Transitions::Directus => spec.without_transitions(),
     })
+}
+
+/// `max_rate` on a subscription that cannot conflate (its frames would not carry whole items
+/// per key, or there is no retained state to start again from after a reset).
+fn max_rate_refused(why: String, req: &SubscribeRequest) -> ProtocolError {
+    ProtocolError::new(
+        "subscribe",
+        ErrorCode::InvalidPayload,
+        format!("Validation error: \"max_rate\" needs a subscription that can conflate, and {why}"),
+        req.uid.clone(),
+    )
 }
 
 /// Compiles a subscribe request. `Err` is the frame to send back.

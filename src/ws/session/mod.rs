@@ -1,8 +1,9 @@
 //! One WebSocket connection: the only task that writes to its socket.
 //!
-//! The loop waits on five things at once: shutdown, the outbox (frames from the hub),
-//! inbound messages, the auth timer (the handshake window, the expiry of the connection's
-//! JWT, or the re-auth window after it) and the heartbeat. Replies to requests are written
+//! The loop waits on six things at once: shutdown, the outbox (frames from the hub), the
+//! outbox's timer (the earliest slot a `max_rate` holds back falls due), inbound messages,
+//! the auth timer (the handshake window, the expiry of the connection's JWT, or the re-auth
+//! window after it) and the heartbeat. Replies to requests are written
 //! directly, in request order; event frames come through the bounded outbox and go out in
 //! one flush per wake-up (when the broker is busy, after a few yields that let more gather). A subscription's `init` (and the replay of a resume) goes through
 //! the outbox too, queued by `Hub::subscribe` under the collection's log lock, so nothing the
@@ -109,6 +110,10 @@ pub(super) struct Session {
     /// window, the JWT's expiry, or the re-auth window after `TOKEN_EXPIRED`. One field and one
     /// `select!` branch rather than three keeps every idle connection smaller.
     deadline: Option<(Deadline, Pin<Box<Sleep>>)>,
+    /// When the earliest slot a `max_rate` holds back falls due ([`Outbox::next_due`]),
+    /// re-armed before every wait; `None` while none is held (an idle connection keeps no
+    /// timer).
+    due: Option<Pin<Box<Sleep>>>,
     /// Inbound message rate limit; `None` when `--max-messages-per-second` is 0.
     rate: Option<RateLimit>,
     /// Frees this connection's place under `--max-connections` when the session ends.
@@ -156,6 +161,7 @@ impl Session {
             busy: false,
             heartbeat: None,
             deadline: handshake,
+            due: None,
             rate,
             _slot: slot,
         };
@@ -204,6 +210,7 @@ impl Session {
         let outbox = self.outbox.clone();
         loop {
             let pending = matches!(self.auth, AuthState::Pending);
+            self.arm_due();
             // The wait is kept apart from the handling: an idle connection's task holds only
             // the small state of this select; handling (writes with timeouts, subscribe) is
             // boxed for the moment it runs. That keeps idle connections small.
@@ -211,6 +218,7 @@ impl Session {
                 biased;
                 _ = shutdown.cancelled() => Wake::Shutdown,
                 _ = outbox.ready() => Wake::Outbox,
+                _ = due(&mut self.due), if self.due.is_some() => Wake::Outbox,
                 message = socket.next() => Wake::Inbound(message),
                 kind = deadline(&mut self.deadline), if self.deadline.is_some() => {
                     Wake::Deadline(kind)
@@ -222,6 +230,20 @@ impl Session {
             if let Flow::Close(reason) = Box::pin(self.on_wake(socket, wake)).await {
                 return reason;
             }
+        }
+    }
+
+    /// Sets the outbox timer to the earliest held slot (lock-free when none is held).
+    fn arm_due(&mut self) {
+        let Some(at) = self.outbox.next_due() else {
+            self.due = None;
+            return;
+        };
+        let at = Instant::from_std(at);
+        match self.due.as_mut() {
+            Some(sleep) if sleep.deadline() == at => {}
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => self.due = Some(Box::pin(tokio::time::sleep_until(at))),
         }
     }
 
@@ -328,6 +350,14 @@ async fn deadline(deadline: &mut Option<(Deadline, Pin<Box<Sleep>>)>) -> Deadlin
             sleep.await;
             *kind
         }
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the outbox timer fires (pending without one).
+async fn due(due: &mut Option<Pin<Box<Sleep>>>) {
+    match due.as_mut() {
+        Some(sleep) => sleep.as_mut().await,
         None => std::future::pending().await,
     }
 }

@@ -10,6 +10,7 @@ use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite;
 
 use super::{Flow, Session, Socket};
+use crate::conflate::Due;
 use crate::metrics::CloseReason;
 use crate::outbox::{Drained, Frame, Live};
 use crate::protocol::{close, ProtocolError};
@@ -45,7 +46,7 @@ impl Session {
         if self.busy {
             self.gather().await;
         }
-        match self.flush_outbox(socket).await {
+        match self.flush_outbox(socket, false).await {
             Ok(Flushed::Frames(frames)) => {
                 self.busy = frames > 1 && frames < GATHER_FRAMES;
                 Flow::Continue
@@ -84,11 +85,13 @@ impl Session {
         }
     }
 
-    /// Writes everything queued, then flushes once. The batch lives only for the write, so an
-    /// idle connection holds no frame buffer.
+    /// Writes everything queued (`everything`: the slots a `max_rate` holds back too, else
+    /// only those due), then flushes once. The batch lives only for the write, so an idle
+    /// connection holds no frame buffer.
     pub(super) async fn flush_outbox<S: Socket>(
         &self,
         socket: &mut S,
+        everything: bool,
     ) -> Result<Flushed, WriteError> {
         let mut batch: Vec<Frame> = Vec::new();
         // Positions for the checkpoints owed, read before the drain (see `drain_with`).
@@ -101,7 +104,12 @@ impl Session {
                 Some((c, at))
             })
             .collect();
-        if self.outbox.drain_with(&mut batch, &positions) == Drained::Overflowed {
+        let now = std::time::Instant::now();
+        let due = match everything {
+            true => Due::All(now),
+            false => Due::By(now),
+        };
+        if self.outbox.drain_with(&mut batch, &positions, due) == Drained::Overflowed {
             return Ok(Flushed::Overflowed);
         }
         if batch.is_empty() {
@@ -159,7 +167,7 @@ impl Session {
         text: Utf8Bytes,
     ) -> Result<(), WriteError> {
         // An overflow found here is left to the loop: the outbox keeps it and its wake-up.
-        self.flush_outbox(socket).await?;
+        self.flush_outbox(socket, false).await?;
         let result = tokio::time::timeout(
             self.state.config.write_timeout,
             socket.send(Message::Text(text)),
@@ -224,7 +232,8 @@ impl Session {
             .state
             .subscriptions
             .resume_position(self.subs.iter().map(|s| s.collection()));
-        match self.flush_outbox(socket).await {
+        // Slots held back by a `max_rate` too: the resume position covers them.
+        match self.flush_outbox(socket, true).await {
             Ok(Flushed::Frames(_)) => {}
             Ok(Flushed::Overflowed) | Err(WriteError::Timeout) => {
                 let reason = self.outbox.slow_reason();
