@@ -488,7 +488,8 @@ pub struct ServeArgs {
     pub slow_consumer_policy: SlowConsumerPolicy,
     /// Most item keys one connection's conflated frames may hold pending; past it a
     /// conflating subscription gets a fresh init instead (the third within a minute closes
-    /// the connection with 4008).
+    /// the connection with 4008). Also the most keys its `max_rate` subscriptions remember
+    /// as within their interval.
     #[arg(long, env = "TIDINGS_CONFLATION_MAX_KEYS", default_value_t = defaults::CONFLATION_MAX_KEYS)]
     pub conflation_max_keys: usize,
     /// JSON file of per-collection settings (key field, state, max items, transitions) and

@@ -3,7 +3,8 @@
 //! when it reads again, exactly one frame per changed key with its latest value and every
 //! delete, then a checkpoint, and its list equals the state; subscribers that keep up get
 //! every frame in order. Past `--conflation-max-keys` the subscriber gets a fresh `init`
-//! (`recovered: false`), and the third reset within a minute closes it with 4008.
+//! (`recovered: false`), and the third reset within a minute closes it with 4008. A
+//! `max_rate` subscription gets a hot key at most N times a second, the latest value last.
 
 mod support;
 
@@ -485,4 +486,153 @@ async fn past_the_hard_bound_a_fresh_init_then_a_close() {
     let close = close.expect("a close code");
     assert_eq!(u16::from(close.code), 4008);
     assert_eq!(close.reason.as_str(), "slow consumer: conflation resets");
+}
+
+/// A `max_rate` subscription of a collection whose policy is `close`: at most N frames per
+/// key per second from its first change, the latest value last, other keys and every delete
+/// arriving; bad values and subscriptions that cannot conflate get `INVALID_PAYLOAD`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_rate_holds_a_hot_key_to_its_rate() {
+    let server = start(Config {
+        slow_consumer_policy: SlowConsumerPolicy::Close,
+        ..config(5000, 10_000)
+    })
+    .await;
+    let setup: Vec<Value> = ["hot", "gone", "c0", "c1", "c2"]
+        .iter()
+        .map(|k| json!({"collection":COLLECTION,"event":"create","data":{"id":k,"v":-1}}))
+        .collect();
+    publish_all(&server, &setup).await;
+
+    let mut rated = server.ws().await;
+    rated
+        .send(
+            &json!({"type":"subscribe","collection":COLLECTION,"uid":"rated",
+                "query":{"limit":-1},"max_rate":2,"checkpoints":true})
+            .to_string(),
+        )
+        .await;
+    let init = rated.recv_raw().await;
+    assert_eq!(init["event"], "init", "{init}");
+    let mut list = by_key(&init["data"]);
+    let mut plain = server.ws().await;
+    plain
+        .send(&json!({"type":"subscribe","collection":COLLECTION,"uid":"plain"}).to_string())
+        .await;
+    assert_eq!(plain.recv_raw().await["event"], "init");
+
+    // 200 updates of one key over about a second; the other keys change once each, and
+    // `gone` is deleted 50 ms after its update (inside its interval).
+    let started = tokio::time::Instant::now();
+    let mut published = 0;
+    for round in 0..20 {
+        let mut batch: Vec<Value> = (0..10)
+            .map(|i| update("hot", json!(round * 10 + i)))
+            .collect();
+        match round {
+            10 => batch.extend(["c0", "c1", "c2"].map(|k| update(k, json!("once")))),
+            15 => batch.push(update("gone", json!("last"))),
+            16 => batch.push(json!({"collection":COLLECTION,"event":"delete","keys":["gone"]})),
+            _ => {}
+        }
+        published += batch.len();
+        server.publish(Value::Array(batch)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The subscriber without a rate gets every frame; its last position is the end.
+    let mut last_position = Value::Null;
+    for _ in 0..published {
+        let frame = plain.recv_raw().await;
+        assert!(frame["position"].is_object(), "{frame}");
+        last_position = frame["position"].clone();
+    }
+
+    // The rated one: read until a checkpoint at the end (it comes once nothing is held).
+    let mut hot = Vec::new();
+    let mut others: HashMap<String, Vec<Value>> = HashMap::new();
+    loop {
+        let frame = rated.recv_raw().await;
+        assert_eq!(frame["uid"], "rated");
+        if frame["event"] == "checkpoint" {
+            if frame["position"] == last_position {
+                break;
+            }
+            continue;
+        }
+        assert!(frame.get("position").is_none(), "folded: {frame}");
+        apply(&mut list, &frame);
+        let key = match frame["event"].as_str() {
+            Some("delete") => key_of(&frame["data"][0]),
+            _ => key_of(&frame["data"][0]["id"]),
+        };
+        match key.as_str() {
+            "hot" => hot.push(frame["data"][0]["v"].clone()),
+            _ => others.entry(key).or_default().push(frame),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "max_rate 2: {} frames for 200 updates in {elapsed:.2} s",
+        hot.len()
+    );
+    // At most one frame per half second since the first (each key's interval starts when
+    // its frame is written); a loaded machine only makes it fewer.
+    assert!(
+        hot.len() as f64 <= (elapsed * 2.0).floor() + 1.0,
+        "{} frames in {elapsed:.2} s: {hot:?}",
+        hot.len()
+    );
+    assert_eq!(hot.last(), Some(&json!(199)), "the latest value comes last");
+    let values: Vec<i64> = hot.iter().map(|v| v.as_i64().expect("v")).collect();
+    assert!(
+        values.windows(2).all(|w| w[0] < w[1]),
+        "order per key: {values:?}"
+    );
+    for k in ["c0", "c1", "c2"] {
+        let frames = &others[k];
+        assert_eq!(frames.len(), 1, "{k}: {frames:?}");
+        assert_eq!(frames[0]["data"], json!([{"id":k,"v":"once"}]));
+    }
+    let gone = &others["gone"];
+    assert_eq!(
+        gone.last().expect("gone")["event"],
+        "delete",
+        "the delete arrives: {gone:?}"
+    );
+    assert_eq!(list, state(&server).await, "the client's list is the state");
+
+    // Bad values (parse errors), and subscriptions that cannot conflate (compile errors).
+    let mut ws = server.ws().await;
+    let refused = [
+        json!({"type":"subscribe","collection":COLLECTION,"uid":"s","max_rate":"2"}),
+        json!({"type":"subscribe","collection":COLLECTION,"uid":"z","max_rate":0}),
+        json!({"type":"subscribe","collection":COLLECTION,"uid":"n","max_rate":-1}),
+        json!({"type":"subscribe","collection":COLLECTION,"uid":"b","max_rate":5000}),
+        json!({"type":"subscribe","collection":"chat","uid":"chat","max_rate":2}),
+        json!({"type":"subscribe","collection":COLLECTION,"uid":"e","event":"update","max_rate":2}),
+        json!({"type":"subscribe","uid":"nested","data":{"collection":COLLECTION,"max_rate":2}}),
+    ];
+    for request in refused {
+        ws.send(&request.to_string()).await;
+        let error = ws.recv_raw().await;
+        assert_eq!(error["status"], "error", "{request}: {error}");
+        assert_eq!(
+            error["error"]["code"], "INVALID_PAYLOAD",
+            "{request}: {error}"
+        );
+        let message = error["error"]["message"].as_str().expect("message");
+        assert!(message.contains("max_rate"), "{request}: {message}");
+        // Parse errors carry no uid (as Directus' validation errors); compile errors do.
+        if request.get("max_rate").is_some_and(|r| r == 2) || request["uid"] == "nested" {
+            assert_eq!(error["uid"], request["uid"], "{request}: {error}");
+        }
+    }
+    // A fraction is allowed: 0.5 is one frame per key every 2 s.
+    ws.send(
+        &json!({"type":"subscribe","collection":COLLECTION,"uid":"slow","max_rate":0.5})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(ws.recv_raw().await["event"], "init");
 }
