@@ -221,11 +221,19 @@ impl Outbox {
         }
     }
 
+    /// Keeps `timed` true exactly while a slot is held back. Written only when it changes:
+    /// every push passes here, and a store would dirty a line the session reads.
+    fn note_timed(&self, state: &State) {
+        let timed = state.slots.next_due().is_some();
+        if self.timed.load(Ordering::Relaxed) != timed {
+            self.timed.store(timed, Ordering::Relaxed);
+        }
+    }
+
     /// Wakes the session if the time it must next write moved earlier than `before`.
     fn wake_if_earlier(&self, state: parking_lot::MutexGuard<'_, State>, before: WakeAt) {
         let after = state.wake_at();
-        self.timed
-            .store(state.slots.next_due().is_some(), Ordering::Relaxed);
+        self.note_timed(&state);
         drop(state);
         if after < before {
             self.notify.notify_one();
@@ -358,8 +366,7 @@ impl Outbox {
         // Also when nothing is pending: its cooldowns go too.
         state.slots.clear_sub(sub);
         state.owed.retain(|o| o.sub != sub);
-        self.timed
-            .store(state.slots.next_due().is_some(), Ordering::Relaxed);
+        self.note_timed(&state);
     }
 
     /// Slow consumer close reason: why the outbox overflowed.
@@ -448,8 +455,7 @@ impl Outbox {
             true => Vec::new(),
             false => state.slots.drain(out, due),
         };
-        self.timed
-            .store(state.slots.next_due().is_some(), Ordering::Relaxed);
+        self.note_timed(&state);
         if !positions.is_empty() {
             state.owed.retain(|owed| {
                 let Some((_, at)) = positions.iter().find(|(c, _)| *c == owed.collection) else {
