@@ -7,6 +7,10 @@
 //! this test owns every process (`tidings serve` children, killed by PID on drop, and a private
 //! `redis-server` for the broker-restart test, whose log must outlive the broker).
 //!
+//! `clients/js/test/conflation.mjs` runs the client on a conflating retained collection
+//! through a proxy that stalls it: after the folded frames its list equals the state and it
+//! resumes from the checkpoint, missing and repeating nothing.
+//!
 //! Needs Node.js >= 20 (and npm for the `dist/` check, which installs the pinned `typescript`
 //! with `npm ci`): without them the tests fail with `PREREQUISITE MISSING`.
 
@@ -107,12 +111,34 @@ async fn js_client_integration() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_client_conflation() {
+    support::services::require_node();
+    let control = Control::start(&[]).await;
+    let envs = [("TIDINGS_TEST_CONTROL", control.url.clone())];
+    let stdout =
+        tokio::task::block_in_place(|| node_test(&client_dir(), "test/conflation.mjs", &envs));
+    control.finish();
+    // What the stall took and what arrived after it (the suite's `console.log`s).
+    for line in stdout
+        .lines()
+        .filter(|l| l.starts_with("# stalled") || l.starts_with("# after"))
+    {
+        eprintln!("{line}");
+    }
+    assert_tests_passed(
+        &stdout,
+        &["a stalled conflated subscription resumes from its checkpoint"],
+    );
+}
+
 #[test]
 fn without_node_the_js_client_tests_fail_saying_so() {
     for test in [
         "js_client_unit_tests",
         "js_client_dist_is_what_tsc_builds",
         "js_client_integration",
+        "js_client_conflation",
     ] {
         support::services::assert_fails_without_prerequisite(test, &[("PATH", "/nonexistent")]);
     }

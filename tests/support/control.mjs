@@ -1,6 +1,9 @@
 // The JavaScript side of tests/support/control.rs: start, restart and stop `tidings serve`
-// children through the control API of the Rust test that runs the suite, and bounded waits.
-// Shared by clients/js/test/integration.mjs and tests/browser/browser.test.mjs.
+// children through the control API of the Rust test that runs the suite, bounded waits, and
+// the broker's HTTP side (an accepted publish, a metric's value).
+// Shared by clients/js/test/{integration,conflation}.mjs and tests/browser/browser.test.mjs.
+
+import assert from 'node:assert/strict';
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
@@ -41,4 +44,26 @@ export function controlApi(url) {
       for (const id of started.splice(0)) await call(`/brokers/${id}/stop`).catch(() => {});
     },
   };
+}
+
+/** `POST /v1/publish` of `body` (one event or an array), which must be accepted: the 202 body. */
+export async function accepted(http, body) {
+  const res = await fetch(`${http}/v1/publish`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify(body),
+  });
+  const text = await res.text();
+  assert.equal(res.status, 202, text);
+  return JSON.parse(text);
+}
+
+/** The sum of every sample of metric `name` (all label sets) on `http`/metrics. */
+export async function metric(http, name) {
+  const text = await (await fetch(`${http}/metrics`)).text();
+  let sum = 0;
+  for (const line of text.split('\n')) {
+    if (line.startsWith(`${name} `) || line.startsWith(`${name}{`)) sum += Number(line.split(' ').at(-1));
+  }
+  return sum;
 }

@@ -1,4 +1,4 @@
-//! What the JavaScript suites (`clients/js/test/integration.mjs`, `tests/browser/`) need from
+//! What the JavaScript suites (`clients/js/test/{integration,conflation}.mjs`, `tests/browser/`) need from
 //! Rust: a small control API through which they start, restart and stop `tidings serve`
 //! children (so this test process owns every process, killed by PID on drop), static files
 //! for the browser pages, and [`node_test`], which runs one `node --test` file and fails unless

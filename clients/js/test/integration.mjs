@@ -14,7 +14,7 @@ import assert from 'node:assert/strict';
 import { createHmac, randomBytes } from 'node:crypto';
 import net from 'node:net';
 import { connect, publish } from '../dist/index.js';
-import { controlApi, sleep, waitFor } from '../../../tests/support/control.mjs';
+import { accepted, controlApi, metric, sleep, waitFor } from '../../../tests/support/control.mjs';
 
 const CONTROL = process.env.TIDINGS_TEST_CONTROL;
 const REDIS_URL = process.env.TIDINGS_TEST_REDIS_URL;
@@ -52,32 +52,12 @@ function record(sub) {
 const ids = (frames, event) =>
   frames.filter((m) => m.event === event).flatMap((m) => (Array.isArray(m.data) ? m.data : [m.data])).map((d) => d.id);
 
-/** `POST /v1/publish` of `body` (one event or an array), which must be accepted: the 202 body. */
-async function accepted(http, body) {
-  const res = await fetch(`${http}/v1/publish`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify(body),
-  });
-  const text = await res.text();
-  assert.equal(res.status, 202, text);
-  return JSON.parse(text);
-}
-
 function hs256(claims) {
   const b64 = (v) => Buffer.from(JSON.stringify(v)).toString('base64url');
   const head = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(claims)}`;
   return `${head}.${createHmac('sha256', JWT_SECRET).update(head).digest('base64url')}`;
 }
 
-async function metric(http, name) {
-  const text = await (await fetch(`${http}/metrics`)).text();
-  let sum = 0;
-  for (const line of text.split('\n')) {
-    if (line.startsWith(`${name} `) || line.startsWith(`${name}{`)) sum += Number(line.split(' ').at(-1));
-  }
-  return sum;
-}
 
 /**
  * Opens a bare WebSocket over TCP, subscribes, publishes `events` in one request and returns
