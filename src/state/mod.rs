@@ -490,6 +490,26 @@ pub struct State {
     tracking: Option<cluster::Tracking>,
 }
 
+/// How a reconcile's item compares with the held one ([`State::compare`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// Not held: a create.
+    Missing,
+    /// Held as given: nothing to do.
+    Same,
+    /// Held with other content: a replacing update.
+    Different,
+}
+
+/// What the deletes of one batch remove from a collection, as [`State::admit`] counts them.
+#[derive(Debug, Default)]
+struct Gone {
+    /// Held keys deleted earlier in the batch.
+    keys: HashSet<String>,
+    /// A truncate came earlier in the batch: nothing held is left.
+    all: bool,
+}
+
 /// Bytes a publish reserved against `--state-max-bytes`; released on drop (after the events
 /// were folded, which counts them for real).
 #[derive(Debug)]
@@ -608,13 +628,69 @@ impl State {
         store.map_or(0, |s| s.lock().items.len())
     }
 
+    /// How `item` (whose compact text is `json`) compares with what `collection` holds under
+    /// `key`, for a reconcile: the texts first (the common case, no parse), then the values
+    /// (the same fields in another order are the same item).
+    pub fn compare(&self, collection: &str, key: &str, json: &str, item: &Value) -> Held {
+        let Some(store) = self.stores.get(collection).map(|s| s.value().clone()) else {
+            return Held::Missing;
+        };
+        let store = store.lock();
+        match store.items.get(key) {
+            None => Held::Missing,
+            Some(held) if held.json() == json => Held::Same,
+            Some(held) if parse(held.json()) == *item => Held::Same,
+            Some(_) => Held::Different,
+        }
+    }
+
+    /// The keys `collection` holds that `keep` lacks (a reconcile's deletes), in key order,
+    /// each as its item's `key_field` says (a number stays a number), else the key string.
+    pub fn keys_except(
+        &self,
+        collection: &str,
+        keep: &HashSet<String>,
+        key_field: &str,
+    ) -> Vec<Value> {
+        let Some(store) = self.stores.get(collection).map(|s| s.value().clone()) else {
+            return Vec::new();
+        };
+        let store = store.lock();
+        let mut gone: Vec<&Stored> = store
+            .items
+            .iter()
+            .filter(|held| !keep.contains(held.key()))
+            .collect();
+        gone.sort_unstable_by(|a, b| a.key().cmp(b.key()));
+        gone.into_iter()
+            .map(|held| match parse(held.json()).get(key_field) {
+                Some(key) if key_string(key) == held.key() => key.clone(),
+                _ => Value::String(held.key().to_string()),
+            })
+            .collect()
+    }
+
+    /// Counts a capacity refusal made before [`State::admit`] (a reconcile whose set alone
+    /// is over a limit) in `tidings_state_rejections_total`.
+    pub fn count_rejection(&self, collection: &Arc<str>, limit: Limit) {
+        let label = self.metrics.collections.label(collection);
+        self.metrics
+            .state_rejections
+            .with_label_values(&[&*label, limit.reason()])
+            .inc();
+    }
+
     /// Checks that `events` (one publish request) create no key beyond a limit, and reserves
     /// the bytes of the new keys. The caller holds the engine's lock of every collection in
     /// the batch (so no other publish changes them in between) and keeps the admission until
     /// the events are folded. Updates and deletes of held keys always pass.
     pub fn admit(&self, events: &[NewEvent]) -> Result<Admission<'_>, StateError> {
         let mut new_keys: HashMap<Arc<str>, HashSet<String>> = HashMap::new();
+        // Held keys that earlier deletes of the batch remove: the fold applies the batch in
+        // order, so a reconcile's deletes make room for its creates.
+        let mut gone: HashMap<Arc<str>, Gone> = HashMap::new();
         let mut new_bytes = 0usize;
+        let mut freed = 0usize;
         let mut over: Option<StateError> = None;
         let mut stale: Vec<Vec<Value>> = vec![Vec::new(); events.len()];
         // With versions in the batch: the (encoded) version each earlier event of the batch
@@ -628,6 +704,13 @@ impl State {
             let store = self.store(&event.collection);
             let store = store.lock();
             let seen = new_keys.entry(event.collection.clone()).or_default();
+            let gone = gone.entry(event.collection.clone()).or_default();
+            if matches!(event.apply, Apply::Truncate { .. }) {
+                seen.clear();
+                gone.all = true;
+                gone.keys.clear();
+                freed += store.bytes;
+            }
             for (i, key) in event.keys.iter().enumerate() {
                 let k = key_string(key);
                 if versioned {
@@ -646,10 +729,20 @@ impl State {
                     };
                     overlay.insert(slot, left);
                 }
-                if event.kind == EventKind::Delete
-                    || store.items.contains(k.as_str())
-                    || seen.contains(&k)
-                {
+                let held = !gone.all && !gone.keys.contains(&k);
+                let held = held.then(|| store.items.get(k.as_str())).flatten();
+                if event.kind == EventKind::Delete {
+                    // A key this batch created is simply not new any more (its bytes stay
+                    // reserved: over-counting is the safe side).
+                    if !seen.remove(&k) {
+                        if let Some(held) = held {
+                            freed += item_bytes(&k, held.json());
+                            gone.keys.insert(k);
+                        }
+                    }
+                    continue;
+                }
+                if held.is_some() || seen.contains(&k) {
                     continue;
                 }
                 if let Some(item) = event.items.get(i) {
@@ -658,7 +751,11 @@ impl State {
                 seen.insert(k);
             }
             let (max_items, limit) = self.settings.max_items(&event.collection);
-            if event.kind != EventKind::Delete && store.items.len() + seen.len() > max_items {
+            let kept = match gone.all {
+                true => 0,
+                false => store.items.len().saturating_sub(gone.keys.len()),
+            };
+            if event.kind != EventKind::Delete && kept + seen.len() > max_items {
                 over = Some(StateError::Full {
                     collection: event.collection.clone(),
                     index,
@@ -673,7 +770,8 @@ impl State {
             let reserved =
                 self.pending
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |pending| {
-                        let total = self.bytes.load(Ordering::SeqCst) + pending + new_bytes;
+                        let total = (self.bytes.load(Ordering::SeqCst) + pending + new_bytes)
+                            .saturating_sub(freed);
                         (total <= self.settings.max_bytes).then_some(pending + new_bytes)
                     });
             if reserved.is_err() {
@@ -692,11 +790,7 @@ impl State {
                 collection, limit, ..
             } = &error
             {
-                let label = self.metrics.collections.label(collection);
-                self.metrics
-                    .state_rejections
-                    .with_label_values(&[&*label, limit.reason()])
-                    .inc();
+                self.count_rejection(collection, *limit);
             }
             return Err(error);
         }
@@ -1024,6 +1118,19 @@ mod tests {
         assert!(s
             .admit(&[new_event(EventKind::Update, vec![json!({"id":2,"x":1})])])
             .is_ok());
+        // A delete earlier in the batch makes room for a create (a reconcile's batch), and a
+        // key created then deleted in the same batch is not new.
+        let keys = |ids: &[i64]| {
+            let mut e = new_event(EventKind::Delete, Vec::new());
+            e.keys = ids.iter().map(|id| json!(id)).collect();
+            e
+        };
+        assert!(s.admit(&[keys(&[1]), create(&[3])]).is_ok());
+        assert!(s
+            .admit(&[keys(&[1]), create(&[3]), keys(&[3]), create(&[4])])
+            .is_ok());
+        assert!(s.admit(&[keys(&[1, 1]), create(&[3, 4])]).is_err());
+        assert!(s.admit(&[keys(&[1, 2]), create(&[3, 4])]).is_ok());
         let small = state(100, 60);
         let err = small.admit(&[create(&[1, 2])]).unwrap_err();
         assert!(matches!(
