@@ -340,6 +340,9 @@ impl App {
         router
             .method_not_allowed_fallback(crate::http::method_not_allowed_handler)
             .fallback(crate::http::not_found_handler)
+            // Bounds the extractors that buffer a body (`Bytes`, `Json`). The reconcile
+            // (`PUT …/items`) takes the raw `Body` and streams it, bounding each item instead:
+            // its whole body is not bounded by this.
             .layer(DefaultBodyLimit::max(parts.config.max_publish_bytes))
     }
 

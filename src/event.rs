@@ -208,7 +208,7 @@ pub fn key_string(key: &Value) -> String {
 }
 
 /// Escapes one JSON Pointer reference token.
-fn token(s: &str) -> String {
+pub(crate) fn token(s: &str) -> String {
     s.replace('~', "~0").replace('/', "~1")
 }
 

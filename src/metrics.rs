@@ -307,6 +307,13 @@ pub struct Metrics {
     /// Publishes refused because the retained state is full, by collection and reason
     /// (`max_items`, `max_bytes`).
     pub state_rejections: IntCounterVec,
+    /// Reconcile requests (`PUT …/items`), by HTTP status.
+    pub reconcile_requests: IntCounterVec,
+    /// Time to answer one reconcile (read and compare the set, publish the differences).
+    pub reconcile_duration: Histogram,
+    /// Items of accepted-for-publishing reconciles, by outcome (`created`, `updated`,
+    /// `deleted`, `unchanged`).
+    pub reconcile_items: IntCounterVec,
     /// Time to build one retained `init` snapshot.
     pub state_init_duration: Histogram,
     /// Time to answer one `items` read from the retained state (socket or HTTP).
@@ -561,6 +568,21 @@ impl Metrics {
                 "Publishes refused with 507 STATE_FULL, by collection and reason (max_items, max_bytes).",
                 &["collection", "reason"],
             )?,
+            reconcile_requests: counter_vec(
+                "tidings_reconcile_requests_total",
+                "Reconcile requests (PUT /v1/collections/{collection}/items), by HTTP status.",
+                &["status"],
+            )?,
+            reconcile_duration: histogram(
+                "tidings_reconcile_duration_seconds",
+                "Time to answer one reconcile: stream and compare the set, publish the differences.",
+                vec![0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
+            )?,
+            reconcile_items: counter_vec(
+                "tidings_reconcile_items_total",
+                "Items of reconciles that reached the publish, by outcome (created, updated, deleted, unchanged).",
+                &["outcome"],
+            )?,
             state_init_duration: histogram(
                 "tidings_state_init_duration_seconds",
                 "Time to build one retained init snapshot (match, sort, slice, project, encode).",
@@ -702,6 +724,12 @@ impl Metrics {
             .flat_map(|family| family.get_metric())
             .map(|m| m.get_counter().value() as u64)
             .sum()
+    }
+
+    /// Counts one reconcile answered with `status` in `seconds`.
+    pub fn observe_reconcile(&self, status: &str, seconds: f64) {
+        self.reconcile_requests.with_label_values(&[status]).inc();
+        self.reconcile_duration.observe(seconds);
     }
 
     /// Renders the Prometheus text exposition format.

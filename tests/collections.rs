@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use hyper::StatusCode;
 use serde_json::{json, Value};
-use support::{assert_error, start, TestServer, WsClient};
+use support::{assert_error, caused, frame, start, TestServer, WsClient};
 use tidings::collections::CollectionsFile;
 use tidings::Config;
 
@@ -29,16 +29,6 @@ async fn subscribe(server: &TestServer, collection: &str, uid: &str, query: Valu
     )
     .await;
     c
-}
-
-fn frame(event: &str, uid: &str, data: Value) -> String {
-    format!(r#"{{"type":"subscription","event":"{event}","data":{data},"uid":"{uid}"}}"#)
-}
-
-fn caused(event: &str, uid: &str, data: Value, cause: &str) -> String {
-    format!(
-        r#"{{"type":"subscription","event":"{event}","data":{data},"uid":"{uid}","cause":"{cause}"}}"#
-    )
 }
 
 const FORBID: &str = r#"{"undeclared":"forbid","collections":{

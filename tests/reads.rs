@@ -349,7 +349,7 @@ async fn http_read_answers_directus_rest_shape_under_the_credential() {
         "",
         "",
     );
-    // Another method: 405 naming GET.
+    // Another method: 405 naming GET and PUT.
     let (status, headers, _) = server
         .request(
             "POST",
@@ -359,7 +359,7 @@ async fn http_read_answers_directus_rest_shape_under_the_credential() {
         )
         .await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(headers["allow"], "GET");
+    assert_eq!(headers["allow"], "GET, PUT");
 }
 
 #[tokio::test]

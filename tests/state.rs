@@ -9,7 +9,10 @@ use std::collections::BTreeMap;
 
 use hyper::StatusCode;
 use serde_json::{json, Value};
-use support::{retaining, start, TestServer, WsClient};
+use support::{
+    all_and_open, caused, frame, init_frame as init, retaining, start,
+    subscribe_orders as subscribe, TestServer,
+};
 use tidings::auth::TokenStore;
 use tidings::config::Engine;
 use tidings::Config;
@@ -22,29 +25,11 @@ fn retaining_with_tokens(tokens: &str) -> Config {
     }
 }
 
-async fn subscribe(server: &TestServer, uid: &str, query: Value) -> (WsClient, String) {
-    let mut c = server.ws().await;
-    c.send(&json!({"type":"subscribe","collection":"orders","uid":uid,"query":query}).to_string())
-        .await;
-    let init = c.recv_text().await;
-    (c, init)
-}
-
-fn init(uid: &str, data: Value) -> String {
-    format!(r#"{{"type":"subscription","event":"init","data":{data},"uid":"{uid}"}}"#)
-}
-
-fn frame(event: &str, uid: &str, data: Value) -> String {
-    format!(r#"{{"type":"subscription","event":"{event}","data":{data},"uid":"{uid}"}}"#)
-}
-
 #[tokio::test]
 async fn every_merge_rule_with_its_exact_frame() {
     let server = start(retaining(&["orders"])).await;
-    let (mut all, first) = subscribe(&server, "a", json!({})).await;
-    assert_eq!(first, init("a", json!([])));
     // A filter on a field a partial update does not carry still matches the merged item.
-    let (mut open, _) = subscribe(&server, "o", json!({"filter":{"status":{"_eq":"open"}}})).await;
+    let (mut all, mut open) = all_and_open(&server).await;
     let table: Vec<(Value, &str, Value)> = vec![
         // create: the whole item is stored.
         (
@@ -479,12 +464,6 @@ async fn init_while_publishing_has_no_gap_and_no_duplicate() {
         }
         assert_eq!(*list, expected);
     }
-}
-
-fn caused(event: &str, uid: &str, data: Value, cause: &str) -> String {
-    format!(
-        r#"{{"type":"subscription","event":"{event}","data":{data},"uid":"{uid}","cause":"{cause}"}}"#
-    )
 }
 
 async fn publish_orders(server: &TestServer, event: &str, data: Value) {

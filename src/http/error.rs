@@ -153,6 +153,25 @@ pub enum ApiError {
     /// Not `application/json`.
     #[error("the request body must be JSON: send `Content-Type: application/json`")]
     UnsupportedMediaType,
+    /// A reconcile body that is neither a JSON array nor NDJSON.
+    #[error("the body must be a JSON array of items (`Content-Type: application/json`) or NDJSON, one item per line (`Content-Type: application/x-ndjson`)")]
+    UnsupportedReconcileMediaType,
+    /// A reconcile of a collection that retains no items (422): there is no state to make
+    /// equal to the set.
+    #[error("collection \"{collection}\" retains no items (start Tidings with --state {collection}, or give it \"state\": true in the collections file); nothing was published")]
+    NotRetained {
+        /// The collection.
+        collection: String,
+    },
+    /// One item of a reconcile is over `--max-publish-bytes` (413; the body as a whole is
+    /// not bounded).
+    #[error("item {pointer} is larger than --max-publish-bytes ({limit} bytes), which bounds each item of a reconcile; nothing was published")]
+    ItemTooLarge {
+        /// Where the item is: `/3` in an array, `line 4` in NDJSON.
+        pointer: String,
+        /// `--max-publish-bytes`.
+        limit: usize,
+    },
     /// Some events of a batch were accepted, the others not (NATS): 503 with one entry per
     /// event in `events`, accepted or `"accepted": false`. Built by [`ApiError::partial`].
     #[error(
@@ -224,7 +243,9 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::InvalidJson { .. } => StatusCode::BAD_REQUEST,
-            ApiError::InvalidPayload { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::InvalidPayload { .. } | ApiError::NotRetained { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ApiError::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized | ApiError::AdminUnauthorized | ApiError::ReaderUnauthorized => {
                 StatusCode::UNAUTHORIZED
@@ -238,10 +259,12 @@ impl ApiError {
             ApiError::OriginNotAllowed { .. } => StatusCode::FORBIDDEN,
             ApiError::NotFound | ApiError::UnknownCollection { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::PayloadTooLarge { .. } | ApiError::EventTooLarge { .. } => {
-                StatusCode::PAYLOAD_TOO_LARGE
+            ApiError::PayloadTooLarge { .. }
+            | ApiError::EventTooLarge { .. }
+            | ApiError::ItemTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType | ApiError::UnsupportedReconcileMediaType => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
-            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::StateFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::PartiallyAccepted { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Server {
@@ -266,9 +289,12 @@ impl ApiError {
             ApiError::NotFound => "NOT_FOUND",
             ApiError::UnknownCollection { .. } => "UNKNOWN_COLLECTION",
             ApiError::MethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
-            ApiError::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
+            ApiError::PayloadTooLarge { .. } | ApiError::ItemTooLarge { .. } => "PAYLOAD_TOO_LARGE",
             ApiError::EventTooLarge { .. } => "EVENT_TOO_LARGE",
-            ApiError::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
+            ApiError::UnsupportedMediaType | ApiError::UnsupportedReconcileMediaType => {
+                "UNSUPPORTED_MEDIA_TYPE"
+            }
+            ApiError::NotRetained { .. } => "NOT_RETAINED",
             ApiError::StateFull { .. } => "STATE_FULL",
             ApiError::PartiallyAccepted { .. } => "PARTIALLY_ACCEPTED",
             ApiError::Server {
@@ -284,9 +310,13 @@ impl ApiError {
             ApiError::InvalidPayload { pointer, .. }
             | ApiError::StateFull { pointer, .. }
             | ApiError::UnknownCollection { pointer, .. }
-            | ApiError::PartiallyAccepted { pointer, .. } => Some(pointer),
+            | ApiError::PartiallyAccepted { pointer, .. }
+            | ApiError::ItemTooLarge { pointer, .. } => Some(pointer),
             ApiError::InvalidHeader { header, .. } => Some(header),
-            ApiError::UnsupportedMediaType => Some("content-type"),
+            ApiError::UnsupportedMediaType | ApiError::UnsupportedReconcileMediaType => {
+                Some("content-type")
+            }
+            ApiError::NotRetained { .. } => Some("collection"),
             ApiError::OriginNotAllowed { .. } => Some("webhook-request-origin"),
             ApiError::Unauthorized | ApiError::AdminUnauthorized | ApiError::ReaderUnauthorized => {
                 Some("authorization")

@@ -8,6 +8,9 @@
 //!   CloudEvents).
 //! - `GET /v1/collections/{collection}/items`: a read of the retained state (subscriber
 //!   credential).
+//! - `PUT /v1/collections/{collection}/items`: a reconcile, the complete set of a retained
+//!   collection's items (JSON array or NDJSON, streamed; publisher credential), published as
+//!   the differences with the state.
 //! - `GET /healthz`: the process is up.
 //! - `GET /readyz`: the broker accepts publishes and connections (false while shutting down).
 //! - `GET /metrics`: Prometheus text format.
@@ -18,6 +21,8 @@ mod error;
 mod ingest;
 mod items;
 mod publish;
+mod reconcile;
+mod split;
 
 pub use error::{ApiError, ServerErrorReason};
 
@@ -80,7 +85,7 @@ pub fn routes(state: Arc<HttpState>) -> Router {
         )
         .route(
             "/v1/collections/{collection}/items",
-            get(items::read_handler),
+            get(items::read_handler).put(reconcile::reconcile_handler),
         )
         .route(
             "/v1/cloudevents",
@@ -136,13 +141,14 @@ async fn metrics_handler(State(state): State<Arc<HttpState>>) -> Response {
 }
 
 /// JSON 405 for a known route asked with another method: the publish routes take `POST`
-/// (and `/v1/cloudevents` `OPTIONS`, the webhook handshake), the items read `GET`, the others (health, readiness, metrics, the WebSocket) `GET`.
+/// (and `/v1/cloudevents` `OPTIONS`, the webhook handshake), the items route `GET` (read) and
+/// `PUT` (reconcile), the others (health, readiness, metrics, the WebSocket) `GET`.
 pub async fn method_not_allowed_handler(uri: axum::http::Uri) -> Response {
     let path = uri.path();
     let allow = if path == "/v1/cloudevents" {
         "POST, OPTIONS"
     } else if path.starts_with("/v1/collections/") && path.ends_with("/items") {
-        "GET"
+        "GET, PUT"
     } else if path.starts_with("/v1/") {
         "POST"
     } else {

@@ -194,13 +194,13 @@ fn authorize(
     Err(ApiError::Unauthorized)
 }
 
-/// Readiness, publisher key, content type, size and JSON syntax, in that order.
-fn read_body(
+/// Readiness and the publisher key, in that order: what every endpoint that publishes checks
+/// first (the publish key's use is counted).
+pub(super) fn check_publisher(
     state: &HttpState,
     peer: SocketAddr,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Value, ApiError> {
+) -> Result<(), ApiError> {
     // Publishes are still served during the shutdown delay, readiness off: that is the delay's
     // point (the application's last publishes land).
     if state.shutdown.is_cancelled() {
@@ -224,6 +224,17 @@ fn read_body(
         .publish_requests_by_key
         .with_label_values(&[&*key])
         .inc();
+    Ok(())
+}
+
+/// [`check_publisher`], then content type, size and JSON syntax, in that order.
+fn read_body(
+    state: &HttpState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Value, ApiError> {
+    check_publisher(state, peer, headers)?;
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -262,7 +273,7 @@ async fn accept(state: &HttpState, events: Vec<NewEvent>) -> Result<Response, Ap
 /// Publishes `events` (none: nothing to do) and counts them; the 202 body's entries. `at`:
 /// where each event sits in an array body, so a refusal of one points at it (else at the
 /// whole body).
-async fn publish_events(
+pub(super) async fn publish_events(
     state: &HttpState,
     events: Vec<NewEvent>,
     at: Option<&[usize]>,

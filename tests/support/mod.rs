@@ -453,6 +453,45 @@ pub fn assert_error(
     schema_check_http(answer);
 }
 
+/// Subscribes to `orders` with `query` as `uid` on a new connection; the connection and
+/// the first frame it gets (the `init`).
+pub async fn subscribe_orders(server: &TestServer, uid: &str, query: Value) -> (WsClient, String) {
+    let mut c = server.ws().await;
+    c.send(
+        &serde_json::json!({"type":"subscribe","collection":"orders","uid":uid,"query":query})
+            .to_string(),
+    )
+    .await;
+    let init = c.recv_text().await;
+    (c, init)
+}
+
+/// Two subscriptions to an empty `orders`: `a` to everything, `o` to `status` `open`.
+pub async fn all_and_open(server: &TestServer) -> (WsClient, WsClient) {
+    let (all, first) = subscribe_orders(server, "a", serde_json::json!({})).await;
+    assert_eq!(first, init_frame("a", serde_json::json!([])));
+    let open = serde_json::json!({"filter":{"status":{"_eq":"open"}}});
+    let (open, _) = subscribe_orders(server, "o", open).await;
+    (all, open)
+}
+
+/// The `init` frame a collection subscription `uid` gets with `data`.
+pub fn init_frame(uid: &str, data: Value) -> String {
+    format!(r#"{{"type":"subscription","event":"init","data":{data},"uid":"{uid}"}}"#)
+}
+
+/// The `event` frame a subscription `uid` gets with `data`.
+pub fn frame(event: &str, uid: &str, data: Value) -> String {
+    format!(r#"{{"type":"subscription","event":"{event}","data":{data},"uid":"{uid}"}}"#)
+}
+
+/// [`frame`] of a transition: `cause` is `enter` or `leave`.
+pub fn caused(event: &str, uid: &str, data: Value, cause: &str) -> String {
+    format!(
+        r#"{{"type":"subscription","event":"{event}","data":{data},"uid":"{uid}","cause":"{cause}"}}"#
+    )
+}
+
 /// What arrived on a socket.
 #[derive(Debug)]
 pub enum Received {
