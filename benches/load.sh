@@ -5,6 +5,8 @@
 #   cargo build --release && benches/load.sh > load.jsonl           # everything (~15 min)
 #   benches/load.sh broadcast                                        # only runs whose label starts so
 #
+# BROKER_ARGS (word-split) adds flags to every broker a `run` starts.
+#
 # Needs `ulimit -n` ≥ 20000 for the 19,000-connection run. Cluster runs need Redis on
 # 127.0.0.1:6379 and NATS (JetStream) on 127.0.0.1:4222. Only processes this script started
 # are stopped, by PID.
@@ -57,7 +59,8 @@ run() {
     local label=$1 scenario=$2
     shift 2
     [[ -n "$ONLY" && "$label" != "$ONLY"* ]] && return 0
-    start_node /tmp/tidings-bench-broker.log
+    # shellcheck disable=SC2086 # BROKER_ARGS is a list of flags
+    start_node /tmp/tidings-bench-broker.log ${BROKER_ARGS:-}
     local out
     out=$("$BIN" bench "$scenario" --url "$NODE_URL" --broker-pid "$NODE_PID" --json "$@")
     echo "$label $out"
@@ -112,3 +115,11 @@ cluster cluster-nats-broadcast nats broadcast -s 1000 -n 10000
 cluster cluster-memory-latency memory latency -s 1000 --rate 400 --duration 10
 cluster cluster-redis-latency redis latency -s 1000 --rate 400 --duration 10
 cluster cluster-nats-latency nats latency -s 1000 --rate 400 --duration 10
+# Conflation's cost for subscribers that keep up (issue 16): state on, close vs conflate,
+# alternating, so that each pair shares the machine's mood.
+for round in 1 2; do
+    for policy in close conflate; do
+        BROKER_ARGS="--state bench --slow-consumer-policy $policy" \
+            run "conflation-$policy-$round" broadcast -s 1000 -n 20000
+    done
+done
