@@ -124,6 +124,9 @@ const PUBLISH_STATUSES: [&str; 10] = [
 /// (`json` is `/v1/publish` and `/v1/collections/…`).
 pub const PUBLISH_FORMATS: [&str; 3] = ["json", "cloudevents", "debezium"];
 
+/// The `outcome` labels of `tidings_reconcile_items_total`.
+pub const RECONCILE_OUTCOMES: [&str; 4] = ["created", "updated", "deleted", "unchanged"];
+
 /// The process collector of the `prometheus` crate, with `process_cpu_seconds_total` at the
 /// kernel's resolution (clock ticks, usually 10 ms) instead of whole seconds, which drew a
 /// broker using 2 % of a core as a 0/1 s sawtooth.
@@ -665,6 +668,12 @@ impl Metrics {
         }
         for outcome in ["recovered", "lost"] {
             metrics.resumes.with_label_values(&[outcome]);
+        }
+        for outcome in RECONCILE_OUTCOMES {
+            metrics.reconcile_items.with_label_values(&[outcome]);
+        }
+        for status in ["200", "413", "422", "507"] {
+            metrics.reconcile_requests.with_label_values(&[status]);
         }
         for format in PUBLISH_FORMATS {
             for status in PUBLISH_STATUSES {

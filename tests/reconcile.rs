@@ -13,7 +13,7 @@ use hyper::StatusCode;
 use serde_json::{json, Value};
 use support::{
     all_and_open, assert_error, caused, frame, init_frame as init, retaining,
-    schema_check_component, start, subscribe_orders as subscribe, TestServer,
+    schema_check_component, start, subscribe_orders as subscribe, TestServer, WsClient,
 };
 use tidings::Config;
 
@@ -78,6 +78,17 @@ type Refusal<'a> = (
     &'a str,
     &'a str,
 );
+
+/// The last frames of a heal in which `item` stopped matching `o`: its replacement reaches
+/// `a`, its leave `o`, and nothing follows.
+async fn updated_then_left(all: &mut WsClient, open: &mut WsClient, item: Value) {
+    all.expect(&frame("update", "a", json!([item.clone()])))
+        .await;
+    open.expect(&caused("delete", "o", json!([item["id"]]), "leave"))
+        .await;
+    all.expect_silence(QUIET).await;
+    open.expect_silence(QUIET).await;
+}
 
 const QUIET: Duration = Duration::from_millis(200);
 
@@ -168,12 +179,7 @@ async fn a_reconcile_seeds_then_heals_drift_with_exactly_the_differences() {
         json!([{"id":2,"status":"closed","n":2}]),
     ))
     .await;
-    all.expect(&frame("update", "a", json!([{"id":3,"status":"closed"}])))
-        .await;
-    open.expect(&caused("delete", "o", json!([3]), "leave"))
-        .await;
-    all.expect_silence(QUIET).await;
-    open.expect_silence(QUIET).await;
+    updated_then_left(&mut all, &mut open, json!({"id":3,"status":"closed"})).await;
     // The state equals the set.
     let (_late, snapshot) = subscribe(&server, "l", json!({"sort":["id"]})).await;
     assert_eq!(
@@ -420,4 +426,58 @@ async fn an_undeclared_collection_is_refused_where_the_file_forbids_them() {
         "collection \"ordres\" is not declared in the collections file (\"undeclared\": \"forbid\"); nothing was published",
     );
     reconcile(&server, json!([{"id":1}]), [1, 0, 0, 0]).await;
+}
+
+/// Two nodes over a private Redis: a reconcile on one node publishes only the differences
+/// through the shared log, a subscriber on the other node sees exactly those frames (the
+/// leave included), and both nodes end holding the set.
+#[tokio::test]
+async fn a_reconcile_on_one_redis_node_reaches_the_other_as_the_differences() {
+    let redis = support::services::PrivateRedis::start();
+    let prefix = support::services::unique_prefix();
+    let node = || {
+        let defaults = retaining(&["orders"]);
+        Config {
+            engine: tidings::config::Engine::Redis,
+            redis_url: redis.url(),
+            key_prefix: prefix.clone(),
+            ..defaults
+        }
+    };
+    let a = support::start_ready(node()).await;
+    let b = support::start_ready(node()).await;
+    let (mut all, mut open) = all_and_open(&b).await;
+    let seed = json!([
+        {"id":1,"status":"open"},
+        {"id":2,"status":"open"},
+        {"id":3,"status":"closed"}
+    ]);
+    let answer = reconcile(&a, seed, [3, 0, 0, 0]).await;
+    assert_eq!(answer["events"][0]["offset"], 1, "{answer}");
+    for id in 1..=3 {
+        let status = if id == 3 { "closed" } else { "open" };
+        let item = json!([{"id":id,"status":status}]);
+        all.expect(&frame("create", "a", item.clone())).await;
+        if id != 3 {
+            open.expect(&frame("create", "o", item)).await;
+        }
+    }
+    // Drift healed from node a: 1 unchanged, 2 closed (leaves `o`), 3 gone, 4 new.
+    let set = json!([
+        {"id":1,"status":"open"},
+        {"id":2,"status":"closed"},
+        {"id":4,"status":"open"}
+    ]);
+    reconcile(&a, set.clone(), [1, 1, 1, 1]).await;
+    all.expect(&frame("delete", "a", json!([3]))).await;
+    let four = json!([{"id":4,"status":"open"}]);
+    all.expect(&frame("create", "a", four.clone())).await;
+    open.expect(&frame("create", "o", four)).await;
+    updated_then_left(&mut all, &mut open, json!({"id":2,"status":"closed"})).await;
+    // Both nodes hold the set: the same reconcile on node b changes nothing.
+    reconcile(&b, set.clone(), [0, 0, 0, 3]).await;
+    for server in [&a, &b] {
+        let (_c, snapshot) = subscribe(server, "l", json!({"sort":["id"]})).await;
+        assert_eq!(snapshot, init("l", set.clone()));
+    }
 }

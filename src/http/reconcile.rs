@@ -109,12 +109,13 @@ async fn reconcile(
     splitter.finish(&mut emit)?;
     let (counts, events) = diff.into_events(limit);
     let items = &state.metrics.reconcile_items;
-    for (outcome, n) in [
-        ("created", counts.created),
-        ("updated", counts.updated),
-        ("deleted", counts.deleted),
-        ("unchanged", counts.unchanged),
-    ] {
+    let ns = [
+        counts.created,
+        counts.updated,
+        counts.deleted,
+        counts.unchanged,
+    ];
+    for (outcome, n) in crate::metrics::RECONCILE_OUTCOMES.into_iter().zip(ns) {
         items.with_label_values(&[outcome]).inc_by(n as u64);
     }
     let accepted = publish_events(state, events, None).await?;
