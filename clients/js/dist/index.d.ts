@@ -50,6 +50,12 @@ export interface SubscribeOptions {
     event?: 'create' | 'update' | 'delete';
     item?: string | number;
     query?: Record<string, unknown>;
+    /**
+     * At most this many frames per item key per second (sent as `max_rate`, 0.01..=1000,
+     * fractions allowed; protocol/README.md §5c). Only on a collection with retained state and
+     * without `event`: otherwise the broker answers `INVALID_PAYLOAD` on `sub.onError`.
+     */
+    maxRate?: number;
 }
 /**
  * One frame as a subscriber sees it. `reset` replaces `init` when a resume could not be

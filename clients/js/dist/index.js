@@ -475,6 +475,9 @@ export class Client {
             msg.item = sub.options.item;
         if (sub.options.query)
             msg.query = sub.options.query;
+        // Sent on every (re)subscribe: the broker keeps no rate across a resume.
+        if (sub.options.maxRate !== undefined)
+            msg.max_rate = sub.options.maxRate;
         sub.resuming = sub.position !== undefined;
         if (sub.position)
             msg.since = sub.position;

@@ -56,6 +56,12 @@ export interface SubscribeOptions {
   event?: 'create' | 'update' | 'delete';
   item?: string | number;
   query?: Record<string, unknown>;
+  /**
+   * At most this many frames per item key per second (sent as `max_rate`, 0.01..=1000,
+   * fractions allowed; protocol/README.md §5c). Only on a collection with retained state and
+   * without `event`: otherwise the broker answers `INVALID_PAYLOAD` on `sub.onError`.
+   */
+  maxRate?: number;
 }
 
 /**
@@ -555,6 +561,8 @@ export class Client {
     if (sub.options.event) msg.event = sub.options.event;
     if (sub.options.item !== undefined) msg.item = sub.options.item;
     if (sub.options.query) msg.query = sub.options.query;
+    // Sent on every (re)subscribe: the broker keeps no rate across a resume.
+    if (sub.options.maxRate !== undefined) msg.max_rate = sub.options.maxRate;
     sub.resuming = sub.position !== undefined;
     if (sub.position) msg.since = sub.position;
     this.send(msg);

@@ -276,3 +276,30 @@ test('a checkpoint never reaches the iterator or a live view', async () => {
   assert.deepEqual(v.subscription.position, pos(10));
   c.close();
 });
+
+test('maxRate is sent as max_rate on subscribe and again on every resume; absent without it', async () => {
+  const c = new Client({ url: 'ws://x', WebSocket: FakeWS, reconnect: { initialDelayMs: 1 }, random: () => 0 });
+  const rated = c.subscribe('prices', { query: { limit: -1 }, maxRate: 0.5 });
+  const plain = c.subscribe('prices');
+  await tick();
+  let ws = last();
+  let sent = ws.sent.filter((m) => m.type === 'subscribe');
+  assert.equal(sent.length, 2);
+  const first = sent.find((m) => m.max_rate !== undefined);
+  assert.equal(first.max_rate, 0.5);
+  assert.deepEqual(first.query, { limit: -1 });
+  assert.ok(!('maxRate' in first), 'the wire name is max_rate');
+  const other = sent.find((m) => m !== first);
+  assert.ok(!('max_rate' in other), 'no max_rate without maxRate');
+  ws.push({ type: 'subscription', event: 'init', data: [], uid: first.uid, position: pos(3) });
+  ws.drop();
+  await tick(); await tick();
+  ws = last();
+  sent = ws.sent.filter((m) => m.type === 'subscribe');
+  const again = sent.find((m) => m.max_rate !== undefined);
+  assert.equal(again.max_rate, 0.5, 'resent on resume');
+  assert.deepEqual(again.since, pos(3));
+  assert.ok(!('max_rate' in sent.find((m) => m !== again)));
+  assert.ok(rated && plain);
+  c.close();
+});
