@@ -154,6 +154,9 @@ pub struct Slots {
     cooling_pruned: usize,
     /// The latest cooldown's end: past it, every cooldown has ended.
     cooling_latest: Option<Instant>,
+    /// Cooldowns not kept because `cooling_cap` was reached, since the last
+    /// [`Slots::take_unheld`]: each is a key whose next change is not held back to its rate.
+    unheld: usize,
 }
 
 impl Default for Slots {
@@ -196,7 +199,14 @@ impl Slots {
             cooling_cap: cap,
             cooling_pruned: 0,
             cooling_latest: None,
+            unheld: 0,
         }
+    }
+
+    /// How many written `max_rate` keys got no cooldown (the cap was reached) since the last
+    /// call: the session counts them in `tidings_conflation_rate_unheld_total`.
+    pub fn take_unheld(&mut self) -> usize {
+        std::mem::take(&mut self.unheld)
     }
 
     /// True when some entry is due at once (a slot without `max_rate`, a reset's `init`).
@@ -369,18 +379,25 @@ impl Slots {
         }
     }
 
-    /// Starts a cooldown, unless the cap is reached (then the key is not held back).
+    /// Starts a cooldown, unless the cap is reached (then the key is not held back, and
+    /// that is counted: a rate silently not applied would look like a broker bug).
     fn cool(&mut self, sub: u64, key: &Arc<str>, until: Instant) {
         let id = (sub, key.clone());
         if self.cooling.len() < self.cooling_cap || self.cooling.contains_key(&id) {
             self.cooling.insert(id, until);
             self.cooling_latest = Some(self.cooling_latest.map_or(until, |l| l.max(until)));
+        } else {
+            self.unheld += 1;
         }
     }
 
-    /// Frees everything pending, and the cooldowns.
+    /// Frees everything pending, and the cooldowns (the uncounted `unheld` stays, so no
+    /// count is lost).
     pub fn clear(&mut self) {
-        *self = Slots::with_cooling_cap(self.cooling_cap);
+        *self = Slots {
+            unheld: self.unheld,
+            ..Slots::with_cooling_cap(self.cooling_cap)
+        };
     }
 
     fn compact_if_sparse(&mut self) {
@@ -748,6 +765,12 @@ mod tests {
         assert_eq!(out.len(), 1);
     }
 
+    /// Folds an update of `k` at `now` and drains what is due then.
+    fn write_rated(slots: &mut Slots, k: &str, every_ms: u64, now: Instant) {
+        fold_rated(slots, &key(k), ch(Update, None, "[1]"), every_ms, now);
+        drain_by(slots, now);
+    }
+
     #[test]
     fn cooldowns_are_bounded_pruned_and_cleared() {
         let (_, t0, ms) = clock();
@@ -757,11 +780,28 @@ mod tests {
         }
         drain_by(&mut slots, t0);
         assert_eq!(slots.cooling(), 2, "capped");
+        assert_eq!(
+            slots.take_unheld(),
+            1,
+            "the third key's cooldown is counted as not kept"
+        );
+        assert_eq!(slots.take_unheld(), 0, "taken once");
         fold_rated(&mut slots, &key("c"), ch(Update, None, "[2]"), 1000, ms(1));
         assert!(slots.has_untimed(), "past the cap a key is not held back");
         drain_by(&mut slots, ms(1));
+        assert_eq!(slots.take_unheld(), 1, "and again at its next write");
+        // A key that keeps its cooldown is never counted.
+        write_rated(&mut slots, "a", 1000, ms(2000));
+        assert_eq!(slots.take_unheld(), 0);
         assert_eq!(slots.clear_sub(1), 0);
         assert_eq!(slots.cooling(), 0, "a subscription's cooldowns go with it");
+        // A clear keeps what was not taken yet.
+        for k in ["a", "b", "c"] {
+            fold_rated(&mut slots, &key(k), ch(Update, None, "[4]"), 1000, ms(3000));
+        }
+        drain_by(&mut slots, ms(3000));
+        slots.clear();
+        assert_eq!(slots.take_unheld(), 1);
         // Expired cooldowns are pruned once they pile up.
         let mut slots = Slots::default();
         for i in 0..1000 {
@@ -770,14 +810,7 @@ mod tests {
         }
         drain_by(&mut slots, t0);
         assert_eq!(slots.cooling(), 1000);
-        fold_rated(
-            &mut slots,
-            &key("late"),
-            ch(Update, None, "[1]"),
-            10,
-            ms(20),
-        );
-        drain_by(&mut slots, ms(20));
+        write_rated(&mut slots, "late", 10, ms(20));
         assert_eq!(slots.cooling(), 1, "only the late key's is still running");
     }
 }

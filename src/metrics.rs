@@ -344,6 +344,9 @@ pub struct Metrics {
     pub conflated: IntCounterVec,
     /// Conflating subscriptions that passed `--conflation-max-keys` and got a fresh `init`.
     pub conflation_resets: IntCounter,
+    /// `max_rate` keys written whose cooldown was not kept (a connection remembers at most
+    /// `--conflation-max-keys`), so their next change is not held back to the rate.
+    pub conflation_rate_unheld: IntCounter,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -636,6 +639,10 @@ impl Metrics {
             conflation_resets: counter(
                 "tidings_conflation_resets_total",
                 "Conflating subscriptions whose pending changes passed --conflation-max-keys and that got a fresh init from the retained state instead (recovered: false).",
+            )?,
+            conflation_rate_unheld: counter(
+                "tidings_conflation_rate_unheld_total",
+                "Keys of max_rate subscriptions written while their connection already remembered --conflation-max-keys cooldowns: their next change is not held back to the rate.",
             )?,
             registry,
         };

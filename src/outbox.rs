@@ -131,7 +131,11 @@ struct OwedCheckpoint {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Drained {
     /// Frames (possibly none) were moved out.
-    Frames,
+    Frames {
+        /// Of them, `max_rate` keys written without a cooldown (past `--conflation-max-keys`
+        /// remembered ones), so their next change is not held back: the session counts them.
+        rate_unheld: usize,
+    },
     /// The outbox overflowed: close the connection as a slow consumer.
     Overflowed,
 }
@@ -451,9 +455,12 @@ impl Outbox {
         state.bytes = 0;
         state.extra_messages = 0;
         state.extra_bytes = 0;
-        let held = match state.slots.is_empty() {
-            true => Vec::new(),
-            false => state.slots.drain(out, due),
+        let (held, rate_unheld) = match state.slots.is_empty() {
+            true => (Vec::new(), 0),
+            false => {
+                let held = state.slots.drain(out, due);
+                (held, state.slots.take_unheld())
+            }
         };
         self.note_timed(&state);
         if !positions.is_empty() {
@@ -476,7 +483,7 @@ impl Outbox {
                 self.owes_checkpoint.store(false, Ordering::Relaxed);
             }
         }
-        Drained::Frames
+        Drained::Frames { rate_unheld }
     }
 
     /// Waits until something was pushed (or the outbox overflowed) since the last drain.
@@ -576,7 +583,7 @@ mod tests {
         ob.push(frame("ab")).unwrap();
         ob.push(frame("cd")).unwrap();
         let mut out = Vec::new();
-        assert_eq!(ob.drain(&mut out), Drained::Frames);
+        assert_eq!(ob.drain(&mut out), Drained::Frames { rate_unheld: 0 });
         assert_eq!(
             out.iter().map(|f| f.text.as_str()).collect::<Vec<_>>(),
             ["ab", "cd"]
@@ -679,11 +686,16 @@ mod tests {
         }
     }
 
+    /// Subscription 1, no uid, no checkpoints, at most one frame per key per hour.
+    fn hourly(collection: &Arc<str>) -> Conflating<'_> {
+        conflating(1, &None, collection, false, Some(Duration::from_secs(3600)))
+    }
+
     fn texts(ob: &Outbox, positions: &[(Arc<str>, WirePosition)]) -> Vec<String> {
         let mut out = Vec::new();
         assert_eq!(
             ob.drain_with(&mut out, positions, Due::By(Instant::now())),
-            Drained::Frames
+            Drained::Frames { rate_unheld: 0 }
         );
         out.into_iter()
             .map(|f| f.text.as_str().to_string())
@@ -846,6 +858,30 @@ mod tests {
     }
 
     #[test]
+    fn a_drain_reports_rated_keys_written_past_the_cooldown_cap() {
+        // At most 2 keys remembered: a third written gets no cooldown, and the drain says so.
+        let ob = Outbox::with_max_keys(100, 100_000, 2);
+        let collection: Arc<str> = Arc::from("c");
+        let to = hourly(&collection);
+        let mut out = Vec::new();
+        let mut write = |keys: &[&str]| {
+            for key in keys {
+                let keyed = changes(key, EventKind::Update, "[1]");
+                ob.push_conflating(to, &[], || &keyed).unwrap();
+            }
+            assert_eq!(ob.next_due(), None, "nothing held back");
+            let drained = ob.drain_with(&mut out, &[], Due::By(Instant::now()));
+            (drained, std::mem::take(&mut out).len())
+        };
+        let none = Drained::Frames { rate_unheld: 0 };
+        let one = Drained::Frames { rate_unheld: 1 };
+        assert_eq!(write(&["a", "b"]), (none, 2));
+        assert_eq!(write(&["c"]), (one, 1));
+        // "c" is not held back: its next change goes out at once, and is counted again.
+        assert_eq!(write(&["c"]), (one, 1));
+    }
+
+    #[test]
     fn a_max_rate_folds_from_the_first_push_and_holds_a_key_for_its_interval() {
         let ob = Outbox::with_max_keys(100, 100_000, 10);
         let collection: Arc<str> = Arc::from("c");
@@ -888,7 +924,7 @@ mod tests {
         assert_eq!(texts(&ob, &[]), ["close-policy"]);
         // A shutdown's drain writes the held delete.
         let mut out = Vec::new();
-        assert_eq!(ob.drain(&mut out), Drained::Frames);
+        assert_eq!(ob.drain(&mut out), Drained::Frames { rate_unheld: 0 });
         assert_eq!(
             out.iter().map(|f| f.text.as_str()).collect::<Vec<_>>(),
             [r#"{"type":"subscription","event":"delete","data":["a"]}"#]
@@ -918,13 +954,7 @@ mod tests {
     async fn a_key_falling_due_earlier_wakes_the_reader() {
         let ob = Arc::new(Outbox::with_max_keys(100, 100_000, 10));
         let collection: Arc<str> = Arc::from("c");
-        let to = conflating(
-            1,
-            &None,
-            &collection,
-            false,
-            Some(Duration::from_secs(3600)),
-        );
+        let to = hourly(&collection);
         let keyed = changes("a", EventKind::Update, "[1]");
         ob.push_conflating(to, &[], || &keyed).unwrap();
         ob.ready().await;

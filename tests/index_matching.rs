@@ -122,7 +122,10 @@ impl World {
             .iter()
             .map(|sub| {
                 let mut out: Vec<Frame> = Vec::new();
-                assert_eq!(sub.outbox.drain(&mut out), Drained::Frames);
+                assert_eq!(
+                    sub.outbox.drain(&mut out),
+                    Drained::Frames { rate_unheld: 0 }
+                );
                 out.iter()
                     .map(|f| {
                         let v: Value =

@@ -109,8 +109,14 @@ impl Session {
             true => Due::All(now),
             false => Due::By(now),
         };
-        if self.outbox.drain_with(&mut batch, &positions, due) == Drained::Overflowed {
-            return Ok(Flushed::Overflowed);
+        match self.outbox.drain_with(&mut batch, &positions, due) {
+            Drained::Overflowed => return Ok(Flushed::Overflowed),
+            Drained::Frames { rate_unheld: 0 } => {}
+            Drained::Frames { rate_unheld } => self
+                .state
+                .metrics
+                .conflation_rate_unheld
+                .inc_by(rate_unheld as u64),
         }
         if batch.is_empty() {
             return Ok(Flushed::Frames(0));
