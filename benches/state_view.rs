@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion};
 use serde_json::{json, Value};
 use tidings::auth::{Permissions, Principal};
-use tidings::event::{Apply, Event, EventKind};
+use tidings::event::{EventKind, NewEvent};
 use tidings::filter::FilterLimits;
 use tidings::metrics::Metrics;
 use tidings::protocol::SubscribeRequest;
@@ -57,18 +57,8 @@ fn retained(n: u64, indexes: &[&str]) -> State {
     for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
         let items: Vec<Value> = chunk.iter().map(|&id| item(id)).collect();
         let keys = chunk.iter().map(|&id| json!(id)).collect();
-        state.fold(&Event {
-            collection: Arc::from("orders"),
-            kind: EventKind::Create,
-            items,
-            keys,
-            before: Vec::new(),
-            version: None,
-            apply: Apply::AsKind,
-            offset: 1,
-            epoch: Arc::from("e"),
-            received: Instant::now(),
-        });
+        let new = NewEvent::new(Arc::from("orders"), EventKind::Create, items, keys);
+        state.fold(&new.at(1, Arc::from("e"), Instant::now()));
     }
     eprintln!("folded {n} items in {:?}", started.elapsed());
     state

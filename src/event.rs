@@ -131,6 +131,39 @@ pub struct NewEvent {
     pub apply: Apply,
 }
 
+impl NewEvent {
+    /// A plain event: no `before`, no idempotency key, unversioned, applied as its kind.
+    pub fn new(collection: Arc<str>, kind: EventKind, items: Vec<Value>, keys: Vec<Value>) -> Self {
+        NewEvent {
+            collection,
+            kind,
+            items,
+            keys,
+            before: Vec::new(),
+            idempotency_key: None,
+            version: None,
+            apply: Apply::AsKind,
+        }
+    }
+
+    /// The event at `offset` of `epoch`, received at `received` (the idempotency key stays
+    /// with the backplane's dedupe).
+    pub fn at(self, offset: u64, epoch: Arc<str>, received: Instant) -> Event {
+        Event {
+            collection: self.collection,
+            kind: self.kind,
+            items: self.items,
+            keys: self.keys,
+            before: self.before,
+            version: self.version,
+            apply: self.apply,
+            offset,
+            epoch,
+            received,
+        }
+    }
+}
+
 /// An event with its position in its collection's log.
 #[derive(Debug, Clone)]
 pub struct Event {
@@ -160,6 +193,26 @@ impl Event {
     /// True when the event carries item data (not a key-only delete).
     pub fn has_items(&self) -> bool {
         !self.items.is_empty()
+    }
+}
+
+#[cfg(test)]
+impl Event {
+    /// A test event of `collection` at offset 1 of epoch `"e"`, received now, without `before`
+    /// or version, applied as its kind: one place for the unit tests, which change what they
+    /// need with struct update syntax (`Event { offset: 7, ..Event::test(…) }`), so a new
+    /// field is added here once.
+    pub(crate) fn test(
+        collection: &str,
+        kind: EventKind,
+        items: Vec<Value>,
+        keys: Vec<Value>,
+    ) -> Event {
+        NewEvent::new(Arc::from(collection), kind, items, keys).at(
+            1,
+            Arc::from("e"),
+            Instant::now(),
+        )
     }
 }
 
@@ -480,16 +533,7 @@ fn normalize_keys_at(
             ));
         }
     }
-    Ok(NewEvent {
-        idempotency_key: None,
-        collection,
-        kind,
-        items: Vec::new(),
-        keys,
-        before: Vec::new(),
-        version: None,
-        apply: Apply::AsKind,
-    })
+    Ok(NewEvent::new(collection, kind, Vec::new(), keys))
 }
 
 fn normalize_data_at(
@@ -550,16 +594,7 @@ fn normalize_data_at(
             }
         }
     }
-    Ok(NewEvent {
-        idempotency_key: None,
-        collection,
-        kind,
-        items,
-        keys,
-        before: Vec::new(),
-        version: None,
-        apply: Apply::AsKind,
-    })
+    Ok(NewEvent::new(collection, kind, items, keys))
 }
 
 /// Names a JSON value's type the way error messages do.

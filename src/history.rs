@@ -446,16 +446,8 @@ mod tests {
 
     fn ev(offset: u64) -> Arc<Event> {
         Arc::new(Event {
-            collection: Arc::from("c"),
-            kind: EventKind::Create,
-            items: vec![],
-            keys: vec![],
-            before: Vec::new(),
-            version: None,
-            apply: Default::default(),
             offset,
-            epoch: Arc::from("e"),
-            received: Instant::now(),
+            ..Event::test("c", EventKind::Create, vec![], vec![])
         })
     }
 
@@ -599,17 +591,15 @@ mod tests {
     }
 
     fn sized(collection: &str, offset: u64, text_len: usize) -> Arc<Event> {
+        let items = vec![serde_json::json!({ "text": "x".repeat(text_len) })];
         Arc::new(Event {
-            collection: Arc::from(collection),
-            kind: EventKind::Create,
-            items: vec![serde_json::json!({ "text": "x".repeat(text_len) })],
-            keys: vec![Value::from(offset)],
-            before: Vec::new(),
-            version: None,
-            apply: Default::default(),
             offset,
-            epoch: Arc::from("e"),
-            received: Instant::now(),
+            ..Event::test(
+                collection,
+                EventKind::Create,
+                items,
+                vec![Value::from(offset)],
+            )
         })
     }
 

@@ -8,7 +8,7 @@ use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
 
 use super::{Accepted, Backplane, BackplaneError, BoxFuture, Dedupe, EventSink};
-use crate::event::{Event, NewEvent};
+use crate::event::NewEvent;
 use crate::state::State;
 
 pub use crate::history::random_epoch;
@@ -116,7 +116,7 @@ impl MemoryBackplane {
     }
 
     /// Appends one event under its collection's lock (`last`, held by the caller).
-    fn append(&self, last: &mut u64, new: NewEvent, received: Instant) -> Accepted {
+    fn append(&self, last: &mut u64, mut new: NewEvent, received: Instant) -> Accepted {
         // Checked under the collection's lock, so two concurrent publishes of one key
         // cannot both pass.
         if let Some(key) = &new.idempotency_key {
@@ -131,24 +131,14 @@ impl MemoryBackplane {
             duplicate: false,
             stale: Vec::new(),
         };
-        if let Some(key) = new.idempotency_key {
+        if let Some(key) = new.idempotency_key.take() {
             let evicted = self.dedupe.insert(new.collection.clone(), key, &accepted);
             if evicted > 0 {
                 self.evictions.inc_by(evicted as u64);
             }
         }
-        self.sink.deliver(Arc::new(Event {
-            collection: new.collection,
-            kind: new.kind,
-            items: new.items,
-            keys: new.keys,
-            before: new.before,
-            version: new.version,
-            apply: new.apply,
-            offset: *last,
-            epoch: self.epoch.clone(),
-            received,
-        }));
+        self.sink
+            .deliver(Arc::new(new.at(*last, self.epoch.clone(), received)));
         accepted
     }
 }
@@ -227,7 +217,7 @@ impl Backplane for MemoryBackplane {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::EventKind;
+    use crate::event::{Event, EventKind};
 
     struct Recorder(Mutex<Vec<(String, u64)>>);
     impl EventSink for Recorder {

@@ -318,13 +318,7 @@ impl Diff<'_> {
 
 fn empty(collection: &Arc<str>, kind: EventKind, apply: Apply) -> NewEvent {
     NewEvent {
-        collection: collection.clone(),
-        kind,
-        items: Vec::new(),
-        keys: Vec::new(),
-        before: Vec::new(),
-        idempotency_key: None,
-        version: None,
         apply,
+        ..NewEvent::new(collection.clone(), kind, Vec::new(), Vec::new())
     }
 }

@@ -449,7 +449,6 @@ impl Registry {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
 
     use serde_json::{json, Value};
 
@@ -491,22 +490,11 @@ mod tests {
     }
 
     fn event(items: Vec<Value>, keys: Vec<Value>) -> Event {
-        Event {
-            collection: Arc::from("c"),
-            kind: if items.is_empty() {
-                EventKind::Delete
-            } else {
-                EventKind::Create
-            },
-            items,
-            keys,
-            before: Vec::new(),
-            version: None,
-            apply: Default::default(),
-            offset: 1,
-            epoch: Arc::from("e"),
-            received: Instant::now(),
-        }
+        let kind = match items.is_empty() {
+            true => EventKind::Delete,
+            false => EventKind::Create,
+        };
+        Event::test("c", kind, items, keys)
     }
 
     #[test]

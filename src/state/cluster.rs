@@ -324,7 +324,6 @@ mod tests {
     use crate::metrics::Metrics;
     use crate::state::StateSettings;
     use serde_json::json;
-    use std::time::Instant;
 
     fn state() -> State {
         State::new(
@@ -344,16 +343,8 @@ mod tests {
     fn ev(offset: u64, kind: EventKind, items: Vec<Value>) -> Event {
         let keys = items.iter().map(|i| i["id"].clone()).collect();
         Event {
-            collection: Arc::from("c"),
-            kind,
-            items,
-            keys,
-            before: Vec::new(),
-            apply: crate::event::Apply::AsKind,
-            version: None,
             offset,
-            epoch: Arc::from("e"),
-            received: Instant::now(),
+            ..Event::test("c", kind, items, keys)
         }
     }
 

@@ -969,7 +969,6 @@ fn first_new(
 mod tests {
     use super::*;
     use serde_json::json;
-    use std::time::Instant;
 
     fn settings(max_items: usize, max_bytes: usize) -> StateSettings {
         StateSettings {
@@ -990,32 +989,12 @@ mod tests {
     }
 
     fn event(kind: EventKind, items: Vec<Value>, keys: Vec<Value>) -> Event {
-        Event {
-            collection: Arc::from("orders"),
-            kind,
-            items,
-            keys,
-            before: Vec::new(),
-            version: None,
-            apply: Apply::AsKind,
-            offset: 1,
-            epoch: Arc::from("e"),
-            received: Instant::now(),
-        }
+        Event::test("orders", kind, items, keys)
     }
 
     fn new_event(kind: EventKind, items: Vec<Value>) -> NewEvent {
         let keys = items.iter().map(|i| i["id"].clone()).collect();
-        NewEvent {
-            collection: Arc::from("orders"),
-            kind,
-            items,
-            keys,
-            before: Vec::new(),
-            version: None,
-            apply: Apply::AsKind,
-            idempotency_key: None,
-        }
+        NewEvent::new(Arc::from("orders"), kind, items, keys)
     }
 
     #[test]

@@ -428,16 +428,15 @@ mod tests {
         let orders: Arc<str> = Arc::from("orders");
         for (offset, id, version) in [(1, "a\"b", Some(7)), (2, "2", None)] {
             let event = Event {
-                collection: orders.clone(),
-                kind: EventKind::Create,
-                items: vec![json!({"id": id, "x": [1, {"y": null}]})],
-                keys: vec![json!(id)],
-                before: Vec::new(),
-                apply: crate::event::Apply::AsKind,
                 version,
                 offset,
                 epoch: Arc::from("epoch1"),
-                received: Instant::now(),
+                ..Event::test(
+                    "orders",
+                    EventKind::Create,
+                    vec![json!({"id": id, "x": [1, {"y": null}]})],
+                    vec![json!(id)],
+                )
             };
             let log = history.log(&orders);
             let mut log = log.lock();

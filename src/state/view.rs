@@ -171,13 +171,12 @@ impl State {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::time::Instant;
 
     use serde_json::{json, Map, Value};
 
     use super::Purpose;
     use crate::auth::{Permissions, Principal};
-    use crate::event::{Apply, Event, EventKind};
+    use crate::event::{Event, EventKind};
     use crate::filter::FilterLimits;
     use crate::metrics::Metrics;
     use crate::protocol::SubscribeRequest;
@@ -224,21 +223,12 @@ mod tests {
     }
 
     fn event(kind: EventKind, item: Value) -> Event {
-        Event {
-            collection: Arc::from("orders"),
-            kind,
-            keys: vec![item["id"].clone()],
-            items: match kind {
-                EventKind::Delete => Vec::new(),
-                _ => vec![item],
-            },
-            before: Vec::new(),
-            version: None,
-            apply: Apply::AsKind,
-            offset: 1,
-            epoch: Arc::from("e"),
-            received: Instant::now(),
-        }
+        let keys = vec![item["id"].clone()];
+        let items = match kind {
+            EventKind::Delete => Vec::new(),
+            _ => vec![item],
+        };
+        Event::test("orders", kind, items, keys)
     }
 
     /// A predicate judged on an item reduced to the fields `Spec::reads` names answers as on
