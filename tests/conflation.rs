@@ -5,6 +5,7 @@
 //! every frame in order. Past `--conflation-max-keys` the subscriber gets a fresh `init`
 //! (`recovered: false`), and the third reset within a minute closes it with 4008. A
 //! `max_rate` subscription gets a hot key at most N times a second, the latest value last.
+//! Past the cap of remembered cooldowns a rated key is not held back, and that is counted.
 
 mod support;
 
@@ -488,32 +489,49 @@ async fn past_the_hard_bound_a_fresh_init_then_a_close() {
     assert_eq!(close.reason.as_str(), "slow consumer: conflation resets");
 }
 
-/// A `max_rate` subscription of a collection whose policy is `close`: at most N frames per
-/// key per second from its first change, the latest value last, other keys and every delete
-/// arriving; bad values and subscriptions that cannot conflate get `INVALID_PAYLOAD`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn max_rate_holds_a_hot_key_to_its_rate() {
+/// A server whose policy is `close` (so only `max_rate` folds), remembering at most
+/// `max_keys` keys per connection, with `keys` created (`v` -1).
+async fn rated_server(max_keys: usize, keys: &[&str]) -> TestServer {
     let server = start(Config {
         slow_consumer_policy: SlowConsumerPolicy::Close,
-        ..config(5000, 10_000)
+        ..config(5000, max_keys)
     })
     .await;
-    let setup: Vec<Value> = ["hot", "gone", "c0", "c1", "c2"]
+    let setup: Vec<Value> = keys
         .iter()
         .map(|k| json!({"collection":COLLECTION,"event":"create","data":{"id":k,"v":-1}}))
         .collect();
     publish_all(&server, &setup).await;
+    server
+}
 
+/// A subscriber (uid `rated`) of every item at `max_rate`, asking for `checkpoints`, and its
+/// init.
+async fn subscribe_rated(
+    server: &TestServer,
+    max_rate: f64,
+    checkpoints: bool,
+) -> (support::WsClient, Value) {
     let mut rated = server.ws().await;
     rated
         .send(
             &json!({"type":"subscribe","collection":COLLECTION,"uid":"rated",
-                "query":{"limit":-1},"max_rate":2,"checkpoints":true})
+                "query":{"limit":-1},"max_rate":max_rate,"checkpoints":checkpoints})
             .to_string(),
         )
         .await;
     let init = rated.recv_raw().await;
     assert_eq!(init["event"], "init", "{init}");
+    (rated, init)
+}
+
+/// A `max_rate` subscription of a collection whose policy is `close`: at most N frames per
+/// key per second from its first change, the latest value last, other keys and every delete
+/// arriving; bad values and subscriptions that cannot conflate get `INVALID_PAYLOAD`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_rate_holds_a_hot_key_to_its_rate() {
+    let server = rated_server(10_000, &["hot", "gone", "c0", "c1", "c2"]).await;
+    let (mut rated, init) = subscribe_rated(&server, 2.0, true).await;
     let mut list = by_key(&init["data"]);
     let mut plain = server.ws().await;
     plain
@@ -635,4 +653,42 @@ async fn max_rate_holds_a_hot_key_to_its_rate() {
     )
     .await;
     assert_eq!(ws.recv_raw().await["event"], "init");
+}
+
+/// Past `--conflation-max-keys` remembered cooldowns, a `max_rate` key is not held back to
+/// its rate: its next change arrives at once, and `tidings_conflation_rate_unheld_total`
+/// counts every write of it without a cooldown; keys within the cap are still held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_rate_past_the_key_cap_is_counted_not_held() {
+    const UNHELD: &str = "tidings_conflation_rate_unheld_total";
+    let server = rated_server(2, &["k0", "k1", "k2"]).await;
+    assert_eq!(
+        server.metric(UNHELD).await,
+        Some(0.0),
+        "exported from the start"
+    );
+    let (mut rated, _) = subscribe_rated(&server, 0.01, false).await;
+    // One key at a time (three pending at once would pass the bound and reset): the first
+    // two get a 100 s cooldown, the third finds the cap reached.
+    for (i, k) in ["k0", "k1", "k2"].iter().enumerate() {
+        server.publish(update(k, json!(i))).await;
+        let frame = rated.recv_raw().await;
+        assert_eq!(frame["data"][0]["id"], *k, "{frame}");
+    }
+    server.publish(update("k2", json!("again"))).await;
+    let frame = rated.recv_raw().await;
+    assert_eq!(
+        frame["data"],
+        json!([{"id":"k2","v":"again"}]),
+        "not held back"
+    );
+    assert_eq!(
+        server.metric(UNHELD).await,
+        Some(2.0),
+        "k2 written twice without a cooldown"
+    );
+    // A key within the cap is still held for its interval.
+    server.publish(update("k0", json!("held"))).await;
+    rated.expect_silence(Duration::from_millis(500)).await;
+    assert_eq!(server.metric(UNHELD).await, Some(2.0));
 }
