@@ -343,6 +343,31 @@ impl Filter {
         }
         out
     }
+
+    /// For each top-level AND conjunct that is an equality on plain strings (`_eq` or a
+    /// non-empty `_in`, none of whose values `_eq` reads as a number or a boolean), the JSON
+    /// texts of its allowed values. An item can match only if its compact JSON contains one
+    /// text of every list: under the [`Filter::equality_terms`] contract such a value matches
+    /// only an equal string, at the field or in an array there, and compact serialization
+    /// writes that string as exactly this text. A scan uses it to skip, without parsing, the
+    /// items that cannot match.
+    pub fn required_texts(&self) -> Vec<Vec<String>> {
+        self.equality_terms()
+            .into_iter()
+            .filter(|(_, values)| !values.is_empty())
+            .filter_map(|(_, values)| {
+                values
+                    .iter()
+                    .map(|v| match v {
+                        Value::String(s) if index_key(v).is_some_and(|k| k.starts_with("s:")) => {
+                            serde_json::to_string(s).ok()
+                        }
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<String>>>()
+            })
+            .collect()
+    }
 }
 
 /// The index keys of the value(s) at a dotted `field` of `item`, following the same path

@@ -1368,3 +1368,62 @@ fn jsonpath_errors_are_short() {
         )
     );
 }
+
+/// `required_texts` is a necessary condition: an item a filter matches always contains one
+/// text of every list in its compact JSON, whatever the item holds there (escapes, non-ASCII,
+/// strings `_eq` reads as numbers or booleans, arrays, nested objects).
+#[test]
+fn required_texts_never_reject_a_match() {
+    let values = [
+        json!("a"),
+        json!("a\"b"),
+        json!("x"),
+        json!("é"),
+        json!("5"),
+        json!(5),
+        json!("TRUE"),
+        json!(true),
+        json!(["a", "x"]),
+        json!({"t": "a"}),
+        json!([{"t": "a"}, {"t": "é"}]),
+        Value::Null,
+    ];
+    let filters = [
+        json!({"s": {"_eq": "a"}}),
+        json!({"s": "a"}),
+        json!({"s": {"_eq": "a\"b"}}),
+        json!({"s": {"_in": ["x", "é"]}}),
+        json!({"s.t": {"_eq": "a"}}),
+        json!({"s.t": {"_in": ["é"]}}),
+        json!({"_and": [{"s": {"_eq": "a"}}, {"u": {"_eq": "x"}}]}),
+        json!({"_and": [{"s": {"_in": ["a", "x"]}}, {"u": {"_neq": "x"}}]}),
+        json!({"s": {"_eq": "5"}}),
+        json!({"s": {"_eq": "TRUE"}}),
+        json!({"s": {"_in": ["a", 5]}}),
+    ];
+    for f in &filters {
+        let filter = c(f.clone());
+        let texts = filter.required_texts();
+        for s in &values {
+            for u in &values {
+                let item = json!({"id": 1, "s": s, "u": u});
+                if !filter.matches(&item) {
+                    continue;
+                }
+                let text = serde_json::to_string(&item).expect("json");
+                for any in &texts {
+                    assert!(
+                        any.iter().any(|t| text.contains(t.as_str())),
+                        "{f} matches {text}, which holds none of {any:?}"
+                    );
+                }
+            }
+        }
+    }
+    // Strings `_eq` reads as numbers, and lists with a number, give no text.
+    assert!(c(json!({"s": {"_eq": "5"}})).required_texts().is_empty());
+    assert_eq!(
+        c(json!({"s": {"_in": ["x", "é"]}})).required_texts(),
+        [vec![r#""x""#.to_string(), r#""é""#.to_string()]]
+    );
+}

@@ -83,7 +83,30 @@ impl State {
                             }
                             None => Box::new(store.items.iter()),
                         };
+                        // Texts an item must contain to match (cheaper to look for than to
+                        // parse); not when every item is parsed anyway, for its count.
+                        let needles: Vec<Vec<memchr::memmem::Finder>> =
+                            match (&spec.filter, counting) {
+                                (Some(filter), None) => filter
+                                    .required_texts()
+                                    .iter()
+                                    .map(|texts| {
+                                        texts
+                                            .iter()
+                                            .map(|t| memchr::memmem::Finder::new(t).into_owned())
+                                            .collect()
+                                    })
+                                    .collect(),
+                                _ => Vec::new(),
+                            };
                         for held in candidates {
+                            let text = held.json().as_bytes();
+                            if !needles
+                                .iter()
+                                .all(|any| any.iter().any(|f| f.find(text).is_some()))
+                            {
+                                continue;
+                            }
                             let probe = match &reads {
                                 Some(fields) => parse_fields(held.json(), fields),
                                 None => parse(held.json()),
