@@ -368,7 +368,11 @@ pub fn load(dir: &Path, state: Option<&State>) -> Result<Option<Loaded>, Persist
                     corrupt(line, format!("not an item line [key, version, item]: {e}"))
                 })?;
             if keep.is_some() {
-                items.push(Stored::new(&key, item.get(), version));
+                // Re-serialized, so the store holds compact text of its own whatever the file
+                // has: a scan's text pre-check (`Filter::required_texts`) relies on it.
+                let item: Value = serde_json::from_str(item.get())
+                    .map_err(|e| corrupt(line, format!("not an item: {e}")))?;
+                items.push(Stored::new(&key, &super::compact(&item), version));
             }
         }
         let count = usize::try_from(count).unwrap_or(usize::MAX);
@@ -471,6 +475,16 @@ mod tests {
         };
         assert_eq!(texts(&restored), texts(&held));
         assert_eq!(restored.len(&orders), 2);
+        // A file whose item is not compact (spaces, an escaped name) loads as compact text.
+        let file = dir.join(FILE_NAME);
+        let text = std::fs::read_to_string(&file).unwrap();
+        let compact = r#"{"id":"2","x":[1,{"y":null}]}"#;
+        assert!(text.contains(compact), "{text}");
+        let loose = text.replace(compact, r#"{ "id" : "2", "\u0078": [1, {"y": null}] }"#);
+        std::fs::write(&file, loose).unwrap();
+        let reloaded = state(&metrics);
+        load(&dir, Some(&reloaded)).unwrap().unwrap();
+        assert_eq!(texts(&reloaded), texts(&held));
         // Without state for the collection, its items are counted and left out.
         let skipped = load(&dir, None).unwrap().unwrap();
         assert_eq!((skipped.items, skipped.skipped), (0, 2));
