@@ -386,28 +386,19 @@ async fn a_truncate_reaches_the_stored_state_and_a_restarted_node() {
     let mut b = Broker::start(&args);
     wait_readyz(b.addr).await;
     let client = support::http_client();
-    let customers: Vec<Value> = (1..=5).map(|id| json!({"id": id, "n": id})).collect();
-    support::post_with(
-        &client,
-        a.addr,
-        "/v1/publish",
-        &json!({"collection": collection, "event": "create", "data": customers}),
-    )
-    .await;
+    let create = |data: Value| {
+        let body = json!({"collection": collection, "event": "create", "data": data});
+        let client = client.clone();
+        async move { support::post_with(&client, a.addr, "/v1/publish", &body).await }
+    };
+    create((1..=5).map(|id| json!({"id": id, "n": id})).collect()).await;
     wait_stored_keys(&redis, &prefix, collection, &["1", "2", "3", "4", "5"]).await;
     // Both nodes flushed the creates, so nothing pends for those keys: only the truncate's
     // own changes can delete them from Redis (a node still holding them as changed would
     // flush their absence anyway, and hide a truncate that marks nothing).
+    let written = r#"tidings_state_flushes_total{outcome="written"}"#;
     for addr in [a.addr, b.addr] {
-        let deadline = tokio::time::Instant::now() + support::CLUSTER_WAIT;
-        let written = r#"tidings_state_flushes_total{outcome="written"}"#;
-        while support::metric_at(addr, written).await.unwrap_or(0.0) < 1.0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{addr} never flushed"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        support::wait_for_metric_at(addr, written, 1.0, support::CLUSTER_WAIT).await;
     }
 
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -417,13 +408,7 @@ async fn a_truncate_reaches_the_stored_state_and_a_restarted_node() {
     let answer = support::post_with(&client, b.addr, "/v1/debezium", &truncate).await;
     assert_eq!(answer["events"][0]["event"], "delete", "{answer}");
     let later = json!({"id": 9, "n": 9});
-    support::post_with(
-        &client,
-        a.addr,
-        "/v1/publish",
-        &json!({"collection": collection, "event": "create", "data": later}),
-    )
-    .await;
+    create(later.clone()).await;
     wait_stored_keys(&redis, &prefix, collection, &["9"]).await;
     let want = vec![later];
     assert_eq!(init_of(a.addr, collection).await.0, want);

@@ -291,18 +291,7 @@ impl TestServer {
 
     /// Polls `/metrics` until `series` reaches `at_least` (fails after `within`).
     pub async fn wait_for_metric_within(&self, series: &str, at_least: f64, within: Duration) {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let v = self.metric(series).await.unwrap_or(0.0);
-            if v >= at_least {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{series} stayed at {v}, wanted {at_least}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_for_metric_at(self.addr, series, at_least, within).await;
     }
 
     /// Triggers shutdown and waits for `serve` to return.
@@ -343,6 +332,23 @@ pub async fn metric_at(addr: SocketAddr, series: &str) -> Option<f64> {
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Polls the `/metrics` of the server at `addr` until `series` reaches `at_least` (fails
+/// after `within`).
+pub async fn wait_for_metric_at(addr: SocketAddr, series: &str, at_least: f64, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let v = metric_at(addr, series).await.unwrap_or(0.0);
+        if v >= at_least {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{addr}: {series} stayed at {v}, wanted {at_least}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 async fn send(req: Request<Full<Bytes>>) -> (StatusCode, String) {
